@@ -1,0 +1,119 @@
+"""LPIPS-VGG perceptual distance (v0.1, as defined by the `lpips` package).
+
+d(x, y) = sum over the five VGG16 taps l of
+          mean_{h,w} sum_c w_{l,c} * (f̂_l(x) - f̂_l(y))²_{h,w,c},
+where f̂ is the tap normalised over channels, f / (sqrt(Σ_c f²) + eps) (eps on
+the norm, not under the root), and w_l are the non-negative per-channel
+weights of the 1×1 heads (no bias). The spatial mean is taken at each tap's
+own resolution. DESIGN.md §2.
+
+Parameter tree (top level): `vgg/conv{s}_{i}/{kernel (3,3,I,O), bias (O,)}` for
+the 13 convolutions (conv1_1 … conv5_3), `lin{l}/kernel (C_l, 1)` for the five
+heads. Converters: `imagefolder_jax.convert.lpips`.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from imagefolder_jax.models.layers import Dtype, partitioned
+
+# torchvision VGG16 `features` up to relu5_3: channel counts per conv, stages split by max-pools.
+VGG16_STAGES: tuple[tuple[int, ...], ...] = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512),
+                                            (512, 512, 512))
+
+
+@dataclasses.dataclass(frozen=True)
+class LPIPSConfig:
+  """LPIPS-VGG constants (v0.1).
+
+  Attributes:
+    shift: per-channel shift applied to inputs in [-1, 1] (the `lpips` ScalingLayer).
+    scale: per-channel divisor applied after the shift.
+    stages: VGG16 conv widths per stage; a tap (ReLU output) closes every stage.
+    eps: added to the channel norm before dividing.
+  """
+  shift: tuple[float, float, float] = (-0.030, -0.088, -0.188)
+  scale: tuple[float, float, float] = (0.458, 0.448, 0.450)
+  stages: tuple[tuple[int, ...], ...] = VGG16_STAGES
+  eps: float = 1e-10
+
+
+def vgg_conv_names(stages: tuple[tuple[int, ...], ...] = VGG16_STAGES) -> list[str]:
+  """['conv1_1', 'conv1_2', 'conv2_1', …, 'conv5_3'] in network order."""
+  return [f"conv{s + 1}_{i + 1}" for s, widths in enumerate(stages) for i in range(len(widths))]
+
+
+class VGG16Features(nn.Module):
+  """VGG16 convolutional trunk returning the ReLU output that closes each stage.
+
+  images: (B, H, W, 3) float32, already shifted/scaled; H, W >= 2**(len(stages)-1).
+  Returns one (B, H / 2**s, W / 2**s, C_s) array per stage s (relu1_2, relu2_2, …).
+  """
+  stages: tuple[tuple[int, ...], ...] = VGG16_STAGES
+  precision: jax.lax.Precision = jax.lax.Precision.HIGHEST
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> list[jax.Array]:
+    taps = []
+    x = images
+    names = iter(vgg_conv_names(self.stages))
+    for s, widths in enumerate(self.stages):
+      if s > 0:
+        # torch MaxPool2d(2, 2) floors odd sizes, as VALID pooling does.
+        x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+      for width in widths:
+        x = nn.Conv(width, (3, 3), padding=((1, 1), (1, 1)), precision=self.precision,
+                    dtype=self.dtype,
+                    kernel_init=partitioned(nn.initializers.lecun_normal(),
+                                            (None, None, "conv_in", "conv_out")),
+                    bias_init=partitioned(nn.initializers.zeros, ("conv_out",)),
+                    name=next(names))(x)
+        x = nn.relu(x)
+      taps.append(x)
+    return taps
+
+
+def normalize_channels(features: jax.Array, eps: float) -> jax.Array:
+  """f / (sqrt(Σ_c f²) + eps) over the last axis (the `lpips` package's normalize_tensor)."""
+  norm = jnp.sqrt(jnp.sum(jnp.square(features), axis=-1, keepdims=True))
+  return features / (norm + eps)
+
+
+class LPIPS(nn.Module):
+  """LPIPS-VGG distance between two image batches.
+
+  `__call__(x, y)`: x, y: (B, H, W, 3) float in [-1, 1], H, W >= 16 (five stages,
+  four pools; use >= 32 so relu5_3 is at least 2×2). Returns (B,) float32 distances.
+  """
+  config: LPIPSConfig = LPIPSConfig()
+  # Highest precision: TPU/GPU default matmul precision (bf16 / TF32 passes) would make the
+  # loss differ from the reference LPIPS (DESIGN.md §2).
+  precision: jax.lax.Precision = jax.lax.Precision.HIGHEST
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
+    c = self.config
+    if x.shape != y.shape:
+      raise ValueError(f"LPIPS inputs differ in shape: {x.shape} vs {y.shape}")
+    shift = jnp.asarray(c.shift, jnp.float32)
+    scale = jnp.asarray(c.scale, jnp.float32)
+    batch = x.shape[0]
+    # One VGG pass over both batches: half the kernel launches of two passes.
+    both = (jnp.concatenate([x, y], axis=0).astype(jnp.float32) - shift) / scale
+    taps = VGG16Features(c.stages, self.precision, self.dtype, name="vgg")(both.astype(self.dtype))
+    total = jnp.zeros((batch,), jnp.float32)
+    for level, tap in enumerate(taps):
+      tap = normalize_channels(tap.astype(jnp.float32), c.eps)
+      diff = jnp.square(tap[:batch] - tap[batch:])
+      # Init to ones = the un-learned "sum over channels" baseline; real heads are loaded.
+      head = nn.Dense(1, use_bias=False, precision=self.precision,
+                      kernel_init=partitioned(nn.initializers.ones, ("conv_in", None)),
+                      name=f"lin{level}")
+      total = total + jnp.mean(head(diff)[..., 0], axis=(1, 2))
+    return total
