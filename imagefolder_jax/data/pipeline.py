@@ -29,6 +29,7 @@ from __future__ import annotations
 from typing import Any
 
 import grain.python as grain
+from grain import DataLoaderIterator
 
 from imagefolder_jax.data import transforms as T
 
@@ -132,12 +133,12 @@ def make_loader(
       read_options=grain.ReadOptions(num_threads=read_threads))
 
 
-def get_iterator_state(iterator: grain.DataLoaderIterator) -> bytes:
+def get_iterator_state(iterator: DataLoaderIterator) -> bytes:
   """The position of a loader iterator, as JSON bytes, for checkpoints."""
   return iterator.get_state()
 
 
-def set_iterator_state(iterator: grain.DataLoaderIterator, state: bytes) -> None:
+def set_iterator_state(iterator: DataLoaderIterator, state: bytes) -> None:
   """Moves `iterator` to a position saved by `get_iterator_state`.
 
   The loader must be built with the same source, seed, sharding and

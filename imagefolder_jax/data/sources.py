@@ -31,6 +31,10 @@ from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
+# Imported eagerly, not inside TfdsSource: TFDS's import patches
+# builtins.__import__ process-wide (etils lazy_imports), which breaks imports
+# running at that moment in grain's reader threads of any live loader.
+import tensorflow_datasets as tfds
 
 # Extensions PIL reads that photo folders commonly hold (compared lower-case).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -253,7 +257,6 @@ class TfdsSource:
       image_key: str = "image",
       label_key: str = "label",
   ):
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     if data_dir is None:
       data_dir = os.environ.get("TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets"))
     data_dir = os.path.abspath(os.fspath(data_dir))
@@ -266,7 +269,8 @@ class TfdsSource:
       builder = tfds.builder(name, data_dir=data_dir)
     except Exception as e:  # DatasetNotFoundError etc. when the name is unknown and not on disk
       raise FileNotFoundError(
-          f"TFDS dataset {name!r} not found in {data_dir!r} ({type(e).__name__}: {e}); "
+          f"TFDS dataset {name!r} not found in {data_dir!r} "
+          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
           f"{_tfds_prepare_hint(name, data_dir)}") from e
     if not os.path.isfile(os.path.join(os.fspath(builder.data_dir), "dataset_info.json")):
       raise FileNotFoundError(

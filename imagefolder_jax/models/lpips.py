@@ -104,7 +104,7 @@ class LPIPS(nn.Module):
     shift = jnp.asarray(c.shift, jnp.float32)
     scale = jnp.asarray(c.scale, jnp.float32)
     batch = x.shape[0]
-    # One VGG pass over both batches: half the kernel launches of two passes.
+    # One trunk pass over both batches (one set of conv launches).
     both = (jnp.concatenate([x, y], axis=0).astype(jnp.float32) - shift) / scale
     taps = VGG16Features(c.stages, self.precision, self.dtype, name="vgg")(both.astype(self.dtype))
     total = jnp.zeros((batch,), jnp.float32)

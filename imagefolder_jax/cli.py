@@ -1,0 +1,148 @@
+"""The `imagefolder-jax` command line. Thin: parses, validates, calls library functions.
+
+Every verb prints one-line errors (`imagefolder-jax: error: ...`) and exits non-zero on bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Callable, Optional, Sequence
+
+PROG = "imagefolder-jax"
+
+
+class CliError(Exception):
+  """A user-facing error: printed as one line, exit code 2."""
+
+
+# ----------------------------------------------------------------------------- convert-official
+def _add_convert(sub) -> None:
+  p = sub.add_parser("convert-official", help="convert official PyTorch ImageFolder checkpoints to a bundle",
+                     description="Reads the authors' released checkpoints (tensors only, never unpickling "
+                                 "code) and writes a bundle that Tokenizer.load / Generator.load read.")
+  p.add_argument("--tokenizer", required=True, help="official tokenizer checkpoint (.pt/.pth)")
+  p.add_argument("--generator", help="official VAR checkpoint (ar-ckpt-*.pth); optional")
+  p.add_argument("--config", help="architecture JSON (parity config.json format); default: released MSVR10P2-4096")
+  p.add_argument("--weights", choices=("ema", "model"), default="ema",
+                 help="which tokenizer weights to take (default ema, as the official AR pipeline)")
+  p.add_argument("--out", required=True, help="bundle directory to write")
+  p.set_defaults(run=_run_convert)
+
+
+def _run_convert(args) -> None:
+  from imagefolder_jax.checkpoint import save_bundle
+  from imagefolder_jax.convert.official import convert_tokenizer
+  for path in (args.tokenizer, args.generator, args.config):
+    if path and not os.path.isfile(path):
+      raise CliError(f"file not found: {path}")
+  config, variables, teacher = convert_tokenizer(args.tokenizer, args.config, args.weights)
+  configs = {"tokenizer": config.to_dict()}
+  all_vars = {"tokenizer": variables}
+  if teacher is not None:
+    import dataclasses
+    configs["semantic_teacher"] = dataclasses.asdict(teacher[0])
+    all_vars["semantic_teacher"] = {"params": teacher[1]}
+  if args.generator:
+    from imagefolder_jax.convert.official_generator import convert_generator
+    gen_config, gen_vars = convert_generator(args.generator, config, args.config)
+    configs["generator"] = gen_config.to_dict()
+    all_vars["generator"] = gen_vars
+  save_bundle(args.out, configs, all_vars)
+  print(f"wrote bundle {args.out} ({', '.join(sorted(configs))})")
+
+
+# ----------------------------------------------------------------------------- reconstruct
+def _add_reconstruct(sub) -> None:
+  p = sub.add_parser("reconstruct", help="encode and decode images; write originals|reconstructions as a PNG grid")
+  p.add_argument("--bundle", required=True, help="bundle directory (convert-official or export)")
+  p.add_argument("--out", required=True, help="output PNG (two columns per image: original, reconstruction)")
+  p.add_argument("--batch-size", type=int, default=8)
+  p.add_argument("images", nargs="+", help="image files (any size/format PIL reads)")
+  p.set_defaults(run=_run_reconstruct)
+
+
+def _run_reconstruct(args) -> None:
+  import numpy as np
+  from imagefolder_jax.api import Tokenizer
+  from imagefolder_jax.data.images import load_image_file, save_image_grid
+  if args.batch_size < 1:
+    raise CliError(f"--batch-size must be >= 1, got {args.batch_size}")
+  tok = _load(Tokenizer, args.bundle)
+  loaded = []
+  for path in args.images:
+    try:
+      loaded.append(load_image_file(path, tok.resolution))
+    except (OSError, ValueError) as e:
+      print(f"{PROG}: skipping {path}: {e}", file=sys.stderr)
+  if not loaded:
+    raise CliError("no readable image among the inputs")
+  originals = np.stack(loaded)
+  recons = []
+  for start in range(0, len(originals), args.batch_size):
+    chunk = originals[start:start + args.batch_size]
+    pad = args.batch_size - len(chunk) if len(originals) > args.batch_size else 0
+    batch = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)]) if pad else chunk
+    recons.append(np.asarray(tok.reconstruct(batch))[:len(chunk)])
+  recons = np.concatenate(recons)
+  pairs = np.stack([originals, recons], axis=1).reshape(-1, *originals.shape[1:])
+  save_image_grid(pairs, args.out, nrow=2)
+  psnr = _psnr(originals, recons)
+  print(f"wrote {args.out}: {len(originals)} image(s), mean PSNR {psnr:.2f} dB")
+
+
+def _psnr(a, b) -> float:
+  import numpy as np
+  mse = np.mean(((np.asarray(a) - np.asarray(b)) / 2.0) ** 2, axis=(1, 2, 3))
+  return float(np.mean(10 * np.log10(1.0 / np.maximum(mse, 1e-12))))
+
+
+def _load(cls, bundle: str):
+  from imagefolder_jax.checkpoint import BundleError
+  if not os.path.isdir(bundle):
+    raise CliError(f"bundle directory not found: {bundle}")
+  try:
+    return cls.load(bundle)
+  except BundleError as e:
+    raise CliError(str(e)) from e
+
+
+# ----------------------------------------------------------------------------- main
+VERBS: list[Callable] = [_add_convert, _add_reconstruct]
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog=PROG, description="ImageFolder tokenizer and generator in JAX")
+  parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+  sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+  for add in VERBS:
+    add(sub)
+  return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  from imagefolder_jax.convert.common import ConversionError
+  parser = build_parser()
+  args, extra = parser.parse_known_args(argv)
+  logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+  if not args.verbose:
+    # orbax/absl/jax log every checkpoint step and backend probe at INFO; users want our lines only.
+    for name in ("absl", "orbax", "jax._src.xla_bridge", "jax"):
+      logging.getLogger(name).setLevel(logging.ERROR)
+  if extra and not getattr(args, "accepts_overrides", False):
+    parser.error(f"unrecognized arguments: {' '.join(extra)}")
+  args.overrides = extra
+  try:
+    args.run(args)
+  except (CliError, ConversionError, FileNotFoundError, ValueError) as e:
+    print(f"{PROG}: error: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print(f"{PROG}: interrupted", file=sys.stderr)
+    return 130
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,41 @@
+"""Shared fixtures: the official tiny parity model and small random tokenizers."""
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+PARITY_DIR = os.path.join(FIXTURES, "parity_tiny")
+
+
+@pytest.fixture(scope="session")
+def parity_expected():
+  return dict(np.load(os.path.join(PARITY_DIR, "expected.npz")))
+
+
+@pytest.fixture(scope="session")
+def parity_bundle(tmp_path_factory):
+  """The official tiny tokenizer (+ generator when its converter exists) converted into a bundle."""
+  from imagefolder_jax.cli import main
+  out = str(tmp_path_factory.mktemp("parity") / "bundle")
+  args = ["convert-official", "--tokenizer", os.path.join(PARITY_DIR, "tokenizer.pt"),
+          "--config", os.path.join(PARITY_DIR, "config.json"), "--out", out]
+  try:
+    import imagefolder_jax.convert.official_generator  # noqa: F401
+    args += ["--generator", os.path.join(PARITY_DIR, "generator.pt")]
+  except ImportError:
+    pass
+  assert main(args) == 0
+  return out
+
+
+def relative_error(actual, expected) -> float:
+  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+  return float(np.abs(actual - expected).max() / max(np.abs(expected).max(), 1e-12))
+
+
+def nchw(x):
+  return np.asarray(x).transpose(0, 3, 1, 2)
