@@ -108,8 +108,47 @@ def _load(cls, bundle: str):
     raise CliError(str(e)) from e
 
 
+# ----------------------------------------------------------------------------- training
+def _add_train(sub, verb: str, stage: str, example: str) -> None:
+  p = sub.add_parser(verb, help=f"train the {stage} (resumes automatically from --workdir)",
+                     description=f"Trains the {stage} from an ml_collections config file; rerunning the "
+                                 f"same command resumes from the last checkpoint. Overrides: "
+                                 f"--config.a.b=value. Example: {example}")
+  p.add_argument("--config", required=True, help="config file, optionally file.py:arg")
+  p.add_argument("--workdir", required=True, help="checkpoints, logs, TensorBoard events and images")
+  p.set_defaults(run=lambda args: _run_train(args, stage), accepts_overrides=True)
+
+
+def _run_train(args, stage: str) -> None:
+  from imagefolder_jax.train import trainer
+  from imagefolder_jax.train.configuration import load_config
+  config = load_config(args.config, args.overrides)
+  trainer.train(stage, config, args.workdir)
+
+
+def _add_export(sub) -> None:
+  p = sub.add_parser("export", help="write an inference bundle from a training workdir (EMA weights)")
+  p.add_argument("--workdir", required=True, help="a train-tokenizer or train-generator workdir")
+  p.add_argument("--out", required=True, help="bundle directory to write")
+  p.set_defaults(run=_run_export)
+
+
+def _run_export(args) -> None:
+  from imagefolder_jax.train import trainer
+  step = trainer.export(args.workdir, args.out)
+  print(f"wrote bundle {args.out} from step {step} of {args.workdir}")
+
+
 # ----------------------------------------------------------------------------- main
-VERBS: list[Callable] = [_add_convert, _add_reconstruct]
+VERBS: list[Callable] = [
+    _add_convert, _add_reconstruct,
+    lambda sub: _add_train(sub, "train-tokenizer", "tokenizer",
+                           "imagefolder-jax train-tokenizer --config configs/tokenizer_demo.py --workdir runs/tok"),
+    lambda sub: _add_train(sub, "train-generator", "generator",
+                           "imagefolder-jax train-generator --config configs/generator_demo.py --workdir runs/gen "
+                           "--config.tokenizer_bundle=runs/tok_bundle"),
+    _add_export,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  # TensorFlow (imported by clu/tfds) prints C++ banners at import unless told otherwise.
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from imagefolder_jax.convert.common import ConversionError
   parser = build_parser()
   args, extra = parser.parse_known_args(argv)
@@ -136,6 +177,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   try:
     args.run(args)
   except (CliError, ConversionError, FileNotFoundError, ValueError) as e:
+    # ValueError covers config, bundle and checkpoint errors: all name the offending value.
     print(f"{PROG}: error: {e}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from imagefolder_jax.convert import dinov2 as convert
 from imagefolder_jax.models.dinov2 import DinoV2, dinov2_config
 
-PARITY = pathlib.Path("/work/shared/reference/parity_tiny")
+PARITY = pathlib.Path(__file__).parent / "fixtures" / "parity_tiny"
 WIDTH, DEPTH, HEADS, PATCH, IMAGE = 64, 2, 2, 14, 56
 
 

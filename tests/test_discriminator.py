@@ -284,10 +284,10 @@ def test_spectral_norm_converges_to_unit_sigma():
 
 def test_patchgan_matches_torch_nlayer_discriminator():
   model = PatchGANDiscriminator(base_features=8, num_layers=3)
-  x = _images(8, batch=4, side=64)
-  variables = model.init(jax.random.key(0), x, train=False)
+  x = _images(8, batch=4, side=32)
+  variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x)
   logits, updated = jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))(variables, x)
-  assert logits.shape == (4, 6, 6, 1)
+  assert logits.shape == (4, 2, 2, 1)  # 32 -> 16 -> 8 -> 4 -> 3 -> 2
 
   params = nn.unbox(variables["params"])
   layers = []
@@ -311,7 +311,7 @@ def test_patchgan_matches_torch_nlayer_discriminator():
   with torch.no_grad():
     want = ref(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
   np.testing.assert_allclose(np.asarray(logits), want, rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(updated["batch_stats"]["main_3"]["mean"], ref[2].running_mean.numpy(),
+  np.testing.assert_allclose(updated["batch_stats"]["main_3"]["mean"], ref[3].running_mean.numpy(),
                              rtol=1e-4, atol=1e-6)
 
 
@@ -350,6 +350,7 @@ def test_converter_names_missing_mismatched_and_unexpected_tensors():
 
 def test_official_head_layout_matches_reference_tsv():
   """The official (ViT-S, 5 heads, k=9) names and shapes, as listed in reference/dinodisc_state_dict.tsv."""
+  import ast
   import os
   path = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "dinodisc_state_dict.tsv")
   if not os.path.isfile(path):
@@ -359,7 +360,7 @@ def test_official_head_layout_matches_reference_tsv():
     next(f)
     for line in f:
       name, _, shape, _, _ = line.rstrip("\n").split("\t")
-      sd[name] = np.full(eval(shape), 0.5, np.float32)  # shapes like "(384, 384, 1)"
+      sd[name] = np.full(ast.literal_eval(shape), 0.5, np.float32)  # shapes like "(384, 384, 1)"
   variables = convert_dino_disc_heads(sd, DinoDiscConfig())
   assert variables["params"]["heads_4"]["residual"]["conv"]["kernel"].shape == (9, 384, 384)
   assert variables["spectral"]["heads_0"]["residual"]["conv"]["v"].shape == (3456,)

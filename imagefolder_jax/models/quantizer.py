@@ -199,6 +199,7 @@ class ResidualQuantizer(nn.Module):
       ids: list over scales of (B, n_s, n_s) int32.
       vq_loss, commit_loss: scalars, mean over scales of mse(f_hat_s, sg f) and beta mse(sg f_hat_s, f).
       usage: (S,) fraction of codes hit at each scale in this batch.
+      perplexity: (S,) exp(entropy) of each scale's code histogram in this batch.
     """
     c = self.config
     f = f.astype(jnp.float32)
@@ -245,6 +246,7 @@ class ResidualQuantizer(nn.Module):
         vq_loss=vq_loss / num_scales,
         commit_loss=commit_loss / num_scales,
         usage=(hits > 0).mean(axis=-1),
+        perplexity=_perplexity(hits),
     )
 
   def _record_usage(self, hits: jax.Array) -> None:
@@ -274,6 +276,11 @@ class ResidualQuantizer(nn.Module):
     self._codebook_var.value = codebook.astype(self._codebook_var.value.dtype)
     self.cluster_size.value = cluster_size
     self.embed_sum.value = embed_sum
+
+
+def _perplexity(hits: jax.Array) -> jax.Array:
+  p = hits / jnp.maximum(hits.sum(-1, keepdims=True), 1.0)
+  return jnp.exp(-jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=-1))
 
 
 def _uniform_codebook_init(key, shape, dtype=jnp.float32):

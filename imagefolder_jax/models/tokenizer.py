@@ -138,10 +138,19 @@ class Decoder(nn.Module):
     levels = jnp.concatenate([jnp.zeros((1 + g * g,), jnp.int32), jnp.ones((second.shape[1],), jnp.int32)])
     x = jnp.concatenate([first, second], axis=1) + lvl_embed(levels)[None].astype(self.dtype)
     x, _ = vit.blocks_and_norm(x)
-    x = dense(p * p * 3, ("embed", None), dtype=self.dtype, name="to_pixel")(x[:, 1:1 + g * g])
-    # Official unpatchify: feature index = (py * p + px) * 3 + channel.
-    x = x.reshape(b, g, g, p, p, 3).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, g * p, g * p, 3).astype(jnp.float32)
+    h = x[:, 1:1 + g * g]
+    # The adaptive GAN weight differentiates w.r.t. `to_pixel`; its input is all that needs.
+    self.sow("intermediates", "to_pixel_input", h)
+    return unpatchify(dense(p * p * 3, ("embed", None), dtype=self.dtype, name="to_pixel")(h), p)
+
+
+def unpatchify(tokens: jax.Array, patch_size: int) -> jax.Array:
+  """(B, g*g, p*p*3) -> (B, g*p, g*p, 3) float32; official channel-last order: index (py*p+px)*3+c."""
+  b, n, _ = tokens.shape
+  g = int(round(n ** 0.5))
+  p = patch_size
+  x = tokens.reshape(b, g, g, p, p, 3).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, g * p, g * p, 3).astype(jnp.float32)
 
 
 class ImageFolderTokenizer(nn.Module):
@@ -239,5 +248,6 @@ class ImageFolderTokenizer(nn.Module):
         vq_loss=sum(o["vq_loss"] for o in outs),
         commit_loss=sum(o["commit_loss"] for o in outs),
         usage=jnp.stack([o["usage"] for o in outs]),
+        perplexity=jnp.stack([o["perplexity"] for o in outs]),
         num_active_scales=num_active,
     )

@@ -1,0 +1,95 @@
+"""Entry points: `train(stage, config, workdir)` and `export(workdir, out)` (CLI: train-*, export)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from imagefolder_jax import parallel
+from imagefolder_jax.train import checkpointing, loop
+
+log = logging.getLogger("imagefolder_jax.train")
+STAGES = ("tokenizer", "generator")
+
+
+def make_task(stage: str, config: ml_collections.ConfigDict, load_frozen: bool = True):
+  if stage == "tokenizer":
+    from imagefolder_jax.train.tokenizer_task import TokenizerTask
+    return TokenizerTask(config, load_frozen=load_frozen)
+  if stage == "generator":
+    from imagefolder_jax.train.generator_task import GeneratorTask
+    return GeneratorTask(config, load_frozen=load_frozen)
+  raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+
+
+def validate_common(config: ml_collections.ConfigDict) -> None:
+  t, d = config.train, config.data
+  for name in ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+    if int(t[name]) < 1:
+      raise loop.ConfigError(f"train.{name} must be >= 1, got {t[name]}")
+  if d.batch_size < 1:
+    raise loop.ConfigError(f"data.batch_size must be >= 1, got {d.batch_size}")
+  if d.batch_size % jax.process_count():
+    raise loop.ConfigError(f"data.batch_size={d.batch_size} is not divisible by {jax.process_count()} processes")
+
+
+def train(stage: str, config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Validates everything cheap first (config, data source, weights files), then trains."""
+  from imagefolder_jax import data
+  parallel.initialize_distributed()
+  validate_common(config)
+  d = config.data
+  source = data.build_source(d.source, data_dir=d.get("data_dir") or None, split=d.get("split", "train"),
+                             seed=config.seed, crops_per_class=d.get("crops_per_class", 64))
+  task = make_task(stage, config)
+  per_process = d.batch_size // jax.process_count()
+
+  def loader_factory(shard_index: int, shard_count: int):
+    return data.make_loader(source, batch_size=per_process, resolution=task.resolution, train=True,
+                            seed=config.seed, worker_count=d.get("worker_count", 0),
+                            shard_index=shard_index, shard_count=shard_count)
+
+  result = loop.run(task, config, workdir, loader_factory=loader_factory)
+  if jax.process_index() == 0:
+    bundle = os.path.join(workdir, "bundle")
+    configs, variables = task.export(result.pop("state"))
+    from imagefolder_jax.checkpoint import save_bundle
+    save_bundle(bundle, configs, variables)
+    log.info("wrote inference bundle %s", bundle)
+  return result
+
+
+def load_workdir_config(workdir: str) -> tuple[str, ml_collections.ConfigDict]:
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{workdir}: no training run here (missing config.json)")
+  with open(path) as f:
+    saved = json.load(f)
+  config = ml_collections.ConfigDict(saved["config"])
+  return saved.get("stage", "tokenizer"), config
+
+
+def export(workdir: str, out: str) -> int:
+  """Writes the bundle of the latest checkpoint in `workdir` (EMA weights). Returns its step."""
+  from imagefolder_jax.checkpoint import save_bundle
+  stage, config = load_workdir_config(workdir)
+  task = make_task(stage, config, load_frozen=False)
+  r = task.resolution
+  example = {"image": np.zeros((1, r, r, 3), np.float32), "label": np.zeros((1,), np.int32)}
+  if hasattr(task, "example_batch"):
+    example = task.example_batch(1)
+  mesh = parallel.make_mesh()
+  abstract = jax.eval_shape(task.init_state, jax.random.key(0), example)
+  shardings = loop.fsdp_shardings(mesh, abstract)
+  manager = checkpointing.make_manager(workdir, keep=1000, async_save=False)
+  restored = checkpointing.restore_latest(manager, checkpointing.abstract_with_shardings(abstract, shardings))
+  if restored is None:
+    raise FileNotFoundError(f"{workdir}: no checkpoint to export")
+  step, state, _ = restored
+  configs, variables = task.export(state)
+  save_bundle(out, configs, variables)
+  return step
