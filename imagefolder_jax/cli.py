@@ -163,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   # TensorFlow (imported by clu/tfds) prints C++ banners at import unless told otherwise.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
   from imagefolder_jax.convert.common import ConversionError
   parser = build_parser()
   args, extra = parser.parse_known_args(argv)

@@ -9,8 +9,9 @@ area-downsampled f_hat. The final f_hat is decoded to pixels in the same program
 Classifier-free guidance (official `autoregressive_infer_cfg`): the batch is doubled as
 [labels; unconditional], and at scale s the logits are (1 + t) cond - t uncond, t = cfg s / (S - 1).
 
-Randomness: one key per call; sample b draws with `fold_in(split(key, B)[b], s)` at scale s, so a
-sample's draws do not depend on the batch size or on how the batch is sharded.
+Randomness: one key per call; sample b gets `fold_in(key, b)` and draws one uniform per (position,
+branch) from it, all scales at once (inverse-CDF sampling over the filtered top values), so a sample's
+draws do not depend on the batch size or on how the batch is sharded.
 
 Forcing (teacher-forced conditional generation, paper §4.3): `forced = {branch: [ids (B, n_s, n_s)
 per scale]}` replaces the drawn ids of those branches (e.g. force the detail branch of a reference
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 
 from imagefolder_jax.models.generator import NextScaleGenerator, init_cache
 from imagefolder_jax.models.tokenizer import ImageFolderTokenizer
-from imagefolder_jax.ops.filtering import sample_top_k_top_p
+from imagefolder_jax.ops.filtering import sample_with_uniforms
 from imagefolder_jax.ops.resample import area_downsample
 
 ForcedIds = Mapping[int, Sequence[jax.Array]]
@@ -92,7 +93,8 @@ def sample(generator: NextScaleGenerator, tokenizer: ImageFolderTokenizer, setti
   apply_gen = functools.partial(generator.apply, generator_variables)
   apply_tok = functools.partial(tokenizer.apply, tokenizer_variables)
 
-  sample_keys = jax.random.split(key, batch)
+  sample_keys = jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(batch))
+  uniforms = jax.vmap(lambda k: jax.random.uniform(k, (c.num_tokens, c.num_branches)))(sample_keys)
   if settings.guidance:
     model_labels = jnp.concatenate([labels, jnp.full_like(labels, c.uncond_label)])
   else:
@@ -112,9 +114,9 @@ def sample(generator: NextScaleGenerator, tokenizer: ImageFolderTokenizer, setti
       logits = (1 + t) * logits[:batch] - t * logits[batch:]
     if settings.return_logits:
       logits_out.append(logits)
-    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, si))(sample_keys)
-    draw = functools.partial(sample_top_k_top_p, top_k=settings.top_k, top_p=settings.top_p)
-    drawn = jax.vmap(draw)(step_keys, logits / temperature)  # (B, n_s^2, P)
+    begin, end = c.begin_ends[si]
+    drawn = sample_with_uniforms(uniforms[:, begin:end], logits / temperature, settings.top_k,
+                                 settings.top_p)  # (B, n_s^2, P)
     scale_ids = []
     for b in range(c.num_branches):
       if b in forced:

@@ -39,3 +39,12 @@ def relative_error(actual, expected) -> float:
 
 def nchw(x):
   return np.asarray(x).transpose(0, 3, 1, 2)
+
+
+def pytest_configure(config):
+  # Persistent XLA cache: subprocess tests (CLI runs, 8-device runs) reuse each other's compiles.
+  cache = os.path.join(os.path.dirname(__file__), "..", ".jax_cache")
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.abspath(cache))
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+  jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

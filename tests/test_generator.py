@@ -21,6 +21,7 @@ from imagefolder_jax.models.generator import (GeneratorConfig, NextScaleGenerato
                                               generator_loss, init_cache, unflatten_ids)
 from imagefolder_jax.models.tokenizer import ImageFolderTokenizer
 from imagefolder_jax.ops.masks import block_causal_mask, scale_begin_ends
+from imagefolder_jax.sampling import SamplerSettings, make_sampler
 
 # Sum of the `param` rows of the official d17 state dict (DESIGN reference/ar_state_dict.tsv; buffers
 # lvl_1L, attn_bias_for_masking and zero_k_bias excluded): 375.3M in all, 362.5M in the blocks.
@@ -88,8 +89,8 @@ def test_d17_parameter_count_equals_the_official_state_dict():
 def test_official_initialisation():
   c = GeneratorConfig(depth=4, width=256, num_heads=4, num_classes=10, codebook_size=512, latent_dim=8,
                       scales=(1, 2, 4))
-  boxed = NextScaleGenerator(c).init(jax.random.key(1), jnp.zeros((2,), jnp.int32),
-                                     jnp.zeros((2, c.num_tokens - 1, c.input_dim)))["params"]
+  boxed = jax.jit(NextScaleGenerator(c).init)(jax.random.key(1), jnp.zeros((2,), jnp.int32),
+                                              jnp.zeros((2, c.num_tokens - 1, c.input_dim)))["params"]
   # Every parameter carries logical axis names for the sharding rules.
   leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
   assert all(isinstance(x, nn.Partitioned) for x in leaves)
@@ -181,8 +182,8 @@ def test_teacher_forced_logits_match_official(official, parity_expected, forward
   e = parity_expected
   tag = "cond" if conditional else "uncond"
   labels = e["gen_labels"] if conditional else np.full_like(e["gen_labels"], 1000)
-  inputs = ImageFolderTokenizer(tok_config).apply(tok_vars, fixture_ids,
-                                                  method=ImageFolderTokenizer.next_scale_inputs)
+  inputs = jax.jit(lambda v, ids: ImageFolderTokenizer(tok_config).apply(
+      v, ids, method=ImageFolderTokenizer.next_scale_inputs))(tok_vars, fixture_ids)
   np.testing.assert_allclose(np.asarray(inputs), e["gen_var_input"], atol=1e-5)
   logits, head_in = forward(config, variables, jnp.asarray(labels), jnp.asarray(e["gen_var_input"]))
   logits = np.asarray(logits)
@@ -228,6 +229,28 @@ def test_kv_cached_scales_equal_the_full_forward(official, parity_expected, forw
   assert cache[0]["k"].shape == (2, 286, 2, 64) and bool(jnp.all(cache[-1]["v"][:, -1] != 0))
 
 
+# ------------------------------------------------------------------------------------ sampler parity
+def test_teacher_forced_sampling_matches_official(official, parity_expected, fixture_ids):
+  """The jitted sampler with both branches forced to the tokenizer's ids (the fixture's recorded
+  `autoregressive_infer_cfg` run, cfg 3.25): guided logits of every scale from the KV-cached path,
+  the final f_hat and the decoded image."""
+  e = parity_expected
+  tok_config, tok_vars, gen_config, gen_vars = official
+  sampler = make_sampler(NextScaleGenerator(gen_config), ImageFolderTokenizer(tok_config),
+                         SamplerSettings(top_k=750, top_p=0.95, guidance=True, return_logits=True))
+  out = sampler(gen_vars, tok_vars, jnp.asarray(e["gen_labels"], jnp.int32), jax.random.key(0),
+                jnp.float32(3.25), jnp.float32(1.0), {0: fixture_ids[0], 1: fixture_ids[1]})
+  guided = np.asarray(out["logits"]).reshape(2, 286, 8192)
+  assert relative_error(guided[:, :, e["gen_logit_cols"]], e["gen_guided_cols"]) < 1e-4
+  assert relative_error(guided[:, 24:40], e["gen_guided_s5"]) < 1e-4
+  f_hat = np.concatenate([np.asarray(f) for f in out["f_hat"]], -1).transpose(0, 3, 1, 2)
+  np.testing.assert_allclose(f_hat, e["gen_tf_infer_fhat"], atol=1e-5)
+  # The official run returns (clamp(decode(f_hat)) + 1) / 2; ours stays in [-1, 1].
+  np.testing.assert_allclose(np.asarray(out["images"]).transpose(0, 3, 1, 2), e["tok_recon"], atol=1e-5)
+  ids = np.asarray(flatten_ids(out["ids"]))  # (B, L, P)
+  np.testing.assert_array_equal(ids, e["tok_idx"].transpose(1, 2, 0))
+
+
 # ------------------------------------------------------------------------------------ loss, ids, mask
 def test_loss_and_label_dropout():
   c = GeneratorConfig(depth=1, width=32, num_heads=2, num_classes=5, codebook_size=16, latent_dim=4,
@@ -235,9 +258,12 @@ def test_loss_and_label_dropout():
   module = NextScaleGenerator(c)
   labels = jnp.array([1, 3])
   inputs = jax.random.normal(jax.random.key(0), (2, c.num_tokens - 1, c.input_dim))
-  variables = module.init(jax.random.key(1), labels, inputs)
-  variables = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(2), x.shape), variables)
-  logits = module.apply(variables, labels, inputs)
+  # Random O(0.3) weights (not the official init, whose 1e-4 gates make blocks near-identity).
+  shapes = nn.unbox(jax.eval_shape(module.init, jax.random.key(1), labels, inputs))
+  rng = np.random.default_rng(0)
+  variables = jax.tree.map(lambda x: (0.3 * rng.standard_normal(x.shape)).astype(np.float32), shapes)
+  apply = jax.jit(module.apply, static_argnames="train")
+  logits = apply(variables, labels, inputs)
   targets = jax.random.randint(jax.random.key(3), (2, c.num_tokens, 2), 0, 16)
   x = np.asarray(logits, np.float64)
   log_probs = x - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)) - x.max(-1, keepdims=True)
@@ -245,8 +271,8 @@ def test_loss_and_label_dropout():
   per_branch = [-np.take_along_axis(log_probs[:, :, b], t[:, :, b, None], -1).mean() for b in range(2)]
   np.testing.assert_allclose(float(generator_loss(logits, targets)), np.mean(per_branch), rtol=1e-5)
   # label_dropout=1 replaces every label by the unconditional class, only in training.
-  dropped = module.apply(variables, labels, inputs, train=True, rngs={"dropout": jax.random.key(4)})
-  uncond = module.apply(variables, jnp.full((2,), c.uncond_label), inputs)
+  dropped = apply(variables, labels, inputs, train=True, rngs={"dropout": jax.random.key(4)})
+  uncond = apply(variables, jnp.full((2,), c.uncond_label), inputs)
   np.testing.assert_allclose(np.asarray(dropped), np.asarray(uncond), atol=1e-6)
   assert not np.allclose(np.asarray(logits), np.asarray(uncond), atol=1e-3)
 

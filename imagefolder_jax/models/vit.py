@@ -29,6 +29,8 @@ class ViTConfig:
     patch_size: pixels per patch side.
     image_size: input side in pixels (the position table has (image_size/patch_size)^2 + 1 rows).
     layerscale: LayerScale gammas after attention and FFN.
+    layerscale_init: initial gamma (timm/DINOv2 1e-5, right when loading pretrained weights; from
+      scratch a small model learns far faster with ~0.1-1, since gamma scales the block's gradient).
     norm_eps: LayerNorm epsilon.
     gelu_approximate: tanh-approximated GELU in the FFN (the official discriminator's
       frozen DINO ViT-S/16 uses it); exact erf GELU otherwise (DINOv2 / timm).
@@ -40,6 +42,7 @@ class ViTConfig:
   patch_size: int = 16
   image_size: int = 256
   layerscale: bool = True
+  layerscale_init: float = 1e-5
   norm_eps: float = 1e-6
   gelu_approximate: bool = False
 
@@ -110,7 +113,7 @@ class Block(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     c = self.config
     identity = (lambda name: (lambda y: y))
-    ls = (lambda name: LayerScale(name=name)) if c.layerscale else identity
+    ls = (lambda name: LayerScale(c.layerscale_init, name=name)) if c.layerscale else identity
     y = Attention(c.width, c.num_heads, dtype=self.dtype, name="attn")(
         layer_norm(c.norm_eps, dtype=self.dtype, name="norm1")(x))
     x = x + ls("ls1")(y)

@@ -42,7 +42,9 @@ def _top_values(logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array, ja
   plus the number of entries equal to the k-th value that were left out (official ties)."""
   vocab = logits.shape[-1]
   k = top_k if 0 < top_k < vocab else vocab
-  values, indices = jax.lax.top_k(logits, k)
+  # The barrier keeps XLA:CPU from rewriting TopK into a full sort when its output meets `logits`
+  # again below (measured 4x slower on (9152, 4096) rows); it is free elsewhere.
+  values, indices = jax.lax.optimization_barrier(jax.lax.top_k(logits, k))
   if k == vocab:
     return values, indices, jnp.zeros(logits.shape[:-1], jnp.int32)
   kept = jnp.sum(logits >= values[..., -1:], axis=-1)
@@ -99,13 +101,25 @@ def filtered_probs(logits: jax.Array, top_k: int = 0, top_p: TopP = 0.0) -> jax.
   return jax.nn.softmax(filter_logits(logits.astype(jnp.float32), top_k, top_p), axis=-1)
 
 
-def sample_top_k_top_p(key: jax.Array, logits: jax.Array, top_k: int = 0, top_p: TopP = 0.0) -> jax.Array:
-  """One draw per row from softmax(filtered logits). logits: (..., V) -> ids (...) int32.
+def sample_with_uniforms(uniforms: jax.Array, logits: jax.Array, top_k: int = 0, top_p: TopP = 0.0) -> jax.Array:
+  """Inverse-CDF draw from softmax(filtered logits), one per row, given uniforms in [0, 1).
 
-  Draws among the k top values only (k random numbers per row instead of V). Ties with the k-th
-  value that `lax.top_k` left out cannot be drawn; they only matter for exact float ties.
+  uniforms: (...) float; logits: (..., V) -> ids (...) int32. Works on the k top values only, so a
+  whole scale needs one uniform per (position, branch) instead of V Gumbel numbers, and the random
+  stream can be drawn once for all scales. Ties with the k-th value that `lax.top_k` left out
+  cannot be drawn; they only matter for exact float ties.
   """
   cut, values, indices = _cut_value(logits, top_k, top_p)
-  candidates = jnp.where(values.astype(jnp.float32) >= cut, values.astype(jnp.float32), -jnp.inf)
-  choice = jax.random.categorical(key, candidates, axis=-1)
+  values = values.astype(jnp.float32)
+  weights = jnp.where(values >= cut, jnp.exp(values - values[..., :1]), 0.0)
+  cdf = jnp.cumsum(weights, axis=-1)
+  # Removed entries sit at the tail (values are descending) with zero weight, so the count of
+  # cdf entries <= u * total stays below the number of survivors for u < 1.
+  target = uniforms.astype(jnp.float32)[..., None] * cdf[..., -1:]
+  choice = jnp.minimum(jnp.sum(cdf <= target, axis=-1), values.shape[-1] - 1)
   return jnp.take_along_axis(indices, choice[..., None], axis=-1)[..., 0].astype(jnp.int32)
+
+
+def sample_top_k_top_p(key: jax.Array, logits: jax.Array, top_k: int = 0, top_p: TopP = 0.0) -> jax.Array:
+  """One draw per row from softmax(filtered logits). logits: (..., V) -> ids (...) int32."""
+  return sample_with_uniforms(jax.random.uniform(key, logits.shape[:-1]), logits, top_k, top_p)

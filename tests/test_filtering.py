@@ -1,0 +1,101 @@
+"""Top-k / top-p filtering against the official masks and a NumPy transcription of the official helper."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from imagefolder_jax.ops.filtering import (filter_logits, filtered_probs, removal_threshold, sample_top_k_top_p,
+                                           top_k_top_p_mask)
+
+
+def official_mask(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
+  """NumPy transcription of `models/helpers.py::sample_with_top_k_top_p_` (mask of survivors)."""
+  x = np.array(logits, np.float32)
+  if top_k > 0:
+    kth = -np.sort(-x, axis=-1)[..., top_k - 1:top_k]
+    x = np.where(x < kth, -np.inf, x)
+  if top_p > 0:
+    order = np.argsort(x, axis=-1, kind="stable")
+    s = np.take_along_axis(x, order, -1)
+    e = np.exp(s - s[..., -1:])
+    cum = np.cumsum((e / e.sum(-1, keepdims=True)).astype(np.float32), axis=-1, dtype=np.float32)
+    remove = cum <= np.float32(1 - top_p)
+    remove[..., -1] = False
+    x_remove = np.zeros_like(remove)
+    np.put_along_axis(x_remove, order, remove, -1)
+    x = np.where(x_remove, -np.inf, x)
+  return np.isfinite(x)
+
+
+@pytest.fixture(scope="module")
+def guided_s5(parity_expected):
+  """The stored official guided logits of scale 5 as (B, 16, P, V) (README: feed these, not ours)."""
+  return parity_expected["gen_guided_s5"].reshape(2, 16, 2, 4096)
+
+
+def test_official_masks_and_probs(parity_expected, guided_s5):
+  e = parity_expected
+  mask = np.asarray(top_k_top_p_mask(jnp.asarray(guided_s5), 750, 0.95)).reshape(2, 16, 8192)
+  np.testing.assert_array_equal(mask, e["gen_filter_mask_s5"])
+  topk_only = np.asarray(top_k_top_p_mask(jnp.asarray(guided_s5), 750, 0.0)).reshape(2, 16, 8192)
+  np.testing.assert_array_equal(topk_only, e["gen_filter_mask_topk_only_s5"])
+  probs = np.asarray(filtered_probs(jnp.asarray(guided_s5), 750, 0.95)).reshape(2, 16, 8192)
+  np.testing.assert_allclose(probs, e["gen_filter_probs_s5"], rtol=0, atol=1e-8)
+  np.testing.assert_allclose(probs.reshape(2, 16, 2, 4096).sum(-1), 1.0, atol=1e-5)
+
+
+def test_jitted_traced_top_p_matches(parity_expected, guided_s5):
+  fn = jax.jit(top_k_top_p_mask, static_argnums=1)
+  mask = np.asarray(fn(jnp.asarray(guided_s5), 750, jnp.float32(0.95))).reshape(2, 16, 8192)
+  np.testing.assert_array_equal(mask, parity_expected["gen_filter_mask_s5"])
+  off = np.asarray(fn(jnp.asarray(guided_s5), 750, jnp.float32(1.0))).reshape(2, 16, 8192)
+  np.testing.assert_array_equal(off, parity_expected["gen_filter_mask_topk_only_s5"])
+
+
+def test_removal_threshold_rounds_like_pytorch():
+  # PyTorch compares float32 with the Python scalar 1 - 0.95 rounded once to float32.
+  assert np.float32(removal_threshold(0.95)) == np.float32(1 - 0.95)
+  assert np.float32(removal_threshold(0.0)) < 0 and np.float32(removal_threshold(1.0)) < 0
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.0), (0, 0.9), (5, 0.0), (5, 0.5), (37, 0.95), (64, 0.3),
+                                         (100, 0.7)])
+def test_matches_numpy_official_on_random_logits(top_k, top_p):
+  logits = np.random.default_rng(top_k).normal(size=(3, 7, 64)).astype(np.float32) * 2.0
+  want = official_mask(logits, min(top_k, 64) if top_k else 0, top_p)
+  got = np.asarray(top_k_top_p_mask(jnp.asarray(logits), top_k, top_p))
+  np.testing.assert_array_equal(got, want)
+  filtered = np.asarray(filter_logits(jnp.asarray(logits), top_k, top_p))
+  np.testing.assert_array_equal(np.isfinite(filtered), want)
+  np.testing.assert_array_equal(filtered[want], logits[want])
+
+
+def test_top_k_keeps_ties_with_the_kth_value():
+  logits = jnp.array([[3.0, 1.0, 2.0, 2.0, 2.0, 0.0]])
+  np.testing.assert_array_equal(np.asarray(top_k_top_p_mask(logits, 2, 0.0))[0],
+                                [True, False, True, True, True, False])
+  # Ties left out by lax.top_k still count in the top-p mass: 3 + 2 + 2 + 2 over a 0.45 nucleus.
+  np.testing.assert_array_equal(np.asarray(top_k_top_p_mask(logits, 2, 0.45))[0],
+                                official_mask(np.asarray(logits), 2, 0.45)[0])
+
+
+def test_draws_stay_in_the_support_and_follow_the_probabilities():
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.normal(size=(2, 8)).astype(np.float32))
+  top_k, top_p = 6, 0.8
+  mask = np.asarray(top_k_top_p_mask(logits, top_k, top_p))
+  probs = np.asarray(filtered_probs(logits, top_k, top_p))
+  n = 20000
+  keys = jax.random.split(jax.random.key(0), n)
+  draws = np.asarray(jax.jit(jax.vmap(lambda k: sample_top_k_top_p(k, logits, top_k, top_p)))(keys))  # (n, 2)
+  assert draws.dtype == np.int32
+  for row in range(2):
+    counts = np.bincount(draws[:, row], minlength=8) / n
+    assert mask[row][draws[:, row]].all()
+    np.testing.assert_allclose(counts, probs[row], atol=0.015)
+  # Without filtering, draws follow softmax(logits).
+  free = np.asarray(jax.jit(jax.vmap(lambda k: sample_top_k_top_p(k, logits, 0, 0.0)))(keys))
+  np.testing.assert_allclose(np.bincount(free[:, 0], minlength=8) / n, np.asarray(jax.nn.softmax(logits[0])),
+                             atol=0.015)

@@ -1,0 +1,227 @@
+"""The jitted sampler: guidance, filtering support, seeds, forcing, the public `Generator`, and 8 fake CPU
+devices == 1 device. (Official-generator parity of the sampler lives in test_generator.py.)"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import relative_error
+from imagefolder_jax.api import Codes, Tokenizer
+from imagefolder_jax.generation import Generator
+from imagefolder_jax.models.generator import GeneratorConfig, NextScaleGenerator
+from imagefolder_jax.models.quantizer import QuantizerConfig
+from imagefolder_jax.models.tokenizer import ImageFolderTokenizer, TokenizerConfig
+from imagefolder_jax.models.vit import ViTConfig
+from imagefolder_jax.ops.filtering import top_k_top_p_mask
+from imagefolder_jax.ops.masks import scale_begin_ends
+from imagefolder_jax.sampling import SamplerSettings, guidance_weights, make_sampler
+
+# A micro model pair (3 scales, 64-entry codebooks) keeps compiles to a few seconds.
+MICRO_SCALES = (1, 2, 3)
+MICRO_TOKENIZER = TokenizerConfig(
+    vit=ViTConfig(width=32, depth=1, num_heads=2, patch_size=16, image_size=64),
+    quantizer=QuantizerConfig(codebook_size=64, latent_dim=8, scales=MICRO_SCALES, num_phi=2,
+                              codebook_update="gradient"),
+    num_branches=2)
+MICRO_GENERATOR = GeneratorConfig(depth=2, width=32, num_heads=2, num_classes=10, num_branches=2,
+                                  codebook_size=64, latent_dim=8, scales=MICRO_SCALES)
+SETTINGS = SamplerSettings(top_k=8, top_p=0.9, guidance=True, return_logits=True)
+
+
+def random_variables(module, *args, scale: float, seed: int):
+  """Variables of `module` with N(0, scale^2) entries (peaked logits; the official init is near-uniform)."""
+  shapes = nn.unbox(jax.eval_shape(module.init, jax.random.key(0), *args))
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda x: (scale * rng.standard_normal(x.shape)).astype(np.float32), shapes)
+
+
+@pytest.fixture(scope="module")
+def micro():
+  tok = ImageFolderTokenizer(MICRO_TOKENIZER)
+  gen = NextScaleGenerator(MICRO_GENERATOR)
+  tok_vars = random_variables(tok, jnp.zeros((1, 64, 64, 3)), scale=0.3, seed=1)
+  n = MICRO_GENERATOR.num_tokens
+  gen_vars = random_variables(gen, jnp.zeros((1,), jnp.int32), jnp.zeros((1, n - 1, 16)), scale=0.2, seed=2)
+  return tok, tok_vars, gen, gen_vars
+
+
+@pytest.fixture(scope="module")
+def micro_sampler(micro):
+  tok, _, gen, _ = micro
+  return make_sampler(gen, tok, SETTINGS)
+
+
+def _run(sampler, micro, labels, seed=0, cfg=2.0, temperature=1.0, forced=None):
+  tok, tok_vars, gen, gen_vars = micro
+  out = sampler(gen_vars, tok_vars, jnp.asarray(labels, jnp.int32), jax.random.key(seed), jnp.float32(cfg),
+                jnp.float32(temperature), forced or {})
+  return jax.tree.map(np.asarray, out)
+
+
+def _flat(ids):
+  return np.stack([np.concatenate([s.reshape(s.shape[0], -1) for s in branch], 1) for branch in ids], -1)
+
+
+# ------------------------------------------------------------------------------------ micro model
+def test_guided_logits_equal_teacher_forced_formula_and_ids_in_support(micro, micro_sampler):
+  """The cached sampler's guided logits == (1+t) cond - t uncond of the uncached forward fed with the
+  sampled ids; every drawn id survives top-k/top-p of its logits; images decode the drawn ids."""
+  tok, tok_vars, gen, gen_vars = micro
+  labels = np.array([3, 7, 0, 9], np.int32)
+  out = _run(micro_sampler, micro, labels, seed=0, cfg=2.0)
+  ids = [[jnp.asarray(s) for s in branch] for branch in out["ids"]]
+
+  @jax.jit
+  def reference(labels, ids):
+    inputs = tok.apply(tok_vars, ids, method=ImageFolderTokenizer.next_scale_inputs)
+    cond = gen.apply(gen_vars, labels, inputs)
+    uncond = gen.apply(gen_vars, jnp.full_like(labels, MICRO_GENERATOR.uncond_label), inputs)
+    images = jnp.clip(tok.apply(tok_vars, ids, method=ImageFolderTokenizer.decode_ids), -1, 1)
+    return cond, uncond, images
+
+  cond, uncond, images = map(np.asarray, reference(jnp.asarray(labels), ids))
+  weights = guidance_weights(len(MICRO_SCALES), 2.0)
+  t = np.concatenate([np.full(e - a, weights[s]) for s, (a, e) in enumerate(scale_begin_ends(MICRO_SCALES))])
+  want = (1 + t)[None, :, None, None] * cond - t[None, :, None, None] * uncond
+  assert relative_error(out["logits"], want) < 1e-5
+  np.testing.assert_allclose(out["images"], images, atol=1e-5)
+  assert out["images"].shape == (4, 64, 64, 3) and np.abs(out["images"]).max() <= 1.0
+  mask = np.asarray(top_k_top_p_mask(jnp.asarray(out["logits"]), SETTINGS.top_k, SETTINGS.top_p))
+  drawn = _flat(out["ids"])  # (B, L, P)
+  assert np.take_along_axis(mask, drawn[..., None], -1).all()
+  assert 1 < mask.sum(-1).min() and mask.sum(-1).max() <= SETTINGS.top_k
+
+
+def test_seeds_and_temperature(micro, micro_sampler):
+  labels = np.array([1, 2, 3, 4], np.int32)
+  a = _run(micro_sampler, micro, labels, seed=5)
+  b = _run(micro_sampler, micro, labels, seed=5)
+  c = _run(micro_sampler, micro, labels, seed=6)
+  np.testing.assert_array_equal(_flat(a["ids"]), _flat(b["ids"]))
+  np.testing.assert_array_equal(a["images"], b["images"])
+  assert (_flat(a["ids"]) != _flat(c["ids"])).mean() > 0.2
+  # Near-zero temperature: the draws become the argmax of the guided logits.
+  cold = _run(micro_sampler, micro, labels, seed=5, temperature=1e-4)
+  np.testing.assert_array_equal(_flat(cold["ids"]), cold["logits"].argmax(-1))
+
+
+@pytest.fixture(scope="module")
+def detail_ids(micro, micro_sampler):
+  """Detail-branch ids of a reference sample, to force."""
+  reference = _run(micro_sampler, micro, np.array([2, 2, 6, 6], np.int32), seed=11)
+  return [jnp.asarray(s) for s in reference["ids"][0]]
+
+
+def test_forced_branch_is_exact_and_the_other_is_sampled(micro, micro_sampler, detail_ids):
+  """Teacher-forced conditional generation: detail branch (0) forced, semantic branch (1) sampled."""
+  tok, tok_vars, _, _ = micro
+  labels = np.array([2, 2, 6, 6], np.int32)
+  runs = [_run(micro_sampler, micro, labels, seed=s, forced={0: detail_ids}) for s in (1, 2)]
+  f_hat0 = jax.jit(lambda ids: tok.apply(tok_vars, ids, method=lambda m, x: m.quantizers[0].ids_to_f_hat(x)))(
+      detail_ids)
+  for out in runs:
+    for got, want in zip(out["ids"][0], detail_ids):
+      np.testing.assert_array_equal(got, np.asarray(want))
+    np.testing.assert_allclose(out["f_hat"][0], np.asarray(f_hat0), atol=1e-5)
+  assert (_flat(runs[0]["ids"])[..., 1] != _flat(runs[1]["ids"])[..., 1]).any()
+
+
+def test_cfg_zero_equals_conditional_only_sampling(micro, micro_sampler, detail_ids):
+  labels = np.array([0, 5, 5, 8], np.int32)
+  guided = _run(micro_sampler, micro, labels, seed=3, cfg=0.0, forced={0: detail_ids})
+  plain_sampler = make_sampler(micro[2], micro[0], SamplerSettings(top_k=8, top_p=0.9, guidance=False,
+                                                                   return_logits=True))
+  plain = _run(plain_sampler, micro, labels, seed=3, forced={0: detail_ids})
+  np.testing.assert_array_equal(_flat(guided["ids"]), _flat(plain["ids"]))
+  np.testing.assert_allclose(guided["logits"], plain["logits"], atol=1e-5)
+  np.testing.assert_allclose(guided["images"], plain["images"], atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------ public API
+@pytest.fixture(scope="module")
+def micro_bundle(micro, tmp_path_factory):
+  tok, tok_vars, gen, gen_vars = micro
+  generator = Generator(Tokenizer(MICRO_TOKENIZER, tok_vars), MICRO_GENERATOR, gen_vars)
+  path = str(tmp_path_factory.mktemp("gen") / "bundle")
+  generator.save(path)
+  return path
+
+
+def random_codes(batch: int, seed: int) -> Codes:
+  rng = np.random.default_rng(seed)
+  return Codes(ids=[[rng.integers(0, 64, (batch, s, s)) for s in MICRO_SCALES] for _ in range(2)])
+
+
+def test_generator_api(micro, micro_bundle):
+  generator = Generator.load(micro_bundle)
+  assert generator.config == MICRO_GENERATOR
+  labels = [1, 4]
+  reference = random_codes(2, 0)
+  # Forcing with Codes: the detail branch of `reference` is kept, the semantic branch sampled.
+  out = generator.sample(labels, seed=0, cfg=1.5, top_k=8, top_p=0.9, force={0: reference})
+  assert isinstance(out.codes, Codes) and out.images.shape == (2, 64, 64, 3)
+  np.testing.assert_array_equal(out.codes.flat()[:, 0], reference.flat()[:, 0])
+  assert (out.codes.flat()[:, 1] != reference.flat()[:, 1]).any()
+  again = generator.sample(labels, seed=0, cfg=1.5, top_k=8, top_p=0.9, force={0: reference})
+  np.testing.assert_array_equal(out.codes.flat(), again.codes.flat())
+  other = generator.sample(labels, seed=1, cfg=3.0, top_k=8, top_p=0.9, force={0: reference.ids[0]})
+  assert (other.codes.flat() != out.codes.flat()).any()
+  # Teacher-forced logits == the module applied to the tokenizer's next-scale inputs.
+  logits = np.asarray(generator.logits(labels, out.codes))
+  assert logits.shape == (2, MICRO_GENERATOR.num_tokens, 2, 64) and logits.dtype == np.float32
+  tok, tok_vars, gen, gen_vars = micro
+  reference_logits = jax.jit(lambda labels, ids: gen.apply(
+      gen_vars, labels, tok.apply(tok_vars, ids, method=ImageFolderTokenizer.next_scale_inputs)))
+  np.testing.assert_allclose(logits, np.asarray(reference_logits(jnp.asarray(labels), out.codes.ids)), atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(labels=[11]), "class id 11"), (dict(labels=[-1]), "class id -1"), (dict(labels=[[1]]), "1-D"),
+    (dict(labels=[1.5]), "ints"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(top_k=-1), "top_k"), (dict(cfg=-1.0), "cfg"), (dict(temperature=0.0), "temperature"),
+    (dict(force={2: None}), "branch 2"), (dict(force={0: [np.zeros((1, 1, 1))]}), "expected 3"),
+])
+def test_generator_rejects_bad_arguments(micro_bundle, kwargs, match):
+  generator = Generator.load(micro_bundle)
+  kwargs = dict(dict(labels=[1]), **kwargs)
+  with pytest.raises(ValueError, match=match):
+    generator.sample(kwargs.pop("labels"), **kwargs)
+
+
+SHARDED_SCRIPT = textwrap.dedent("""
+    import sys
+    import numpy as np, jax
+    from imagefolder_jax.api import Codes
+    from imagefolder_jax.generation import Generator
+    from imagefolder_jax.parallel import make_mesh
+    assert jax.device_count() == 8, jax.devices()
+    single = Generator.load(sys.argv[1])
+    sharded = Generator.load(sys.argv[1], mesh=make_mesh())
+    labels = np.arange(8) % 10
+    rng = np.random.default_rng(0)
+    detail = [rng.integers(0, 64, (8, s, s)) for s in (1, 2, 3)]
+    a = single.sample(labels, seed=3, cfg=2.0, top_k=8, top_p=0.9, force={0: detail})
+    b = sharded.sample(labels, seed=3, cfg=2.0, top_k=8, top_p=0.9, force={0: detail})
+    np.testing.assert_array_equal(a.codes.flat(), b.codes.flat())
+    np.testing.assert_allclose(np.asarray(a.images), np.asarray(b.images), atol=1e-5)
+    assert len(b.images.sharding.device_set) == 8
+    print("OK")
+""")
+
+
+def test_sampling_sharded_over_8_devices_equals_one(micro_bundle, tmp_path):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  script = tmp_path / "sharded_sampling.py"
+  script.write_text(SHARDED_SCRIPT)
+  result = subprocess.run([sys.executable, str(script), micro_bundle], env=env, capture_output=True, text=True,
+                          timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "OK" in result.stdout

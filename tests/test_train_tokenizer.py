@@ -1,0 +1,116 @@
+"""Tokenizer trainer: learning, non-finite skip, kill-and-resume equality, export round trip, errors."""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import imagefolder_jax as ifj
+from imagefolder_jax.cli import main
+from imagefolder_jax.train.configuration import load_config
+from imagefolder_jax.train.tokenizer_task import TokenizerTask
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tokenizer_tiny.py")
+
+
+def fixed_batch(n=8, size=32):
+  from imagefolder_jax import data
+  it = iter(data.make_loader(data.DemoSource(crops_per_class=2, crop_size=48), batch_size=n, resolution=size,
+                             train=False, seed=0))
+  return jax.tree.map(jnp.asarray, next(it))
+
+
+@pytest.fixture(scope="module")
+def task():
+  return TokenizerTask(load_config(TINY))  # every loss on: LPIPS, semantic (random teacher), PatchGAN
+
+
+def test_steps_lower_the_loss_and_touch_all_state(task):
+  batch = fixed_batch()
+  state = jax.jit(task.init_state)(jax.random.key(0), batch)
+  step = jax.jit(task.train_step)
+  state0 = jax.tree.map(np.asarray, state)
+  losses = []
+  for _ in range(8):
+    state, metrics = step(state, task.frozen, batch)
+    losses.append(float(metrics["rec_loss"]))
+  assert losses[-1] < losses[0]
+  assert int(state["step"]) == 8 and int(state["skipped"]) == 0
+  assert np.isfinite(float(metrics["d_loss"])) and np.isfinite(float(metrics["semantic_loss"]))
+  # EMA codebook and usage counters moved; discriminator and LeCam state trained.
+  cb0 = state0["model_state"]["codebook"]["quantizer_0"]["embedding"]
+  assert not np.allclose(state["model_state"]["codebook"]["quantizer_0"]["embedding"], cb0)
+  assert int(state["model_state"]["quantizer_stats"]["quantizer_1"]["usage_steps"]) == 8
+  assert float(jnp.abs(state["lecam"].real_ema)) > 0
+  d0 = jax.tree.leaves(state0["disc"]["params"])
+  assert any(not np.allclose(a, b) for a, b in zip(d0, jax.tree.leaves(state["disc"]["params"])))
+
+
+def test_non_finite_step_is_skipped(task):
+  batch = fixed_batch()
+  state = jax.jit(task.init_state)(jax.random.key(0), batch)
+  before = jax.tree.map(np.asarray, state["params"])
+  bad = dict(batch, image=batch["image"].at[0, 0, 0, 0].set(jnp.nan))
+  state, metrics = jax.jit(task.train_step)(state, task.frozen, bad)
+  assert int(state["skipped"]) == 1 and int(state["step"]) == 1
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state["params"])):
+    np.testing.assert_array_equal(a, b)
+
+
+def _cli(args, env_extra=None, timeout=900):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **(env_extra or {}))
+  return subprocess.run([sys.executable, "-m", "imagefolder_jax.cli", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def _params(workdir):
+  return ifj.Tokenizer.load(os.path.join(workdir, "bundle")).variables
+
+
+@pytest.mark.slow
+def test_kill_and_resume_equals_uninterrupted(tmp_path):
+  common = ["train-tokenizer", "--config", f"{TINY}:nogan", "--config.train.num_steps=5",
+            "--config.train.checkpoint_every=2"]
+  straight = str(tmp_path / "straight")
+  r = _cli(common + ["--workdir", straight])
+  assert r.returncode == 0, r.stderr[-2000:]
+  crashed = str(tmp_path / "crashed")
+  r = _cli(common + ["--workdir", crashed, "--config.train.fail_at_step=3"])
+  assert r.returncode == 137, r.stderr[-2000:]
+  assert not os.path.exists(os.path.join(crashed, "bundle"))
+  r = _cli(common + ["--workdir", crashed])
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "resumed from step 2" in r.stderr
+  a, b = _params(straight), _params(crashed)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+  # Export from the workdir gives the same bundle as the one written at the end of training.
+  out = str(tmp_path / "exported")
+  assert main(["export", "--workdir", crashed, "--out", out]) == 0
+  tok = ifj.Tokenizer.load(out)
+  for x, y in zip(jax.tree.leaves(tok.variables), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+  images = np.asarray(fixed_batch(2)["image"])
+  assert tok.reconstruct(images).shape == (2, 32, 32, 3)
+  # Rerunning a finished run does nothing and succeeds; a changed architecture is refused.
+  assert _cli(common + ["--workdir", crashed]).returncode == 0
+  r = _cli(common + ["--workdir", crashed, "--config.model.vit.width=64"])
+  assert r.returncode == 2 and "different model" in r.stderr
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.train.num_steps=0", "num_steps"),
+    ("--config.data.source=folder:/definitely/missing", "/definitely/missing"),
+    ("--config.model.quantizer.codebook_update=kmeans", "codebook_update"),
+    ("--config.optim.lr=fast", "expected float"),
+    ("--config.nonexistent=1", "unknown field"),
+])
+def test_bad_config_one_line_error(tmp_path, capsys, override, message):
+  code = main(["train-tokenizer", "--config", TINY, "--workdir", str(tmp_path / "w"), override])
+  err = capsys.readouterr().err.strip()
+  assert code == 2
+  assert message in err and len(err.splitlines()) == 1, err
