@@ -18,7 +18,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from imagefolder_jax.models.generator import GeneratorConfig, NextScaleGenerator
 from imagefolder_jax.models.quantizer import QuantizerConfig

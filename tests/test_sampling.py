@@ -225,3 +225,18 @@ def test_sampling_sharded_over_8_devices_equals_one(micro_bundle, tmp_path):
                           timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "OK" in result.stdout
+
+
+def test_cli_sample(micro_bundle, tmp_path, capsys):
+  from imagefolder_jax.cli import main
+  out, codes = str(tmp_path / "grid.png"), str(tmp_path / "codes.npz")
+  assert main(["sample", "--bundle", micro_bundle, "--out", out, "--labels", "1,2", "--per-class", "2",
+               "--batch-size", "3", "--top-k", "8", "--top-p", "0.9", "--codes-out", codes]) == 0
+  saved = np.load(codes)
+  assert saved["flat"].shape == (4, 2, MICRO_GENERATOR.num_tokens)
+  np.testing.assert_array_equal(saved["labels"], [1, 1, 2, 2])
+  from PIL import Image
+  assert Image.open(out).size[0] > 64
+  assert main(["sample", "--bundle", micro_bundle, "--out", out, "--labels", "1,x"]) == 2
+  assert main(["sample", "--bundle", micro_bundle, "--out", out, "--labels", "12"]) == 2
+  assert "class id 12" in capsys.readouterr().err
