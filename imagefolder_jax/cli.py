@@ -140,14 +140,22 @@ def _run_export(args) -> None:
 
 
 # ----------------------------------------------------------------------------- sample
+# Which tokenizer branch `sample --force` keeps from the reference image (paper section 4.3).
+SAMPLE_FORCE_BRANCHES = {"detail": 0, "semantic": 1}
+
+
 def _add_sample(sub) -> None:
   p = sub.add_parser("sample", help="class-conditional sampling with the next-scale generator; writes a PNG grid",
                      description="Samples images of the given ImageNet classes (cfg 3.25, top-k 750, top-p 0.95 by "
-                                 "default, as in the paper). With --reference, the detail branch of the reference "
-                                 "image is kept and only the semantic branch is sampled (paper section 4.3).")
+                                 "default, as in the paper); the grid has one row per class. With --reference, one "
+                                 "branch of the reference image's tokens is kept (--force detail: branch 0, the "
+                                 "default; semantic: branch 1) and the other branch is sampled (paper section "
+                                 "4.3). Example: imagefolder-jax sample --bundle DIR --classes 207,360 "
+                                 "--per-class 8 --out grid.png")
   p.add_argument("--bundle", required=True, help="bundle with a tokenizer and a generator")
-  p.add_argument("--out", required=True, help="output PNG grid")
-  p.add_argument("--labels", required=True, help="comma-separated class ids, e.g. 207,360,387 (1000 = unconditional)")
+  p.add_argument("--out", required=True, help="output PNG grid (one row of --per-class images per class)")
+  p.add_argument("--classes", "--labels", dest="classes", required=True,
+                 help="comma-separated class ids, e.g. 207,360,387 (num_classes = unconditional)")
   p.add_argument("--per-class", type=int, default=1, help="samples per class id")
   p.add_argument("--seed", type=int, default=0, help="batch i of the run uses seed + i")
   p.add_argument("--cfg", type=float, default=3.25, help="classifier-free guidance scale (0 = conditional only)")
@@ -155,29 +163,52 @@ def _add_sample(sub) -> None:
   p.add_argument("--top-p", type=float, default=0.95, help="nucleus mass in (0, 1] (1 = off)")
   p.add_argument("--temperature", type=float, default=1.0)
   p.add_argument("--batch-size", type=int, default=16)
-  p.add_argument("--reference", help="image whose detail-branch tokens every sample keeps")
-  p.add_argument("--codes-out", help="also write the sampled token ids (.npz: flat (N, P, L), labels)")
+  p.add_argument("--reference", help="image whose tokens of the --force branch every sample keeps")
+  p.add_argument("--force", choices=tuple(SAMPLE_FORCE_BRANCHES),
+                 help="branch of --reference to keep: detail (branch 0, default) or semantic (branch 1)")
+  p.add_argument("--save-npz", "--codes-out", dest="save_npz",
+                 help="also write the sampled token ids (.npz: flat (N, P, L) int, labels (N,))")
   p.set_defaults(run=_run_sample)
 
 
 def _run_sample(args) -> None:
+  import math
   import numpy as np
   from imagefolder_jax.data.images import load_image_file, save_image_grid
   from imagefolder_jax.generation import Generator
   try:
-    labels = [int(x) for x in args.labels.split(",") if x.strip()]
+    labels = [int(x) for x in args.classes.split(",") if x.strip()]
   except ValueError as e:
-    raise CliError(f"--labels must be comma-separated ints, got {args.labels!r}") from e
+    raise CliError(f"--classes must be comma-separated ints, got {args.classes!r}") from e
   if not labels:
-    raise CliError("--labels is empty")
+    raise CliError("--classes is empty")
   if args.per_class < 1 or args.batch_size < 1:
     raise CliError(f"--per-class and --batch-size must be >= 1, got {args.per_class} and {args.batch_size}")
+  # Checked before the bundle loads so that a typo fails at once.
+  if args.top_k < 0:
+    raise CliError(f"--top-k must be >= 0, got {args.top_k}")
+  if not 0.0 < args.top_p <= 1.0:
+    raise CliError(f"--top-p must be in (0, 1], got {args.top_p}")
+  if not (args.cfg >= 0.0 and math.isfinite(args.cfg)):
+    raise CliError(f"--cfg must be a finite number >= 0, got {args.cfg}")
+  if not (args.temperature > 0.0 and math.isfinite(args.temperature)):
+    raise CliError(f"--temperature must be a finite number > 0, got {args.temperature}")
+  if args.force and not args.reference:
+    raise CliError("--force needs --reference")
+  if args.reference and not os.path.isfile(args.reference):
+    raise CliError(f"file not found: {args.reference}")
   gen = _load(Generator, args.bundle)
+  num_classes = gen.config.num_classes
+  bad = [c for c in labels if not 0 <= c <= num_classes]
+  if bad:
+    raise CliError(f"--classes: class id {bad[0]} is outside [0, {num_classes}] ({num_classes} = unconditional)")
   all_labels = np.repeat(np.asarray(labels), args.per_class)
-  force_codes = None
+  force_codes, branch = None, None
   if args.reference:
-    if not os.path.isfile(args.reference):
-      raise CliError(f"file not found: {args.reference}")
+    branch = SAMPLE_FORCE_BRANCHES[args.force or "detail"]
+    branches = gen.tokenizer.config.num_branches
+    if branch >= branches:
+      raise CliError(f"--force {args.force} needs branch {branch}; the bundle's tokenizer has {branches} branch(es)")
     force_codes = gen.tokenizer.encode(load_image_file(args.reference, gen.tokenizer.resolution)[None])
   images, flats = [], []
   for i, start in enumerate(range(0, len(all_labels), args.batch_size)):
@@ -187,16 +218,42 @@ def _run_sample(args) -> None:
     padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk))])
     force = None
     if force_codes is not None:
-      force = {0: [np.repeat(np.asarray(s), batch, axis=0) for s in force_codes.ids[0]]}
+      force = {branch: [np.repeat(np.asarray(s), batch, axis=0) for s in force_codes.ids[branch]]}
     out = gen.sample(padded, seed=args.seed + i, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
                      temperature=args.temperature, force=force)
     images.append(np.asarray(out.images)[:len(chunk)])
     flats.append(out.codes.flat()[:len(chunk)])
   images = np.concatenate(images)
-  save_image_grid(images, args.out, nrow=min(8, len(images)))
-  if args.codes_out:
-    np.savez(args.codes_out, flat=np.concatenate(flats), labels=all_labels)
+  save_image_grid(images, args.out, nrow=args.per_class)
+  if args.save_npz:
+    np.savez(args.save_npz, flat=np.concatenate(flats), labels=all_labels)
   print(f"wrote {args.out}: {len(images)} sample(s) of class(es) {','.join(map(str, labels))}")
+
+
+# ----------------------------------------------------------------------------- demo
+def _add_demo(sub) -> None:
+  p = sub.add_parser("demo", help="offline demo: train a small tokenizer + generator on built-in photos, "
+                                  "write reconstructions.png, samples.png, report.json/md")
+  p.add_argument("--workdir", default="runs/demo", help="where both runs and the results go (resumable)")
+  p.add_argument("--tokenizer-steps", type=int, help="override the tokenizer's training steps")
+  p.add_argument("--generator-steps", type=int, help="override the generator's training steps")
+  p.add_argument("--samples-per-class", type=int, default=8)
+  p.add_argument("--seed", type=int, default=0, help="sampling seed")
+  p.set_defaults(run=_run_demo)
+
+
+def _run_demo(args) -> None:
+  from imagefolder_jax.train.demo import run_demo
+  tok = [f"--config.train.num_steps={args.tokenizer_steps}"] if args.tokenizer_steps else []
+  gen = [f"--config.train.num_steps={args.generator_steps}"] if args.generator_steps else []
+  for name in ("tokenizer_steps", "generator_steps", "samples_per_class"):
+    value = getattr(args, name)
+    if value is not None and value < 1:
+      raise CliError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+  report = run_demo(args.workdir, tok, gen, samples_per_class=args.samples_per_class, seed=args.seed)
+  print(f"demo done in {report['total_minutes']:.1f} min: {args.workdir}/reconstructions.png, samples.png, "
+        f"report.md (val PSNR {report['tokenizer']['val_psnr_db']:.2f} dB, sample class accuracy "
+        f"{report['class_consistency']['accuracy_on_samples']:.0%})")
 
 
 # ----------------------------------------------------------------------------- main
@@ -207,7 +264,7 @@ VERBS: list[Callable] = [
     lambda sub: _add_train(sub, "train-generator", "generator",
                            "imagefolder-jax train-generator --config configs/generator_demo.py --workdir runs/gen "
                            "--config.tokenizer_bundle=runs/tok_bundle"),
-    _add_export,
+    _add_export, _add_demo,
 ]
 
 

@@ -228,15 +228,51 @@ def test_sampling_sharded_over_8_devices_equals_one(micro_bundle, tmp_path):
 
 
 def test_cli_sample(micro_bundle, tmp_path, capsys):
+  from PIL import Image
   from imagefolder_jax.cli import main
+  from imagefolder_jax.data.images import load_image_file
   out, codes = str(tmp_path / "grid.png"), str(tmp_path / "codes.npz")
-  assert main(["sample", "--bundle", micro_bundle, "--out", out, "--labels", "1,2", "--per-class", "2",
-               "--batch-size", "3", "--top-k", "8", "--top-p", "0.9", "--codes-out", codes]) == 0
+  base = ["sample", "--bundle", micro_bundle, "--out", out]
+  assert main(base + ["--classes", "1,2", "--per-class", "2", "--batch-size", "3", "--top-k", "8",
+                      "--top-p", "0.9", "--seed", "0", "--save-npz", codes]) == 0
   saved = np.load(codes)
   assert saved["flat"].shape == (4, 2, MICRO_GENERATOR.num_tokens)
   np.testing.assert_array_equal(saved["labels"], [1, 1, 2, 2])
-  from PIL import Image
-  assert Image.open(out).size[0] > 64
-  assert main(["sample", "--bundle", micro_bundle, "--out", out, "--labels", "1,x"]) == 2
-  assert main(["sample", "--bundle", micro_bundle, "--out", out, "--labels", "12"]) == 2
-  assert "class id 12" in capsys.readouterr().err
+  # One row per class, --per-class images per row (64-pixel tiles, 2-pixel padding).
+  assert Image.open(out).size == (2 * 64 + 3 * 2, 2 * 64 + 3 * 2)
+  # The old spellings remain aliases.
+  assert main(base + ["--labels", "3", "--top-k", "8", "--codes-out", codes]) == 0
+  np.testing.assert_array_equal(np.load(codes)["labels"], [3])
+
+  # --reference keeps branch 0 (detail) by default, branch 1 with --force semantic; the other is sampled.
+  reference = str(tmp_path / "reference.png")
+  rng = np.random.default_rng(0)
+  Image.fromarray(rng.integers(0, 256, (80, 72, 3), dtype=np.uint8)).save(reference)
+  tokenizer = Generator.load(micro_bundle).tokenizer
+  ref_flat = tokenizer.encode(load_image_file(reference, tokenizer.resolution)[None]).flat()[0]
+  for force, branch in ((None, 0), ("detail", 0), ("semantic", 1)):
+    args = ["--classes", "1,2", "--per-class", "2", "--top-k", "8", "--reference", reference, "--save-npz", codes]
+    assert main(base + args + (["--force", force] if force else [])) == 0
+    flat = np.load(codes)["flat"]
+    np.testing.assert_array_equal(flat[:, branch], np.broadcast_to(ref_flat[branch], flat[:, branch].shape))
+    assert (flat[:, 1 - branch] != ref_flat[1 - branch]).any()
+  capsys.readouterr()
+
+  # Bad input: exit code 2 and one line `imagefolder-jax: error: ...` naming the value.
+  for args, message in [
+      (["--classes", "1,x"], "--classes must be comma-separated ints"),
+      (["--classes", "12"], "class id 12"),
+      (["--classes", "5000"], "class id 5000"),
+      (["--classes", "-1"], "class id -1"),
+      (["--classes", "1", "--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
+      (["--classes", "1", "--top-p", "0"], "--top-p must be in (0, 1]"),
+      (["--classes", "1", "--top-k", "-1"], "--top-k must be >= 0, got -1"),
+      (["--classes", "1", "--cfg", "-1"], "--cfg"),
+      (["--classes", "1", "--temperature", "0"], "--temperature"),
+      (["--classes", "1", "--per-class", "0"], "--per-class"),
+      (["--classes", "1", "--force", "semantic"], "--force needs --reference"),
+      (["--classes", "1", "--reference", str(tmp_path / "missing.png")], "file not found"),
+  ]:
+    assert main(base + args) == 2, args
+    err = capsys.readouterr().err
+    assert err.startswith("imagefolder-jax: error: ") and err.count("\n") == 1 and message in err, (args, err)

@@ -158,6 +158,9 @@ def run(task, config: ml_collections.ConfigDict, workdir: str, *, loader_factory
         metrics = _to_float(step_metrics)
         metrics.update(progress.rates(step))
         writer.write_scalars(step, metrics)
+        if jax.process_index() == 0:
+          with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
         if progress.tty:
           print(file=sys.stderr)
         log.info(progress.line(step, metrics))
