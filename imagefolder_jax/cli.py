@@ -230,6 +230,33 @@ def _run_sample(args) -> None:
   print(f"wrote {args.out}: {len(images)} sample(s) of class(es) {','.join(map(str, labels))}")
 
 
+# ----------------------------------------------------------------------------- pretokenize
+def _add_pretokenize(sub) -> None:
+  p = sub.add_parser("pretokenize", help="encode a dataset once with a tokenizer bundle (ArrayRecord codes)",
+                     description="Writes token ids for train-generator --config.data.source=codes:OUT")
+  p.add_argument("--bundle", required=True, help="tokenizer bundle")
+  p.add_argument("--source", default="demo", help="demo | folder:/path | tfds:imagenet2012")
+  p.add_argument("--data-dir", help="TFDS data dir (for tfds: sources)")
+  p.add_argument("--split", default="train")
+  p.add_argument("--batch-size", type=int, default=64)
+  p.add_argument("--out", required=True, help="output directory")
+  p.set_defaults(run=_run_pretokenize)
+
+
+def _run_pretokenize(args) -> None:
+  from imagefolder_jax import data
+  from imagefolder_jax.api import Tokenizer
+  from imagefolder_jax.data.codes import pretokenize
+  if args.batch_size < 1:
+    raise CliError(f"--batch-size must be >= 1, got {args.batch_size}")
+  tok = _load(Tokenizer, args.bundle)
+  source = data.build_source(args.source, data_dir=args.data_dir, split=args.split)
+  loader = data.make_loader(source, batch_size=args.batch_size, resolution=tok.resolution, train=False, seed=0,
+                            drop_remainder=False, shard_index=0, shard_count=1)
+  count = pretokenize(tok, loader, args.out, args.source)
+  print(f"wrote {count} records to {args.out}")
+
+
 # ----------------------------------------------------------------------------- demo
 def _add_demo(sub) -> None:
   p = sub.add_parser("demo", help="offline demo: train a small tokenizer + generator on built-in photos, "
@@ -264,7 +291,7 @@ VERBS: list[Callable] = [
     lambda sub: _add_train(sub, "train-generator", "generator",
                            "imagefolder-jax train-generator --config configs/generator_demo.py --workdir runs/gen "
                            "--config.tokenizer_bundle=runs/tok_bundle"),
-    _add_export, _add_demo,
+    _add_export, _add_pretokenize, _add_demo,
 ]
 
 

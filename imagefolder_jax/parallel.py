@@ -34,11 +34,16 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 
 
 def initialize_distributed() -> None:
-  """Initialises multi-process JAX when launched by a pod/cluster launcher; a no-op on one process."""
-  if jax.process_count() > 1:
+  """Initialises multi-process JAX when launched as one of several processes; a no-op otherwise.
+
+  Triggers: IFJ_DISTRIBUTED=1 (set by launch/tpu_pod.sh; TPU pods auto-detect the coordinator),
+  a SLURM job with more than one task, or an explicit JAX_COORDINATOR_ADDRESS. Must run before any
+  other JAX call touches the devices.
+  """
+  if jax.distributed.is_initialized():
     return
-  if any(v in os.environ for v in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_JOB_ID",
-                                    "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")):
+  slurm_multi = int(os.environ.get("SLURM_NTASKS", "1")) > 1
+  if os.environ.get("IFJ_DISTRIBUTED") == "1" or slurm_multi or "JAX_COORDINATOR_ADDRESS" in os.environ:
     jax.distributed.initialize()
     logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
 

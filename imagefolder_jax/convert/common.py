@@ -59,16 +59,28 @@ class StateDict:
     self._require(name)
     return tuple(to_numpy(self._tensors[name]).shape)
 
-  def get(self, name: str, shape: Optional[tuple[int, ...]] = None) -> np.ndarray:
+  def get(self, name: str, shape: Optional[tuple[int, ...]] = None, *,
+          allow_non_finite: bool = False) -> np.ndarray:
+    """The tensor `name` as NumPy (marked used); checks `shape` when given.
+
+    allow_non_finite: accept inf/NaN entries (e.g. a -inf attention-mask buffer); weights never hold them.
+    """
     self._require(name)
     array = to_numpy(self._tensors[name])
     if shape is not None and tuple(array.shape) != tuple(shape):
       raise ConversionError(f"{self.source}: tensor {name!r} has shape {tuple(array.shape)}, "
                             f"expected {tuple(shape)}")
-    if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+    if not allow_non_finite and array.dtype.kind == "f" and not np.all(np.isfinite(array)):
       raise ConversionError(f"{self.source}: tensor {name!r} holds non-finite values")
     self.used.add(name)
     return array
+
+  def under(self, prefix: str) -> dict:
+    """The raw tensors whose names start with `prefix` (full names; marked used), for converters that
+    check their own names and shapes (`convert.dinov2.vit_params_from_state_dict`)."""
+    tensors = {k: v for k, v in self._tensors.items() if k.startswith(prefix)}
+    self.used.update(tensors)
+    return tensors
 
   def _require(self, name: str) -> None:
     if name not in self._tensors:
@@ -101,52 +113,3 @@ class StateDict:
   def layer_norm(self, name: str, width: int) -> dict:
     return {"scale": self.get(f"{name}.weight", (width,)), "bias": self.get(f"{name}.bias", (width,))}
 
-
-def timm_vit_params(sd: StateDict, prefix: str, vit_config, *, with_patch_embed: bool = True) -> dict:
-  """timm / DINOv2-layout ViT (`{prefix}blocks.{i}.attn.qkv.weight`, `ls1.gamma`, ...) -> `ViTTrunk` params."""
-  c = vit_config
-  w = c.width
-  hidden = int(w * c.mlp_ratio)
-  params = {
-      "cls_token": sd.get(f"{prefix}cls_token", (1, 1, w)),
-      "pos_embed": sd.get(f"{prefix}pos_embed", (1, c.grid * c.grid + 1, w)),
-      "norm": sd.layer_norm(f"{prefix}norm", w),
-  }
-  if with_patch_embed:
-    params["patch_embed"] = {"proj": sd.conv(f"{prefix}patch_embed.proj", 3, w, c.patch_size)}
-  for i in range(c.depth):
-    b = f"{prefix}blocks.{i}."
-    block = {
-        "norm1": sd.layer_norm(b + "norm1", w),
-        "attn": {"qkv": sd.linear(b + "attn.qkv", w, 3 * w), "proj": sd.linear(b + "attn.proj", w, w)},
-        "norm2": sd.layer_norm(b + "norm2", w),
-        "mlp": {"fc1": sd.linear(b + "mlp.fc1", w, hidden), "fc2": sd.linear(b + "mlp.fc2", hidden, w)},
-    }
-    if c.layerscale:
-      block["ls1"] = {"gamma": sd.get(b + "ls1.gamma", (w,))}
-      block["ls2"] = {"gamma": sd.get(b + "ls2.gamma", (w,))}
-    params[f"blocks_{i}"] = block
-  if f"{prefix}blocks.{c.depth}.norm1.weight" in sd:
-    raise ConversionError(f"{sd.source}: {prefix}blocks has more than the expected {c.depth} blocks")
-  return params
-
-
-def infer_timm_vit_shape(sd: StateDict, prefix: str, *, num_heads: Optional[int] = None,
-                         patch_size: Optional[int] = None) -> dict:
-  """Reads width, depth, mlp ratio, patch size and image size of a timm-layout ViT from its shapes.
-
-  Heads cannot be read from shapes: `num_heads` defaults to width // 64 (the ViT-S/B/L convention).
-  """
-  _, n_pos, width = sd.shape(f"{prefix}pos_embed")
-  depth = sd.count(f"{prefix}blocks.")
-  if depth == 0:
-    raise ConversionError(f"{sd.source}: no '{prefix}blocks.0.*' tensors")
-  hidden = sd.shape(f"{prefix}blocks.0.mlp.fc1.weight")[0]
-  if patch_size is None:
-    patch_size = sd.shape(f"{prefix}patch_embed.proj.weight")[-1]
-  grid = int(round((n_pos - 1) ** 0.5))
-  if grid * grid != n_pos - 1:
-    raise ConversionError(f"{sd.source}: {prefix}pos_embed has {n_pos} rows, not 1 + a square")
-  return dict(width=width, depth=depth, num_heads=num_heads or max(width // 64, 1),
-              mlp_ratio=hidden / width, patch_size=patch_size, image_size=grid * patch_size,
-              layerscale=f"{prefix}blocks.0.ls1.gamma" in sd)

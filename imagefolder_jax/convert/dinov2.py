@@ -123,6 +123,8 @@ class _Reader:
     if shape is not None and array.shape != tuple(shape):
       raise ConversionError(f"tensor {self.prefix + name!r} has shape {array.shape}, "
                        f"expected {tuple(shape)}")
+    if not np.all(np.isfinite(array)):
+      raise ConversionError(f"tensor {self.prefix + name!r} holds non-finite values")
     self.used.add(name)
     return array
 

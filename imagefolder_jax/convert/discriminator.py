@@ -20,7 +20,8 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from imagefolder_jax.convert.common import ConversionError, StateDict, load_torch_file, timm_vit_params, to_numpy
+from imagefolder_jax.convert.common import ConversionError, StateDict, load_torch_file, to_numpy
+from imagefolder_jax.convert.dinov2 import vit_params_from_state_dict
 from imagefolder_jax.models.discriminator import FEATURES, DinoDiscConfig
 
 
@@ -94,11 +95,15 @@ def convert_dino_vit_features(state_dict: Mapping[str, Any], config: DinoDiscCon
           raise ConversionError(f"{source}: tensor {name!r} has shape {bias.shape}, expected {(3 * w,)}")
         bias[w:2 * w] = 0.0
         tensors[name] = bias
-  sd = StateDict(tensors, source)
-  params = timm_vit_params(sd, "", vit)
-  unused = sorted(k for k in set(sd.keys()) - sd.used if not k.startswith("head."))
-  if unused:
-    raise ConversionError(f"{source}: unexpected tensor {unused[0]!r} ({len(unused)} unused)")
+  try:
+    got, params = vit_params_from_state_dict(tensors, num_heads=vit.num_heads, norm_eps=vit.norm_eps,
+                                             gelu_approximate=vit.gelu_approximate)
+  except ValueError as e:
+    raise ConversionError(f"{source}: {e}") from e
+  for field in ("width", "depth", "mlp_ratio", "patch_size", "image_size", "layerscale"):
+    if getattr(got, field) != getattr(vit, field):
+      raise ConversionError(f"{source}: the ViT has {field} {getattr(got, field)}, the config expects "
+                            f"{getattr(vit, field)}")
   return params
 
 

@@ -13,8 +13,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from imagefolder_jax.convert.common import (ConversionError, StateDict, infer_timm_vit_shape,
-                                            load_torch_file, timm_vit_params)
+from imagefolder_jax.convert.common import ConversionError, StateDict, load_torch_file
+from imagefolder_jax.convert.dinov2 import vit_params_from_state_dict
 from imagefolder_jax.models.quantizer import QuantizerConfig, phi_index_per_scale
 from imagefolder_jax.models.tokenizer import TokenizerConfig
 from imagefolder_jax.models.vit import ViTConfig
@@ -53,12 +53,38 @@ def tokenizer_state_dict(checkpoint: Any, source: str, weights: str = "ema") -> 
   raise ConversionError(f"{source}: no tokenizer state dict found (keys: {sorted(checkpoint)[:8]})")
 
 
+def official_vit(sd: StateDict, prefix: str, num_heads: Optional[int], *, with_patch_embed: bool = True,
+                 patch_size: Optional[int] = None) -> tuple[ViTConfig, dict]:
+  """The timm-layout ViT under `prefix` (e.g. 'encoder.model.') -> (ViTConfig read from shapes, params).
+
+  num_heads: from the architecture JSON; None = width // 64 (the DINOv2 ViT-B convention of the release).
+  with_patch_embed / patch_size: as in `convert.dinov2.vit_params_from_state_dict` (the decoder has no
+  patch embedding).
+  """
+  try:
+    return vit_params_from_state_dict(sd.under(prefix), prefix, with_patch_embed=with_patch_embed,
+                                      num_heads=num_heads, patch_size=patch_size)
+  except ValueError as e:
+    # ConversionError included: it names the tensor but not the file (nor, for heads, the remedy).
+    hint = " (architecture JSON / --config: tokenizer.vit.num_heads)" if "num_heads" in str(e) else ""
+    raise ConversionError(f"{sd.source}: {prefix}*: {e}{hint}") from e
+
+
+_VIT_SHAPE_FIELDS = ("width", "depth", "num_heads", "mlp_ratio", "patch_size", "image_size", "layerscale")
+
+
+def _check_vit_shape(sd: StateDict, name: str, got: ViTConfig, expected: ViTConfig) -> None:
+  for field in _VIT_SHAPE_FIELDS:
+    if getattr(got, field) != getattr(expected, field):
+      raise ConversionError(f"{sd.source}: {name} has {field} {getattr(got, field)}, the tokenizer config "
+                            f"expects {getattr(expected, field)}")
+
+
 def infer_tokenizer_config(sd: StateDict, arch: dict) -> TokenizerConfig:
   """Builds the TokenizerConfig from tensor shapes plus the optional architecture JSON."""
   tok_arch = arch.get("tokenizer", {})
   vit_arch = tok_arch.get("vit", {})
-  shape = infer_timm_vit_shape(sd, "encoder.model.", num_heads=vit_arch.get("num_heads"))
-  vit = ViTConfig(**shape)
+  vit, _ = official_vit(sd, "encoder.model.", vit_arch.get("num_heads"))
   num_branches = sd.count("quantizes.")
   if num_branches == 0:
     raise ConversionError(f"{sd.source}: missing tensor 'quantizes.0.embedding.weight'")
@@ -93,16 +119,21 @@ def tokenizer_variables(sd: StateDict, config: TokenizerConfig) -> dict:
   w = c.vit.width
   q = c.quantizer
   n2 = q.grid ** 2
+  encoder_vit, encoder_params = official_vit(sd, "encoder.model.", c.vit.num_heads)
+  _check_vit_shape(sd, "encoder.model", encoder_vit, c.vit)
   encoder = {
-      "model": timm_vit_params(sd, "encoder.model.", c.vit, with_patch_embed=True),
+      "model": encoder_params,
       "latent_tokens": sd.get("encoder.latent_tokens", (1, c.num_branches * n2, w)),
       "lvl_embed": {"embedding": sd.get("encoder.lvl_embed.weight", (c.num_branches + 1, w))},
   }
   if "decoder.model.patch_embed.proj.weight" in sd:
     raise ConversionError(f"{sd.source}: decoder.model.patch_embed.proj.weight present; the official "
                           "DINOv2 decoder has none (is this an ImageFolder tokenizer?)")
+  decoder_vit, decoder_params = official_vit(sd, "decoder.model.", c.vit.num_heads, with_patch_embed=False,
+                                             patch_size=c.vit.patch_size)
+  _check_vit_shape(sd, "decoder.model", decoder_vit, c.vit)
   decoder = {
-      "model": timm_vit_params(sd, "decoder.model.", c.vit, with_patch_embed=False),
+      "model": decoder_params,
       "mask_token": sd.get("decoder.mask_token", (1, 1, w)),
       "lvl_embed": {"embedding": sd.get("decoder.lvl_embed.weight", (2, w))},
       "to_pixel": sd.linear("decoder.to_pixel.model", w, c.vit.patch_size ** 2 * 3),
@@ -136,7 +167,5 @@ def convert_tokenizer(path: str, arch_json: Optional[str] = None, weights: str =
   teacher = None
   if "semantic_model.pos_embed" in sd:
     vit_arch = arch.get("tokenizer", {}).get("vit", {})
-    shape = infer_timm_vit_shape(sd, "semantic_model.", num_heads=vit_arch.get("num_heads"))
-    vit = ViTConfig(**shape)
-    teacher = (vit, timm_vit_params(sd, "semantic_model.", vit, with_patch_embed=True))
+    teacher = official_vit(sd, "semantic_model.", vit_arch.get("num_heads"))
   return config, variables, teacher

@@ -67,6 +67,18 @@ class GeneratorTask:
   def resolution(self) -> int:
     return self.tokenizer_config.image_size
 
+  def check_codes(self, meta: dict) -> None:
+    """Refuses pre-tokenized codes made by a tokenizer with another token layout."""
+    c = self.model_config
+    mine = {"scales": list(c.scales), "num_branches": c.num_branches, "codebook_size": c.codebook_size}
+    theirs = {k: meta.get(k) for k in mine}
+    if mine != theirs:
+      raise ValueError(f"pre-tokenized codes {theirs} do not match the tokenizer bundle {mine}")
+
+  def example_batch(self, batch: int) -> dict:
+    r = self.resolution
+    return {"image": np.zeros((batch, r, r, 3), np.float32), "label": np.zeros((batch,), np.int32)}
+
   def load_pretrained(self, state: dict) -> dict:
     return state
 

@@ -43,15 +43,24 @@ def train(stage: str, config: ml_collections.ConfigDict, workdir: str) -> dict:
   parallel.initialize_distributed()
   validate_common(config)
   d = config.data
-  source = data.build_source(d.source, data_dir=d.get("data_dir") or None, split=d.get("split", "train"),
-                             seed=config.seed, crops_per_class=d.get("crops_per_class", 64))
-  task = make_task(stage, config)
   per_process = d.batch_size // jax.process_count()
-
-  def loader_factory(shard_index: int, shard_count: int):
-    return data.make_loader(source, batch_size=per_process, resolution=task.resolution, train=True,
-                            seed=config.seed, worker_count=d.get("worker_count", 0),
-                            shard_index=shard_index, shard_count=shard_count)
+  if d.source.startswith("codes:"):
+    if stage != "generator":
+      raise loop.ConfigError("data.source=codes:... (pre-tokenized) only trains the generator")
+    from imagefolder_jax.data.codes import CodesSource, make_codes_loader
+    source = CodesSource(d.source[len("codes:"):])
+    task = make_task(stage, config)
+    task.check_codes(source.meta)
+    loader_factory = lambda index, count: make_codes_loader(
+        source, batch_size=per_process, train=True, seed=config.seed, shard_index=index, shard_count=count,
+        worker_count=d.get("worker_count", 0))
+  else:
+    source = data.build_source(d.source, data_dir=d.get("data_dir") or None, split=d.get("split", "train"),
+                               seed=config.seed, crops_per_class=d.get("crops_per_class", 64))
+    task = make_task(stage, config)
+    loader_factory = lambda index, count: data.make_loader(
+        source, batch_size=per_process, resolution=task.resolution, train=True, seed=config.seed,
+        worker_count=d.get("worker_count", 0), shard_index=index, shard_count=count)
 
   result = loop.run(task, config, workdir, loader_factory=loader_factory)
   if jax.process_index() == 0:
