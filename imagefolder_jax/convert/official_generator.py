@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from imagefolder_jax.convert.common import ConversionError, StateDict, load_torch_file, to_numpy
+from imagefolder_jax.convert.common import ConversionError, StateDict, load_torch_file
 from imagefolder_jax.convert.official import (RELEASED_SCALES, infer_tokenizer_config, read_arch_json,
                                               tokenizer_state_dict, tokenizer_variables)
 from imagefolder_jax.models.generator import GeneratorConfig
@@ -29,24 +29,15 @@ _BLOCK_BUFFERS = ("attn.zero_k_bias",)
 RELEASED_NUM_BRANCHES = 2
 
 
-class _VarStateDict(StateDict):
-  """StateDict that can also read the official -inf attention-mask buffer (`get` rejects non-finite)."""
-
-  def buffer(self, name: str) -> np.ndarray:
-    self._require(name)
-    self.used.add(name)
-    return to_numpy(self._tensors[name])
-
-
-def generator_state_dict(checkpoint: Any, source: str) -> _VarStateDict:
+def generator_state_dict(checkpoint: Any, source: str) -> StateDict:
   """Picks the VAR state dict out of an official AR checkpoint (or a bare state dict)."""
   if not isinstance(checkpoint, dict):
     raise ConversionError(f"{source}: expected a dict checkpoint, got {type(checkpoint).__name__}")
   trainer = checkpoint.get("trainer")
   if isinstance(trainer, dict) and isinstance(trainer.get("var_wo_ddp"), dict):
-    return _VarStateDict(trainer["var_wo_ddp"], source)
+    return StateDict(trainer["var_wo_ddp"], source)
   if "head.weight" in checkpoint and "class_emb.weight" in checkpoint:
-    return _VarStateDict(checkpoint, source)
+    return StateDict(checkpoint, source)
   raise ConversionError(f"{source}: no VAR state dict found (expected checkpoint['trainer']['var_wo_ddp']; "
                         f"keys: {sorted(checkpoint)[:8]})")
 
@@ -134,7 +125,7 @@ def infer_generator_config(sd: StateDict, arch: dict, *, hints: Optional[dict] =
   return config
 
 
-def generator_variables(sd: _VarStateDict, config: GeneratorConfig) -> dict:
+def generator_variables(sd: StateDict, config: GeneratorConfig) -> dict:
   """Official VAR state dict -> {'params': ...} for `NextScaleGenerator`; every tensor is checked."""
   c = config
   w, h = c.width, round(c.width * c.mlp_ratio)
@@ -174,13 +165,14 @@ def generator_variables(sd: _VarStateDict, config: GeneratorConfig) -> dict:
   return {"params": params}
 
 
-def _check_buffers(sd: _VarStateDict, c: GeneratorConfig) -> None:
+def _check_buffers(sd: StateDict, c: GeneratorConfig) -> None:
   if "lvl_1L" in sd:
     lvl = sd.get("lvl_1L", (1, c.num_tokens))
     if not np.array_equal(lvl[0], scale_of_position(c.scales)):
       raise ConversionError(f"{sd.source}: tensor 'lvl_1L' does not match scales {c.scales}")
   if "attn_bias_for_masking" in sd:
-    bias = sd.buffer("attn_bias_for_masking")
+    # The official mask is 0 / -inf, so the finiteness check that guards weights is off here.
+    bias = sd.get("attn_bias_for_masking", allow_non_finite=True)
     if bias.ndim != 4 or bias.shape[-1] < c.num_tokens:
       raise ConversionError(f"{sd.source}: tensor 'attn_bias_for_masking' has shape {bias.shape}")
     # xformers builds pad the mask to a multiple of 8; only the first L x L block is used.

@@ -121,7 +121,7 @@ class GeneratorTask:
     new = optim.select_tree(ok, new, state)
     new["step"] = step + 1
     new["skipped"] = state["skipped"] + (~ok).astype(jnp.int32)
-    metrics = dict(loss=loss, token_accuracy=accuracy, lr=self.schedule(step), grad_norm=optax.global_norm(grads),
+    metrics = dict(loss=loss, token_accuracy=accuracy, lr=self.schedule(step), grad_norm=optax.tree.norm(grads),
                    skipped_steps=new["skipped"])
     return new, metrics
 
