@@ -39,7 +39,7 @@ import numpy as np
 from imagefolder_jax.convert.common import ConversionError
 from imagefolder_jax.models.dinov2 import resample_pos_embed
 from imagefolder_jax.models.vit import ViTConfig
-from imagefolder_jax.ops.resample import antialiased_bicubic_matrix
+from imagefolder_jax.ops.resample import antialiased_bicubic_matrix, antialiased_bilinear_matrix
 
 PathLike = str | os.PathLike
 
@@ -49,27 +49,12 @@ _IGNORED = ("mask_token", "embeddings.mask_token", "head.weight", "head.bias")
 
 
 # ----------------------------------------------------------------------------- resampling
-def _antialiased_triangle_matrix(n_in: int, n_out: int) -> np.ndarray:
-  """(n_out, n_in) PIL-style antialiased bilinear weights (= torch bilinear, antialias=True)."""
-  scale = n_in / n_out
-  stretch = max(scale, 1.0)
-  m = np.zeros((n_out, n_in))
-  for i in range(n_out):
-    center = (i + 0.5) * scale
-    lo = max(int(math.floor(center - stretch + 0.5)), 0)
-    hi = min(int(math.floor(center + stretch + 0.5)), n_in)
-    js = np.arange(lo, hi)
-    w = np.maximum(0.0, 1.0 - np.abs((js + 0.5 - center) / stretch))
-    m[i, lo:hi] = w / w.sum()
-  return m
-
-
 def resize_matrix(n_in: int, n_out: int, interpolation: str = "bicubic") -> np.ndarray:
   """(n_out, n_in) 1-D matrix of `F.interpolate(mode=interpolation, antialias=True)`."""
   if interpolation == "bicubic":
     return np.asarray(antialiased_bicubic_matrix(n_in, n_out))
   if interpolation == "bilinear":
-    return _antialiased_triangle_matrix(n_in, n_out)
+    return np.asarray(antialiased_bilinear_matrix(n_in, n_out))
   raise ValueError(f"interpolation must be 'bicubic' or 'bilinear', got {interpolation!r}")
 
 

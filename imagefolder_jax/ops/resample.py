@@ -64,23 +64,34 @@ def bicubic_matrix(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:
   return m
 
 
-@functools.lru_cache(maxsize=None)
-def antialiased_bicubic_matrix(n_in: int, n_out: int, a: float = -0.5) -> np.ndarray:
-  """(n_out, n_in) PIL-style antialiased bicubic weights (rows sum to 1)."""
+def _antialiased_matrix(n_in: int, n_out: int, kernel, support: float) -> np.ndarray:
+  """PIL-style antialiased weights: `kernel` stretched by the scale when downsampling, the window
+  clipped to the image and each row renormalised."""
   _check_sizes(n_in, n_out)
   scale = n_in / n_out
   stretch = max(scale, 1.0)
-  support = 2.0 * stretch
   m = np.zeros((n_out, n_in))
   for i in range(n_out):
     center = (i + 0.5) * scale
-    lo = max(int(math.floor(center - support + 0.5)), 0)
-    hi = min(int(math.floor(center + support + 0.5)), n_in)
+    lo = max(int(math.floor(center - support * stretch + 0.5)), 0)
+    hi = min(int(math.floor(center + support * stretch + 0.5)), n_in)
     js = np.arange(lo, hi)
-    w = _cubic((js + 0.5 - center) / stretch, a)
+    w = kernel((js + 0.5 - center) / stretch)
     m[i, lo:hi] = w / w.sum()
   m.flags.writeable = False
   return m
+
+
+@functools.lru_cache(maxsize=None)
+def antialiased_bicubic_matrix(n_in: int, n_out: int, a: float = -0.5) -> np.ndarray:
+  """(n_out, n_in) PIL-style antialiased bicubic weights (rows sum to 1)."""
+  return _antialiased_matrix(n_in, n_out, lambda x: _cubic(x, a), support=2.0)
+
+
+@functools.lru_cache(maxsize=None)
+def antialiased_bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
+  """(n_out, n_in) PIL-style antialiased bilinear (triangle) weights = torch bilinear, antialias=True."""
+  return _antialiased_matrix(n_in, n_out, lambda x: np.maximum(0.0, 1.0 - np.abs(x)), support=1.0)
 
 
 def _check_sizes(n_in: int, n_out: int) -> None:
