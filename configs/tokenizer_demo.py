@@ -12,12 +12,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c = tokenizer_imagenet.get_config()
   c.dtype = "float32"
   c.model = dict(
-      vit=dict(width=128, depth=2, num_heads=4, mlp_ratio=4.0, patch_size=8, image_size=64, layerscale_init=1.0),
+      vit=dict(width=128, depth=2, num_heads=4, mlp_ratio=4.0, patch_size=8, image_size=64, layerscale_init=1.0,
+               pos_init="sincos", linear_init="xavier"),
       quantizer=dict(codebook_size=512, latent_dim=16, scales=(1, 2, 3, 4, 6, 8), num_phi=4, phi_ratio=0.5,
                      beta=0.25, codebook_update="ema", ema_decay=0.95, dead_code_threshold=0.05),
       num_branches=2, dropout_start=3, dropout_fraction=0.1)
   full = arg == "full"
-  c.loss.update(lpips=0.1 if full else 0.0, semantic=0.0, gan=0.1 if full else 0.0, discriminator="patchgan",
+  # vq 0.1: from scratch the commitment pull otherwise outruns the reconstruction signal (README).
+  c.loss.update(vq=0.1, lpips=0.1 if full else 0.0, semantic=0.0, gan=0.1 if full else 0.0, discriminator="patchgan",
                 gan_start=300, patchgan_features=32)
   c.optim.update(lr=1e-3, warmup_steps=50, ema_decay=0.99, disc_lr=4e-4)
   c.data = dict(source="demo", data_dir="", split="train", batch_size=32, worker_count=0, crops_per_class=64)

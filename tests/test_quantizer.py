@@ -12,11 +12,13 @@ from imagefolder_jax.models.vit import ViTConfig
 SCALES = (1, 2, 3, 5)
 
 
-def make(update="ema", **kw):
+def make(update="ema", initialized=True, **kw):
   cfg = QuantizerConfig(codebook_size=64, latent_dim=8, scales=SCALES, num_phi=2, codebook_update=update, **kw)
   q = ResidualQuantizer(cfg)
   f = jax.random.normal(jax.random.key(1), (4, 5, 5, 8))
   variables = nn.unbox(q.init({"params": jax.random.key(0)}, f))
+  if update == "ema" and initialized:  # past the data-dependent first update
+    variables["codebook"] = {**variables["codebook"], "initialized": jnp.ones((), jnp.bool_)}
   return q, variables, f
 
 
@@ -61,7 +63,8 @@ def test_error_shrinks_as_scales_are_added():
 
 def test_ema_update_matches_numpy():
   q, variables, f = make(dead_code_threshold=0.0, ema_decay=0.9)
-  out, new = q.apply(variables, f, train=True, update_codebook=True, mutable=["codebook", "quantizer_stats"])
+  out, new = q.apply(variables, f, train=True, update_codebook=True, mutable=["codebook", "quantizer_stats"],
+                     rngs={"codebook_restart": jax.random.key(3)})
   cb = np.asarray(variables["codebook"]["embedding"])
   counts = np.zeros(64)
   sums = np.zeros((64, 8))
@@ -111,6 +114,19 @@ def test_dead_codes_restart_from_batch_residuals():
   assert np.all(residual_norms > 0)
   alive = ~dead2
   assert not np.allclose(np.asarray(new2["codebook"]["embedding"])[alive], 0)
+
+
+def test_first_update_initialises_every_code_from_batch_residuals():
+  q, variables, f = make(initialized=False)
+  _, new = q.apply(variables, f, train=True, update_codebook=True, mutable=["codebook", "quantizer_stats"],
+                   rngs={"codebook_restart": jax.random.key(3)})
+  codebook = np.asarray(new["codebook"]["embedding"])
+  assert bool(new["codebook"]["initialized"])
+  # Every code is now a batch residual (of some scale): far from the tiny U(-1/V, 1/V) init.
+  assert np.abs(codebook).max() > 10 * np.abs(np.asarray(variables["codebook"]["embedding"])).max()
+  norms = np.linalg.norm(codebook, axis=1)
+  assert norms.min() > 0 and norms.max() < 10 * np.linalg.norm(np.asarray(f).reshape(-1, 8), axis=1).max()
+  np.testing.assert_allclose(new["codebook"]["cluster_size"], 1.0)
 
 
 def test_dropout_only_first_scales_contribute():

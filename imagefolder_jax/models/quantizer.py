@@ -45,7 +45,8 @@ class QuantizerConfig:
     codebook_update: 'ema' or 'gradient'.
     ema_decay: EMA decay of cluster sizes/sums ('ema' mode).
     dead_code_threshold: codes whose EMA cluster size (expected hits per step) falls below this
-      restart from batch residuals ('ema' mode); 0 disables restarts.
+      restart from batch residuals ('ema' mode); 0 disables restarts after the first update (which
+      always initialises every code from batch residuals).
     ema_epsilon: Laplace smoothing of cluster sizes.
   """
   codebook_size: int = 4096
@@ -129,6 +130,7 @@ class ResidualQuantizer(nn.Module):
                                         lambda: jnp.ones((c.codebook_size,), jnp.float32))
       self.embed_sum = self.variable("codebook", "embed_sum",
                                      lambda: self._codebook_var.value.astype(jnp.float32))
+      self.initialized = self.variable("codebook", "initialized", lambda: jnp.zeros((), jnp.bool_))
     self.usage = self.variable("quantizer_stats", "usage",
                                lambda: jnp.zeros((len(c.scales), c.codebook_size), jnp.float32))
     self.usage_steps = self.variable("quantizer_stats", "usage_steps", lambda: jnp.zeros((), jnp.int32))
@@ -191,7 +193,7 @@ class ResidualQuantizer(nn.Module):
         sample b's f_hat (quantizer dropout). The residual is still updated at every scale.
       train: record per-scale usage in 'quantizer_stats' (when that collection is mutable).
       update_codebook: in 'ema' mode, refresh the codebook from this batch (needs the 'codebook'
-        collection mutable and an rng named 'codebook_restart' when dead-code restarts are on).
+        collection mutable and an rng named 'codebook_restart').
 
     Returns a dict with
       f_hat: (B, n, n, Cq) straight-through output: sg(f_hat) - sg(f) + f.
@@ -264,18 +266,20 @@ class ResidualQuantizer(nn.Module):
     total = cluster_size.sum()
     smoothed = (cluster_size + c.ema_epsilon) / (total + c.codebook_size * c.ema_epsilon) * total
     codebook = embed_sum / smoothed[:, None]
-    if c.dead_code_threshold > 0:
-      dead = cluster_size < c.dead_code_threshold
-      pick = jax.random.randint(self.make_rng("codebook_restart"), (c.codebook_size,), 0,
-                                residuals.shape[0])
-      fresh = residuals[pick]
-      codebook = jnp.where(dead[:, None], fresh, codebook)
-      # A restarted code starts as a cluster of one hit at its new position.
-      cluster_size = jnp.where(dead, 1.0, cluster_size)
-      embed_sum = jnp.where(dead[:, None], fresh, embed_sum)
+    # Data-dependent init: the first update restarts every code from batch residuals. Without it
+    # the U(-1/V, 1/V) init makes f_hat ~ 0 and the commitment loss drags the latents to zero
+    # before the EMA catches up (an absorbing state: a zero latent always picks code 0).
+    dead = (cluster_size < c.dead_code_threshold) | ~self.initialized.value
+    pick = jax.random.randint(self.make_rng("codebook_restart"), (c.codebook_size,), 0, residuals.shape[0])
+    fresh = residuals[pick]
+    codebook = jnp.where(dead[:, None], fresh, codebook)
+    # A restarted code starts as a cluster of one hit at its new position.
+    cluster_size = jnp.where(dead, 1.0, cluster_size)
+    embed_sum = jnp.where(dead[:, None], fresh, embed_sum)
     self._codebook_var.value = codebook.astype(self._codebook_var.value.dtype)
     self.cluster_size.value = cluster_size
     self.embed_sum.value = embed_sum
+    self.initialized.value = jnp.ones((), jnp.bool_)
 
 
 def _perplexity(hits: jax.Array) -> jax.Array:

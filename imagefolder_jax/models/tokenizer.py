@@ -167,8 +167,13 @@ class ImageFolderTokenizer(nn.Module):
     c.validate()
     self.encoder = Encoder(c, dtype=self.dtype)
     self.decoder = Decoder(c, dtype=self.dtype)
-    self.quant_conv = dense(c.quantizer.latent_dim, ("embed", "latent"), dtype=jnp.float32)
-    self.post_quant_conv = dense(c.vit.width, ("latent", "embed"), dtype=jnp.float32)
+    # PyTorch's Conv2d default init (uniform, std 1/sqrt(3 fan_in)), as the official 1x1 convs: with
+    # a 0.02-std init the reconstruction gradient reaching the latents is ~50x weaker than the
+    # commitment pull, and from scratch the latents collapse to zero.
+    torch_default = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+    self.quant_conv = dense(c.quantizer.latent_dim, ("embed", "latent"), dtype=jnp.float32,
+                            kernel_init=torch_default)
+    self.post_quant_conv = dense(c.vit.width, ("latent", "embed"), dtype=jnp.float32, kernel_init=torch_default)
     self.quantizers = [ResidualQuantizer(c.quantizer, name=f"quantizer_{i}") for i in range(c.num_branches)]
 
   def latents(self, images: jax.Array) -> list[jax.Array]:

@@ -8,7 +8,7 @@ Parameter names mirror timm's so that converters stay one-to-one:
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -29,6 +29,11 @@ class ViTConfig:
     patch_size: pixels per patch side.
     image_size: input side in pixels (the position table has (image_size/patch_size)^2 + 1 rows).
     layerscale: LayerScale gammas after attention and FFN.
+    pos_init: 'trunc_normal' (timm; right when loading weights) or 'sincos' (2-D sine-cosine table:
+      from scratch, spatial structure is there from step 0, and the tokenizer's latent tables,
+      resampled from it, line up with the image grid).
+    linear_init: 'trunc_normal' (timm, std 0.02) or 'xavier' (MAE's from-scratch choice: with std 0.02
+      attention starts uniform and small models pass almost no per-token signal for hundreds of steps).
     layerscale_init: initial gamma (timm/DINOv2 1e-5, right when loading pretrained weights; from
       scratch a small model learns far faster with ~0.1-1, since gamma scales the block's gradient).
     norm_eps: LayerNorm epsilon.
@@ -43,6 +48,8 @@ class ViTConfig:
   image_size: int = 256
   layerscale: bool = True
   layerscale_init: float = 1e-5
+  pos_init: str = "trunc_normal"
+  linear_init: str = "trunc_normal"
   norm_eps: float = 1e-6
   gelu_approximate: bool = False
 
@@ -66,20 +73,29 @@ def dot_product_attention(q, k, v, *, scale: float, mask: Optional[jax.Array] = 
   return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
+def linear_initializer(name: str):
+  if name == "trunc_normal":
+    return TRUNC_NORMAL_02
+  if name == "xavier":
+    return nn.initializers.xavier_uniform()
+  raise ValueError(f"linear_init must be 'trunc_normal' or 'xavier', got {name!r}")
+
+
 class Attention(nn.Module):
   width: int
   num_heads: int
   dtype: Dtype = jnp.float32
+  kernel_init: Any = TRUNC_NORMAL_02
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     b, l, _ = x.shape
     head_dim = self.width // self.num_heads
-    qkv = dense(3 * self.width, ("embed", "qkv"), dtype=self.dtype, name="qkv")(x)
+    qkv = dense(3 * self.width, ("embed", "qkv"), kernel_init=self.kernel_init, dtype=self.dtype, name="qkv")(x)
     qkv = qkv.reshape(b, l, 3, self.num_heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     out = dot_product_attention(q, k, v, scale=head_dim ** -0.5).reshape(b, l, self.width)
-    return dense(self.width, ("qkv", "embed"), dtype=self.dtype, name="proj")(out)
+    return dense(self.width, ("qkv", "embed"), kernel_init=self.kernel_init, dtype=self.dtype, name="proj")(out)
 
 
 class Mlp(nn.Module):
@@ -87,12 +103,13 @@ class Mlp(nn.Module):
   width: int
   dtype: Dtype = jnp.float32
   gelu_approximate: bool = False
+  kernel_init: Any = TRUNC_NORMAL_02
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = dense(self.hidden, ("embed", "mlp"), dtype=self.dtype, name="fc1")(x)
+    x = dense(self.hidden, ("embed", "mlp"), kernel_init=self.kernel_init, dtype=self.dtype, name="fc1")(x)
     x = nn.gelu(x, approximate=self.gelu_approximate)
-    return dense(self.width, ("mlp", "embed"), dtype=self.dtype, name="fc2")(x)
+    return dense(self.width, ("mlp", "embed"), kernel_init=self.kernel_init, dtype=self.dtype, name="fc2")(x)
 
 
 class LayerScale(nn.Module):
@@ -114,10 +131,11 @@ class Block(nn.Module):
     c = self.config
     identity = (lambda name: (lambda y: y))
     ls = (lambda name: LayerScale(c.layerscale_init, name=name)) if c.layerscale else identity
-    y = Attention(c.width, c.num_heads, dtype=self.dtype, name="attn")(
+    init = linear_initializer(c.linear_init)
+    y = Attention(c.width, c.num_heads, dtype=self.dtype, kernel_init=init, name="attn")(
         layer_norm(c.norm_eps, dtype=self.dtype, name="norm1")(x))
     x = x + ls("ls1")(y)
-    y = Mlp(int(c.width * c.mlp_ratio), c.width, dtype=self.dtype,
+    y = Mlp(int(c.width * c.mlp_ratio), c.width, dtype=self.dtype, kernel_init=init,
             gelu_approximate=c.gelu_approximate, name="mlp")(
         layer_norm(c.norm_eps, dtype=self.dtype, name="norm2")(x))
     return x + ls("ls2")(y)
@@ -136,6 +154,20 @@ class PatchEmbed(nn.Module):
                 kernel_init=partitioned(nn.initializers.lecun_normal(), (None, None, None, "embed")),
                 bias_init=partitioned(nn.initializers.zeros, ("embed",)), name="proj")(images)
     return x.reshape(x.shape[0], -1, self.width)
+
+
+def sincos_position_init(key, shape, dtype=jnp.float32) -> jax.Array:
+  """(1, 1 + g*g, C) table: zero cls row, then MAE-style 2-D sine-cosine over a g x g grid."""
+  del key
+  _, n, width = shape
+  g = int(round((n - 1) ** 0.5))
+  if g * g != n - 1 or width % 4:
+    raise ValueError(f"sincos position table needs 1 + square rows and width % 4 == 0, got {shape}")
+  omega = 1.0 / 10000 ** (jnp.arange(width // 4) / (width // 4))
+  ys, xs = jnp.meshgrid(jnp.arange(g), jnp.arange(g), indexing="ij")
+  ang_y, ang_x = ys.reshape(-1, 1) * omega, xs.reshape(-1, 1) * omega
+  table = jnp.concatenate([jnp.sin(ang_y), jnp.cos(ang_y), jnp.sin(ang_x), jnp.cos(ang_x)], axis=1)
+  return jnp.concatenate([jnp.zeros((1, width)), table])[None].astype(dtype)
 
 
 class ViTTrunk(nn.Module):
@@ -157,7 +189,10 @@ class ViTTrunk(nn.Module):
       self.patch_embed = PatchEmbed(c.width, c.patch_size, dtype=self.dtype)
     self.cls = self.param("cls_token", partitioned(nn.initializers.normal(1e-6), (None, None, "embed")),
                           (1, 1, c.width))
-    self.pos = self.param("pos_embed", partitioned(TRUNC_NORMAL_02, (None, None, "embed")),
+    if c.pos_init not in ("trunc_normal", "sincos"):
+      raise ValueError(f"pos_init must be 'trunc_normal' or 'sincos', got {c.pos_init!r}")
+    pos_init = TRUNC_NORMAL_02 if c.pos_init == "trunc_normal" else sincos_position_init
+    self.pos = self.param("pos_embed", partitioned(pos_init, (None, None, "embed")),
                           (1, c.grid * c.grid + 1, c.width))
     self.blocks = [Block(c, dtype=self.dtype, name=f"blocks_{i}") for i in range(c.depth)]
     self.norm = layer_norm(c.norm_eps, dtype=self.dtype)
