@@ -132,7 +132,9 @@ def run_demo(workdir: str, overrides_tokenizer=(), overrides_generator=(), sampl
 def _markdown(r: dict) -> str:
   t, g, c = r["tokenizer"], r["generator"], r["class_consistency"]
   curve = g["loss_curve"]
-  shown = curve[:: max(len(curve) // 8, 1)] + ([curve[-1]] if curve else [])
+  shown = curve[:: max(len(curve) // 8, 1)]
+  if curve and shown[-1] is not curve[-1]:
+    shown.append(curve[-1])
   rows = "\n".join(f"| {p['step']} | {p['loss']:.3f} |" for p in shown)
   return f"""# imagefolder-jax demo report
 
