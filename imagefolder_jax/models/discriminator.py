@@ -45,10 +45,10 @@ def _frozen_vit_trunk(initializing: bool) -> type[ViTTrunk]:
 
 
 def _dino_vit_s16() -> ViTConfig:
-  # DINO ViT-S/16 (timm `vit_small_patch16_224_dino`): no LayerScale, LayerNorm eps 1e-6 as the
-  # official disc builds it.
+  # DINO ViT-S/16 (timm `vit_small_patch16_224_dino`): no LayerScale, LayerNorm eps 1e-6 and a
+  # tanh-approximated GELU (`MLPNoDrop`) as the official disc builds it.
   return ViTConfig(width=384, depth=12, num_heads=6, mlp_ratio=4.0, patch_size=16, image_size=224,
-                   layerscale=False, norm_eps=1e-6)
+                   layerscale=False, norm_eps=1e-6, gelu_approximate=True)
 
 
 @dataclasses.dataclass(frozen=True)
