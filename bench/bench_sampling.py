@@ -33,15 +33,21 @@ SIZES = {
 }
 
 
-def generator_flops(c: GeneratorConfig, guidance: bool = True) -> float:
-  """Multiply-adds x 2 of one image's generator passes (KV cache: each scale attends to its prefix)."""
+def generator_flops(c: GeneratorConfig, guidance: bool = True, fold_guided_head: bool = True) -> float:
+  """Multiply-adds x 2 of one image's generator passes (KV cache: each scale attends to its prefix).
+
+  With guidance the trunk runs twice (cond, uncond); the head too unless `fold_guided_head` (ours:
+  the head is affine, so the guided mix is taken on its input and the head runs once).
+  """
   w, hidden = c.width, round(c.width * c.mlp_ratio)
   per_token_block = 2 * (3 * w * w + w * w + 2 * w * hidden)
-  per_token = c.depth * per_token_block + 2 * w * c.num_branches * c.codebook_size + 2 * c.input_dim * w
+  per_token = c.depth * per_token_block + 2 * c.input_dim * w
+  head = c.num_tokens * 2 * w * c.num_branches * c.codebook_size
   per_sample = c.depth * 2 * w * 6 * w + 2 * w * 2 * w
   attention = sum(c.depth * 2 * 2 * (e - b) * e * w for b, e in c.begin_ends)
-  total = c.num_tokens * per_token + c.num_scales * per_sample + attention
-  return total * (2 if guidance else 1)
+  trunk = c.num_tokens * per_token + c.num_scales * per_sample + attention
+  runs = 2 if guidance else 1
+  return trunk * runs + head * (1 if fold_guided_head else runs)
 
 
 def decoder_flops(t: TokenizerConfig) -> float:

@@ -430,3 +430,22 @@ def load(shape: OfficialShape, var_sd: dict, tokenizer_sd: dict) -> tuple[Var, S
   wanted = {k: v for k, v in tokenizer_sd.items() if k.split(".")[0] in ("quantizes", "post_quant_conv", "decoder")}
   tok.load_state_dict(wanted, strict=True)
   return var, tok
+
+
+def encoder_state_dict(shape: OfficialShape, seed: int = 1) -> dict:
+  """Random encoder-side tensors of the official tokenizer layout. Sampling never runs the encoder;
+  they complete a tokenizer state dict for converters that read whole checkpoints."""
+  torch.manual_seed(seed)
+  w, p = shape.vit_width, shape.patch_size
+  n_latent = shape.num_branches * shape.scales[-1] ** 2
+  trunk = VitTrunk(shape)
+  sd = {f"encoder.model.{k}": v.detach().clone() for k, v in trunk.state_dict().items()}
+  sd.update({
+      "encoder.model.patch_embed.proj.weight": torch.randn(w, 3, p, p) * 0.02,
+      "encoder.model.patch_embed.proj.bias": torch.zeros(w),
+      "encoder.latent_tokens": torch.randn(1, n_latent, w) * 0.02,
+      "encoder.lvl_embed.weight": torch.randn(shape.num_branches + 1, w) * 0.02,
+      "quant_conv.weight": torch.randn(shape.latent_dim, w, 1, 1) * w ** -0.5,
+      "quant_conv.bias": torch.zeros(shape.latent_dim),
+  })
+  return sd

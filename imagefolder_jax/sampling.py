@@ -8,6 +8,7 @@ area-downsampled f_hat. The final f_hat is decoded to pixels in the same program
 
 Classifier-free guidance (official `autoregressive_infer_cfg`): the batch is doubled as
 [labels; unconditional], and at scale s the logits are (1 + t) cond - t uncond, t = cfg s / (S - 1).
+The head is affine, so the mix is taken on its input and the head runs on B rows, not 2B.
 
 Randomness: one key per call; sample b gets `fold_in(key, b)` and draws one uniform per (position,
 branch) from it, all scales at once (inverse-CDF sampling over the filtered top values), so a sample's
@@ -108,10 +109,11 @@ def sample(generator: NextScaleGenerator, tokenizer: ImageFolderTokenizer, setti
   ids_out: list[list[jax.Array]] = [[] for _ in range(c.num_branches)]
   logits_out = []
   for si, side in enumerate(scales):
-    logits, cache = apply_gen(si, tokens, cond, cache, method=NextScaleGenerator.decode_scale)
+    features, cache = apply_gen(si, tokens, cond, cache, method=NextScaleGenerator.decode_scale_features)
     if settings.guidance:
       t = t_per_scale[si]
-      logits = (1 + t) * logits[:batch] - t * logits[batch:]
+      features = (1 + t) * features[:batch] - t * features[batch:]
+    logits = apply_gen(features, method=NextScaleGenerator.head_logits)
     if settings.return_logits:
       logits_out.append(logits)
     begin, end = c.begin_ends[si]

@@ -1,0 +1,156 @@
+"""Our jitted sampler side by side with the official PyTorch sampler, same weights, same machine.
+
+  python bench/bench_vs_official.py --sizes tiny,d17 --batches 1,4
+
+For each size: random weights are drawn in the official state-dict layout (bench/torch_reference.py,
+the official op sequence in eager PyTorch, pinned to the official parity fixture by
+tests/test_torch_reference.py) and converted to ours with the official-checkpoint converters. Then:
+
+  * check (first batch): both samplers run with the ids the official one drew; the max relative
+    error of the guided logits of every scale and the max abs difference of the images are printed;
+  * time: median wall time of a whole batch (cfg 3.25, top-k 750, top-p 0.95, decode included),
+    after one warm-up run; our compile time is reported apart. Threads: PyTorch's default (one per
+    core) and XLA's.
+
+Prints a markdown table with the speed-up, FLOP/s and the FLOP/s of a large matmul from the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch_reference as ref  # noqa: E402
+from bench_sampling import decoder_flops, generator_flops, matmul_flops_per_s  # noqa: E402
+
+from imagefolder_jax.convert.common import StateDict  # noqa: E402
+from imagefolder_jax.convert.official import infer_tokenizer_config, tokenizer_variables  # noqa: E402
+from imagefolder_jax.convert.official_generator import generator_variables, infer_generator_config  # noqa: E402
+from imagefolder_jax.models.generator import NextScaleGenerator  # noqa: E402
+from imagefolder_jax.models.tokenizer import ImageFolderTokenizer  # noqa: E402
+from imagefolder_jax.sampling import SamplerSettings, make_sampler  # noqa: E402
+
+SHAPES = {
+    "tiny": ref.OfficialShape(var_depth=2, vit_width=64, vit_depth=2, vit_heads=2),
+    "d17": ref.OfficialShape(),
+}
+CFG, TOP_K, TOP_P = 3.25, 750, 0.95
+
+
+def convert(shape: ref.OfficialShape, var: ref.Var, tok: ref.SamplingTokenizer):
+  """The official-layout state dicts -> our (generator, tokenizer, their variables)."""
+  tok_sd = StateDict({**ref.tokenizer_state_dict(tok), **ref.encoder_state_dict(shape)}, "random tokenizer")
+  arch = {"tokenizer": {"vit": {"num_heads": shape.vit_heads}, "v_patch_nums": list(shape.scales)},
+          "generator": {"num_heads": shape.var_depth}}
+  tok_config = infer_tokenizer_config(tok_sd, arch)
+  tok_vars = tokenizer_variables(tok_sd, tok_config)
+  var_sd = StateDict(ref.var_state_dict(var), "random VAR")
+  gen_config = infer_generator_config(var_sd, arch, tokenizer_config=tok_config)
+  gen_vars = generator_variables(var_sd, gen_config)
+  return NextScaleGenerator(gen_config), ImageFolderTokenizer(tok_config), gen_vars, tok_vars
+
+
+def median_time(fn, reps: int) -> float:
+  fn()  # warm-up
+  times = []
+  for i in range(reps):
+    t = time.perf_counter()
+    fn(i)
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def check_same_function(shape, var, tok, gen, jtok, gen_vars, tok_vars, labels: np.ndarray) -> tuple[float, float]:
+  """Runs the official sampler, then ours forced to the ids it drew. Returns (max relative error of
+  the guided logits over all scales, max abs difference of the images in [0, 1])."""
+  record: list = []
+  official = ref.autoregressive_infer_cfg(var, tok, torch.from_numpy(labels), seed=0, cfg=CFG, top_k=TOP_K,
+                                          top_p=TOP_P, record=record)
+  forced = {b: [jnp.asarray(ids.numpy().reshape(len(labels), n, n), jnp.int32)
+                for ids, n in zip(official["ids"][b], shape.scales)] for b in range(shape.num_branches)}
+  sampler = make_sampler(gen, jtok, SamplerSettings(top_k=TOP_K, top_p=TOP_P, return_logits=True))
+  ours = sampler(gen_vars, tok_vars, jnp.asarray(labels, jnp.int32), jax.random.key(0), jnp.float32(CFG),
+                 jnp.float32(1.0), forced)
+  want = torch.cat(record, dim=1).numpy().reshape(len(labels), -1, shape.num_branches, shape.codebook_size)
+  got = np.asarray(ours["logits"])
+  logit_error = float(np.abs(got - want).max() / np.abs(want).max())
+  images = (np.asarray(ours["images"]).transpose(0, 3, 1, 2) + 1) / 2
+  return logit_error, float(np.abs(images - official["images"].numpy()).max())
+
+
+def bench_size(name: str, batches, reps: int, check: bool, peak: float) -> list[dict]:
+  shape = SHAPES[name]
+  var, tok = ref.build(shape, seed=0)
+  gen, jtok, gen_vars, tok_vars = convert(shape, var, tok)
+  rows = []
+  if check:
+    labels = np.arange(batches[0], dtype=np.int64) * 7 % shape.num_classes
+    logit_error, image_error = check_same_function(shape, var, tok, gen, jtok, gen_vars, tok_vars, labels)
+    # stderr: keeps the table on stdout whole.
+    print(f"check {name}: same weights, the official draws forced into ours: guided logits max rel. error "
+          f"{logit_error:.1e}, images max abs diff {image_error:.1e}", file=sys.stderr, flush=True)
+  sampler = make_sampler(gen, jtok, SamplerSettings(top_k=TOP_K, top_p=TOP_P))
+  ours_flops = generator_flops(gen.config) + decoder_flops(jtok.config)
+  official_flops = generator_flops(gen.config, fold_guided_head=False) + decoder_flops(jtok.config)
+  for batch in batches:
+    labels = np.arange(batch, dtype=np.int64) * 7 % shape.num_classes
+    torch_labels = torch.from_numpy(labels)
+    official_s = median_time(lambda i=0: ref.autoregressive_infer_cfg(var, tok, torch_labels, seed=i, cfg=CFG,
+                                                                      top_k=TOP_K, top_p=TOP_P), reps)
+    args = (gen_vars, tok_vars, jnp.asarray(labels, jnp.int32), jax.random.key(0), jnp.float32(CFG),
+            jnp.float32(1.0), {})
+    t = time.perf_counter()
+    compiled = sampler.lower(*args).compile()
+    compile_s = time.perf_counter() - t
+    ours_s = median_time(lambda i=0: jax.block_until_ready(compiled(*args[:3], jax.random.key(i), *args[4:])), reps)
+    rows.append(dict(size=name, batch=batch, official_s=official_s, ours_s=ours_s, compile_s=compile_s,
+                     speedup=official_s / ours_s,
+                     ours_tflops=ours_flops * batch / ours_s / 1e12,
+                     official_tflops=official_flops * batch / official_s / 1e12, peak=peak))
+    r = rows[-1]
+    print(f"| {name} | {batch} | {official_s:.3f} | {ours_s:.3f} | {r['speedup']:.2f}x | {compile_s:.1f} "
+          f"| {r['official_tflops']:.3f} ({100 * r['official_tflops'] * 1e12 / peak:.0f}%) "
+          f"| {r['ours_tflops']:.3f} ({100 * r['ours_tflops'] * 1e12 / peak:.0f}%) |", flush=True)
+  return rows
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--sizes", default="tiny", help="comma-separated: tiny, d17")
+  parser.add_argument("--batches", default="1,4", help="comma-separated batch sizes")
+  parser.add_argument("--reps", type=int, default=5, help="timed repetitions per batch (median reported)")
+  parser.add_argument("--no-check", dest="check", action="store_false",
+                      help="skip the same-weights, same-draws equality check")
+  args = parser.parse_args(argv)
+  sizes = [s for s in args.sizes.split(",") if s]
+  for s in sizes:
+    if s not in SHAPES:
+      parser.error(f"unknown size {s!r}; choose from {sorted(SHAPES)}")
+  try:
+    batches = [int(b) for b in args.batches.split(",") if b]
+  except ValueError:
+    parser.error(f"--batches must be comma-separated integers, got {args.batches!r}")
+  if not batches or min(batches) < 1 or args.reps < 1:
+    parser.error("batches and --reps must be >= 1")
+  peak = matmul_flops_per_s(jnp.float32)
+  print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), jax {jax.__version__} ({jax.devices()[0].device_kind}); float32; "
+        f"4096^2 matmul {peak / 1e12:.3f} TFLOP/s\n")
+  print("| size | batch | official s | ours s | speed-up | our compile s | official TFLOP/s (% matmul) "
+        "| ours TFLOP/s (% matmul) |")
+  print("|---|---|---|---|---|---|---|---|")
+  for size in sizes:
+    bench_size(size, batches, args.reps, args.check, peak)
+
+
+if __name__ == "__main__":
+  main()
