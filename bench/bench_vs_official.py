@@ -9,8 +9,8 @@ tests/test_torch_reference.py) and converted to ours with the official-checkpoin
   * check (first batch): both samplers run with the ids the official one drew; the max relative
     error of the guided logits of every scale and the max abs difference of the images are printed;
   * time: median wall time of a whole batch (cfg 3.25, top-k 750, top-p 0.95, decode included),
-    after one warm-up run; our compile time is reported apart. Threads: PyTorch's default (one per
-    core) and XLA's.
+    after one warm-up run, the two samplers taking turns run by run (a shared machine's noise hits
+    both alike); our compile time is reported apart. Threads: PyTorch's default (one per core), XLA's.
 
 Prints a markdown table with the speed-up, FLOP/s and the FLOP/s of a large matmul from the same run.
 """
@@ -59,14 +59,18 @@ def convert(shape: ref.OfficialShape, var: ref.Var, tok: ref.SamplingTokenizer):
   return NextScaleGenerator(gen_config), ImageFolderTokenizer(tok_config), gen_vars, tok_vars
 
 
-def median_time(fn, reps: int) -> float:
-  fn()  # warm-up
-  times = []
+def interleaved_medians(fns: dict, reps: int) -> dict:
+  """Median wall time of each callable fn(rep), after one warm-up call each. The callables take turns
+  rep by rep, so load from elsewhere on the machine hits both sides alike."""
+  for fn in fns.values():
+    fn(0)
+  times = {name: [] for name in fns}
   for i in range(reps):
-    t = time.perf_counter()
-    fn(i)
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
+    for name, fn in fns.items():
+      t = time.perf_counter()
+      fn(i + 1)
+      times[name].append(time.perf_counter() - t)
+  return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def check_same_function(shape, var, tok, gen, jtok, gen_vars, tok_vars, labels: np.ndarray) -> tuple[float, float]:
@@ -104,14 +108,17 @@ def bench_size(name: str, batches, reps: int, check: bool, peak: float) -> list[
   for batch in batches:
     labels = np.arange(batch, dtype=np.int64) * 7 % shape.num_classes
     torch_labels = torch.from_numpy(labels)
-    official_s = median_time(lambda i=0: ref.autoregressive_infer_cfg(var, tok, torch_labels, seed=i, cfg=CFG,
-                                                                      top_k=TOP_K, top_p=TOP_P), reps)
     args = (gen_vars, tok_vars, jnp.asarray(labels, jnp.int32), jax.random.key(0), jnp.float32(CFG),
             jnp.float32(1.0), {})
     t = time.perf_counter()
     compiled = sampler.lower(*args).compile()
     compile_s = time.perf_counter() - t
-    ours_s = median_time(lambda i=0: jax.block_until_ready(compiled(*args[:3], jax.random.key(i), *args[4:])), reps)
+    medians = interleaved_medians({
+        "official": lambda i: ref.autoregressive_infer_cfg(var, tok, torch_labels, seed=i, cfg=CFG, top_k=TOP_K,
+                                                           top_p=TOP_P),
+        "ours": lambda i: jax.block_until_ready(compiled(*args[:3], jax.random.key(i), *args[4:])),
+    }, reps)
+    official_s, ours_s = medians["official"], medians["ours"]
     rows.append(dict(size=name, batch=batch, official_s=official_s, ours_s=ours_s, compile_s=compile_s,
                      speedup=official_s / ours_s,
                      ours_tflops=ours_flops * batch / ours_s / 1e12,

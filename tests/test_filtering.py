@@ -99,3 +99,36 @@ def test_draws_stay_in_the_support_and_follow_the_probabilities():
   free = np.asarray(jax.jit(jax.vmap(lambda k: sample_top_k_top_p(k, logits, 0, 0.0)))(keys))
   np.testing.assert_allclose(np.bincount(free[:, 0], minlength=8) / n, np.asarray(jax.nn.softmax(logits[0])),
                              atol=0.015)
+
+
+@pytest.mark.parametrize("vocab", [4096, 1000])
+@pytest.mark.parametrize("distribution", ["normal", "heavy_tailed", "skewed", "tiny_spread", "peaked"])
+def test_full_vocabulary_rows_match_numpy_official(vocab, distribution):
+  """Full-size rows (where the bisection, its guessed first bracket and the end game all run)."""
+  rng = np.random.default_rng(vocab + len(distribution))
+  shape = (40, vocab)
+  logits = {"normal": lambda: 2.0 * rng.normal(size=shape),
+            "heavy_tailed": lambda: rng.standard_t(2.0, size=shape),
+            "skewed": lambda: -3.0 * rng.exponential(size=shape),
+            "tiny_spread": lambda: 1e-3 * rng.normal(size=shape),
+            "peaked": lambda: 8.0 * rng.normal(size=shape)}[distribution]().astype(np.float32)
+  for top_k, top_p in [(750, 0.95), (1, 0.9), (vocab - 1, 0.5), (0, 0.95), (37, 0.0)]:
+    want = official_mask(logits, top_k, top_p)
+    got = np.asarray(top_k_top_p_mask(jnp.asarray(logits), top_k, top_p))
+    np.testing.assert_array_equal(got, want, err_msg=f"top_k={top_k} top_p={top_p}")
+
+
+def test_top_k_with_many_ties_in_full_rows():
+  rng = np.random.default_rng(7)
+  logits = (np.round(rng.normal(size=(30, 4096)) * 4) / 4).astype(np.float32)  # ~30 distinct values
+  for top_k in (1, 100, 750, 4000):
+    want = official_mask(logits, top_k, 0.0)
+    np.testing.assert_array_equal(np.asarray(top_k_top_p_mask(jnp.asarray(logits), top_k, 0.0)), want)
+  # Top-p on ties: the official cut depends on the sort order; ours keeps every entry tied with a
+  # survivor, so it is the official set plus, at most, the rest of the boundary value's ties.
+  for top_k, top_p in ((0, 0.95), (750, 0.9), (100, 0.5)):
+    want = official_mask(logits, top_k, top_p)
+    got = np.asarray(top_k_top_p_mask(jnp.asarray(logits), top_k, top_p))
+    assert (got | ~want).all()
+    boundary = np.where(want, logits, np.inf).min(-1, keepdims=True)
+    assert (logits[got & ~want] == np.broadcast_to(boundary, logits.shape)[got & ~want]).all()
