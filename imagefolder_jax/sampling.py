@@ -10,9 +10,10 @@ Classifier-free guidance (official `autoregressive_infer_cfg`): the batch is dou
 [labels; unconditional], and at scale s the logits are (1 + t) cond - t uncond, t = cfg s / (S - 1).
 The head is affine, so the mix is taken on its input and the head runs on B rows, not 2B.
 
-Randomness: one key per call; sample b gets `fold_in(key, b)` and draws one uniform per (position,
-branch) from it, all scales at once (inverse-CDF sampling over the filtered top values), so a sample's
-draws do not depend on the batch size or on how the batch is sharded.
+Randomness: one key per call; sample b gets `fold_in(key, b)` and draws its uniforms from it, a few
+per (position, branch), all scales at once, so a sample's draws do not depend on the batch size or on
+how the batch is sharded. Each draw is inverse-CDF from the top-k distribution, redrawn when top-p
+removes it (exact top-p fallback after `top_p_rounds` draws): the law of the official sampler.
 
 Forcing (teacher-forced conditional generation, paper §4.3): `forced = {branch: [ids (B, n_s, n_s)
 per scale]}` replaces the drawn ids of those branches (e.g. force the detail branch of a reference
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 
 from imagefolder_jax.models.generator import NextScaleGenerator, init_cache
 from imagefolder_jax.models.tokenizer import ImageFolderTokenizer
-from imagefolder_jax.ops.filtering import sample_with_uniforms
+from imagefolder_jax.ops.filtering import sample_with_retries
 from imagefolder_jax.ops.resample import area_downsample
 
 ForcedIds = Mapping[int, Sequence[jax.Array]]
@@ -45,18 +46,23 @@ class SamplerSettings:
     guidance: run the doubled [cond; uncond] batch (needed for cfg > 0).
     return_logits: also return the guided logits (B, L, P, V) float32 (tests, analysis).
     decode: decode the final f_hat to pixels.
+    top_p_rounds: draws per (position, branch) from the top-k distribution before the exact top-p
+      fallback (`ops.filtering.sample_with_retries`); changes which ids a seed gives, not their law.
   """
   top_k: int = 750
   top_p: float = 0.95
   guidance: bool = True
   return_logits: bool = False
   decode: bool = True
+  top_p_rounds: int = 4
 
   def validate(self) -> None:
     if self.top_k < 0:
       raise ValueError(f"top_k must be >= 0, got {self.top_k}")
     if not 0.0 <= self.top_p <= 1.0:
       raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
+    if self.top_p_rounds < 1:
+      raise ValueError(f"top_p_rounds must be >= 1, got {self.top_p_rounds}")
 
 
 def guidance_weights(num_scales: int, cfg) -> list:
@@ -95,7 +101,8 @@ def sample(generator: NextScaleGenerator, tokenizer: ImageFolderTokenizer, setti
   apply_tok = functools.partial(tokenizer.apply, tokenizer_variables)
 
   sample_keys = jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(batch))
-  uniforms = jax.vmap(lambda k: jax.random.uniform(k, (c.num_tokens, c.num_branches)))(sample_keys)
+  uniforms = jax.vmap(lambda k: jax.random.uniform(k, (c.num_tokens, c.num_branches, settings.top_p_rounds + 1))
+                      )(sample_keys)
   if settings.guidance:
     model_labels = jnp.concatenate([labels, jnp.full_like(labels, c.uncond_label)])
   else:
@@ -117,8 +124,8 @@ def sample(generator: NextScaleGenerator, tokenizer: ImageFolderTokenizer, setti
     if settings.return_logits:
       logits_out.append(logits)
     begin, end = c.begin_ends[si]
-    drawn = sample_with_uniforms(uniforms[:, begin:end], logits / temperature, settings.top_k,
-                                 settings.top_p)  # (B, n_s^2, P)
+    drawn = sample_with_retries(uniforms[:, begin:end], logits / temperature, settings.top_k,
+                                settings.top_p)  # (B, n_s^2, P)
     scale_ids = []
     for b in range(c.num_branches):
       if b in forced:

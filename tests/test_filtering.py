@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from imagefolder_jax.ops.filtering import (filter_logits, filtered_probs, removal_threshold, sample_top_k_top_p,
-                                           top_k_top_p_mask)
+                                           sample_with_retries, sample_with_uniforms, top_k_top_p_mask)
 
 
 def official_mask(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
@@ -132,3 +132,35 @@ def test_top_k_with_many_ties_in_full_rows():
     assert (got | ~want).all()
     boundary = np.where(want, logits, np.inf).min(-1, keepdims=True)
     assert (logits[got & ~want] == np.broadcast_to(boundary, logits.shape)[got & ~want]).all()
+
+
+@pytest.mark.parametrize("rounds", [1, 4])
+def test_rejection_draws_follow_the_filtered_law(rounds):
+  """sample_with_retries (rejection from the top-k law, exact fallback; rounds=1 sends every
+  rejected row to the fallback) and sample_with_uniforms (exact cut) draw the same law."""
+  rng = np.random.default_rng(1)
+  logits = jnp.asarray(rng.normal(size=(3, 40)).astype(np.float32) * 1.5)
+  top_k, top_p = 25, 0.6   # top-p removes ~40% of the top-k mass: many rejections
+  mask = np.asarray(top_k_top_p_mask(logits, top_k, top_p))
+  probs = np.asarray(filtered_probs(logits, top_k, top_p))
+  n = 30000
+  u = jax.random.uniform(jax.random.key(3), (n, 3, rounds + 1))
+  retried = np.asarray(jax.jit(lambda u: sample_with_retries(u, jnp.broadcast_to(logits, (n, 3, 40)), top_k,
+                                                             top_p))(u))
+  exact = np.asarray(jax.jit(lambda u: sample_with_uniforms(u, jnp.broadcast_to(logits, (n, 3, 40)), top_k,
+                                                            top_p))(u[..., 0]))
+  for draws in (retried, exact):
+    assert draws.dtype == np.int32
+    for row in range(3):
+      assert mask[row][draws[:, row]].all()
+      np.testing.assert_allclose(np.bincount(draws[:, row], minlength=40) / n, probs[row], atol=0.012)
+
+
+def test_rejection_draws_stay_in_full_vocabulary_support():
+  rng = np.random.default_rng(2)
+  logits = jnp.asarray((rng.normal(size=(4, 64, 4096)) * 3).astype(np.float32))
+  ids = np.asarray(jax.jit(lambda k: sample_top_k_top_p(k, logits, 750, 0.95))(jax.random.key(0)))
+  mask = np.asarray(top_k_top_p_mask(logits, 750, 0.95))
+  assert np.take_along_axis(mask, ids[..., None], -1).all()
+  with pytest.raises(ValueError, match="uniforms per row"):
+    sample_with_retries(jnp.zeros((4, 64, 1)), logits, 750, 0.95)
