@@ -9,8 +9,8 @@ tests/test_torch_reference.py) and converted to ours with the official-checkpoin
   * check (first batch): both samplers run with the ids the official one drew; the max relative
     error of the guided logits of every scale and the max abs difference of the images are printed;
   * time: median wall time of a whole batch (cfg 3.25, top-k 750, top-p 0.95, decode included),
-    after one warm-up run, the two samplers taking turns run by run (a shared machine's noise hits
-    both alike); our compile time is reported apart. Threads: PyTorch's default (one per core), XLA's.
+    in alternating blocks of runs, each block after a warm-up run (see `blocked_medians`); our
+    compile time is reported apart. Threads: PyTorch's default (one per core) and XLA's.
 
 Prints a markdown table with the speed-up, FLOP/s and the FLOP/s of a large matmul from the same run.
 """
@@ -59,17 +59,20 @@ def convert(shape: ref.OfficialShape, var: ref.Var, tok: ref.SamplingTokenizer):
   return NextScaleGenerator(gen_config), ImageFolderTokenizer(tok_config), gen_vars, tok_vars
 
 
-def interleaved_medians(fns: dict, reps: int) -> dict:
-  """Median wall time of each callable fn(rep), after one warm-up call each. The callables take turns
-  rep by rep, so load from elsewhere on the machine hits both sides alike."""
-  for fn in fns.values():
-    fn(0)
+def blocked_medians(fns: dict, reps: int, blocks: int = 2) -> dict:
+  """Median wall time of each callable fn(rep) over `reps` timed calls, run in `blocks` alternating
+  blocks (A..A B..B A..A B..B), each opened by an untimed warm-up call. Alternating spreads a shared
+  machine's load over both sides; whole blocks keep one side's idle-spinning worker threads
+  (OpenMP's, XLA's) out of the other's timed calls, which the warm-up call absorbs."""
   times = {name: [] for name in fns}
-  for i in range(reps):
+  per_block = -(-reps // blocks)
+  for _ in range(blocks):
     for name, fn in fns.items():
-      t = time.perf_counter()
-      fn(i + 1)
-      times[name].append(time.perf_counter() - t)
+      fn(0)
+      for i in range(per_block):
+        t = time.perf_counter()
+        fn(i + 1)
+        times[name].append(time.perf_counter() - t)
   return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -101,7 +104,7 @@ def bench_size(name: str, batches, reps: int, check: bool, peak: float) -> list[
     logit_error, image_error = check_same_function(shape, var, tok, gen, jtok, gen_vars, tok_vars, labels)
     # stderr: keeps the table on stdout whole.
     print(f"check {name}: same weights, the official draws forced into ours: guided logits max rel. error "
-          f"{logit_error:.1e}, images max abs diff {image_error:.1e}", file=sys.stderr, flush=True)
+          f"{logit_error:.2e}, images max abs diff {image_error:.2e}", file=sys.stderr, flush=True)
   sampler = make_sampler(gen, jtok, SamplerSettings(top_k=TOP_K, top_p=TOP_P))
   ours_flops = generator_flops(gen.config) + decoder_flops(jtok.config)
   official_flops = generator_flops(gen.config, fold_guided_head=False) + decoder_flops(jtok.config)
@@ -113,7 +116,7 @@ def bench_size(name: str, batches, reps: int, check: bool, peak: float) -> list[
     t = time.perf_counter()
     compiled = sampler.lower(*args).compile()
     compile_s = time.perf_counter() - t
-    medians = interleaved_medians({
+    medians = blocked_medians({
         "official": lambda i: ref.autoregressive_infer_cfg(var, tok, torch_labels, seed=i, cfg=CFG, top_k=TOP_K,
                                                            top_p=TOP_P),
         "ours": lambda i: jax.block_until_ready(compiled(*args[:3], jax.random.key(i), *args[4:])),
