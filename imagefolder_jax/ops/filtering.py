@@ -7,20 +7,20 @@ Official semantics (README point 10), along the last axis (one branch's vocabula
 `top_k = 0` (or >= V) disables top-k; `top_p <= 0` or `>= 1` disables top-p.
 
 Implementation: both filters remove a prefix of the ascending order, so each is a value threshold,
-found here exactly without sorting. Logits are mapped to order-preserving uint32 keys and each
-threshold is bracketed by bisection, one counting pass over the row per step:
-  * top-k: the largest key t with count(key >= t) >= k (stop early once the count is exactly k);
-  * top-p: the largest key t with mass(key <= t) <= 1 - top_p, the mass being softmax
-    probabilities of the top-k survivors (stop once one entry is left between the brackets).
-Steps split the bracket at its value midpoint (logits are spread evenly in value, so this isolates
-the boundary in ~20 steps) and fall back to the key midpoint after `_VALUE_STEPS` steps, which
-bounds the loop at 32 more. XLA:CPU's TopK / sort run a comparator per element on one thread; these
-passes are fused and vectorised: 572 rows x 4096 (one guided image) take ~10x less time than
-`lax.top_k(., 750)`. Entries tied with a boundary value are kept together (the official result on
-such ties depends on the sort order, which is unspecified).
+found here exactly without sorting (XLA:CPU's TopK and sort run a comparator per element on one
+thread: `lax.top_k(., 750)` on one guided image's 572 x 4096 logits takes ~85 ms). Logits map to
+order-preserving uint32 keys; `_largest_key_at_most` finds the largest key t whose F(t) (the count,
+or the 2^-30 fixed-point probability mass, of the entries with key <= t) is <= a target:
+  * top-k: F = count, target V - k; the first bracket is guessed from the row's mean and spread;
+  * top-p: F = mass of the top-k survivors, target 1 - top_p (the official cumsum cut).
+Each bisection step is one fused integer pass over the row (value midpoints, key midpoints as a
+bound on the step count); once <= `_END_GAME` entries are left in the bracket they are pulled out
+and the answer read off their running sums. Entries tied with a boundary value are kept together
+(the official result on such ties depends on the sort order, which is unspecified).
 
-Draws are inverse-CDF in vocabulary order, in two levels (blocks of `_BLOCK`, then within the
-block), so one uniform per row is enough and no cumsum runs over the whole vocabulary.
+Sampling (`sample_with_retries`) draws inverse-CDF in two levels (blocks of `_BLOCK`, then inside
+the block) from the top-k law and redraws the rows whose draw top-p removes (one pass to check),
+with the exact top-p search as fallback: the official law without the top-p search.
 """
 from __future__ import annotations
 
@@ -134,7 +134,7 @@ def _largest_key_at_most(keys: jax.Array, weights: Optional[jax.Array], target: 
   """The largest key t with F(t) = sum of `weights` over {key <= t} <= target, per row.
 
   keys (R, V) uint32; weights (R, V) int32 >= 0, or None for all ones (F = N, a count); target (R,)
-  with 0 <= target < F(max key) (rows with target < 0 get min key - 1).
+  int32 with 0 <= target < F(max key) (rows with target < 0 get min key - 1).
   guesses: two keys per row (R,) expected to bracket the answer closely (a wrong guess only costs
     steps); blind_steps: bisection steps that evaluate F alone (cheaper than F and N when weighted).
   Then bisection with F and N narrows [lo, hi] until at most `_END_GAME` entries lie inside; those
@@ -154,7 +154,7 @@ def _largest_key_at_most(keys: jax.Array, weights: Optional[jax.Array], target: 
                     jnp.where(move_up, value, b.value_lo), jnp.where(move_up, count, b.count_lo),
                     jnp.where(move_down, count, b.count_hi))
 
-  target = target.astype(jnp.float32)
+  target = target.astype(jnp.int32)
   lo, hi = jnp.min(keys, axis=-1) - jnp.uint32(1), jnp.max(keys, axis=-1)
   zeros = jnp.zeros(lo.shape, jnp.int32)
   b = _Bracket(lo, hi, zeros, zeros, jnp.full(lo.shape, keys.shape[-1], jnp.int32))
@@ -162,14 +162,14 @@ def _largest_key_at_most(keys: jax.Array, weights: Optional[jax.Array], target: 
     # The guessed pivots (ordered, clipped to [lo, hi]) split the range in three; keep the right part.
     g1, g2 = (jnp.clip(g, lo, hi) for g in (jnp.minimum(*guesses), jnp.maximum(*guesses)))
     (f1, n1), (f2, n2) = evaluate(g1), evaluate(g2)
-    fits1, fits2 = f1.astype(jnp.float32) <= target, f2.astype(jnp.float32) <= target
+    fits1, fits2 = f1 <= target, f2 <= target
     b = narrowed(b, fits1 & ~fits2, ~fits1, g1, f1, n1)
     b = narrowed(b, fits2, fits1 & ~fits2, g2, f2, n2)
   if blind_steps:
     def blind(step, b):
       mid = _split_point(b.lo, b.hi, step)
       value = _weight_below(keys, weights, mid)
-      fits = value.astype(jnp.float32) <= target
+      fits = value <= target
       open_ = b.hi - b.lo > 1
       return narrowed(b, fits & open_, ~fits & open_, mid, value, b.count_lo)
 
@@ -184,7 +184,7 @@ def _largest_key_at_most(keys: jax.Array, weights: Optional[jax.Array], target: 
     done = finished(b)
     mid = _split_point(b.lo, b.hi, step)
     value, count = evaluate(mid)
-    fits = value.astype(jnp.float32) <= target
+    fits = value <= target
     return narrowed(b, fits & ~done, ~fits & ~done, mid, value, count), step + 1
 
   b, _ = jax.lax.while_loop(lambda state: ~jnp.all(finished(state[0])), body, (b, jnp.int32(blind_steps)))
@@ -192,7 +192,7 @@ def _largest_key_at_most(keys: jax.Array, weights: Optional[jax.Array], target: 
   # F at each member: F(lo) plus the members at or below it (ties included).
   at_or_below = (member_keys[:, None, :] <= member_keys[:, :, None]) & valid[:, None, :]
   value = b.value_lo[:, None] + jnp.sum(jnp.where(at_or_below, member_weights[:, None, :], 0), axis=-1)
-  fits = valid & (value.astype(jnp.float32) <= target[:, None])
+  fits = valid & (value <= target[:, None])
   best = jnp.maximum(b.lo, jnp.max(jnp.where(fits, member_keys, 0), axis=-1))
   # hi - lo <= 1: the only key inside is hi (all ties), and F(hi) > target.
   return jnp.where((target < 0) | (b.hi - b.lo <= 1), b.lo, best)
@@ -215,7 +215,7 @@ def _kth_largest_cut(keys: jax.Array, x: jax.Array, k: int) -> jax.Array:
 
 def _top_p_weights(mask: jax.Array, weights: jax.Array, top_p: TopP) -> tuple[jax.Array, jax.Array]:
   """The top-p test as integers: (2^-30 fixed-point probabilities (R, V) int32 of the top-k
-  survivors, removal limit (R,) float32, < 0 when top-p is off). An entry is removed by top-p iff
+  survivors, removal limit (R,) int32, < 0 when top-p is off). An entry is removed by top-p iff
   the fixed-point mass of the entries at or below its key is <= the limit (official: ascending
   cumsum <= 1 - top_p; the largest entry always survives since the whole mass exceeds the limit).
 
@@ -226,7 +226,8 @@ def _top_p_weights(mask: jax.Array, weights: jax.Array, top_p: TopP) -> tuple[ja
   probs = kept / jnp.sum(kept, axis=-1, keepdims=True)
   fixed = jnp.round(probs * _MASS_ONE).astype(jnp.int32)
   threshold = jnp.broadcast_to(removal_threshold(top_p), mask.shape[:1])
-  return fixed, jnp.where(threshold < 0, -1.0, jnp.floor(threshold * _MASS_ONE))  # exact: 2^30 scaling
+  # floor(threshold * 2^30) is exact in float32 (a power-of-two scaling) and fits in int32.
+  return fixed, jnp.where(threshold < 0, -1, jnp.floor(threshold * _MASS_ONE).astype(jnp.int32))
 
 
 def _top_k_survivors(logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -374,7 +375,7 @@ def sample_with_retries(uniforms: jax.Array, logits: jax.Array, top_k: int = 0, 
 
     def removed(ids):
       drawn_key = jnp.take_along_axis(keys, ids[:, None], axis=-1)[:, 0]
-      return _weight_below(keys, fixed, drawn_key).astype(jnp.float32) <= limit
+      return _weight_below(keys, fixed, drawn_key) <= limit
 
     def another_round(state):
       ids, rejected, r = state
