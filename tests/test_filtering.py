@@ -164,3 +164,15 @@ def test_rejection_draws_stay_in_full_vocabulary_support():
   assert np.take_along_axis(mask, ids[..., None], -1).all()
   with pytest.raises(ValueError, match="uniforms per row"):
     sample_with_retries(jnp.zeros((4, 64, 1)), logits, 750, 0.95)
+
+
+def test_chunked_rows_give_the_same_results(monkeypatch):
+  import imagefolder_jax.ops.filtering as filtering
+  rng = np.random.default_rng(5)
+  logits = jnp.asarray((rng.normal(size=(5, 61, 512)) * 2).astype(np.float32))
+  u = jax.random.uniform(jax.random.key(1), (5, 61, 5))
+  whole = (np.asarray(top_k_top_p_mask(logits, 100, 0.9)), np.asarray(sample_with_retries(u, logits, 100, 0.9)))
+  monkeypatch.setattr(filtering, "_CHUNK_ROWS", 64)  # 305 rows -> 5 chunks, the last one padded
+  chunked = (np.asarray(top_k_top_p_mask(logits, 100, 0.9)), np.asarray(sample_with_retries(u, logits, 100, 0.9)))
+  np.testing.assert_array_equal(chunked[0], whole[0])
+  np.testing.assert_array_equal(chunked[1], whole[1])

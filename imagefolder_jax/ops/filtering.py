@@ -259,13 +259,14 @@ def _survivors(logits: jax.Array, top_k: int, top_p: TopP) -> tuple[jax.Array, j
 
 def _rows(fn, logits: jax.Array, *args):
   """Applies fn to logits flattened to (R, V) (args: (R, ...) per-row arrays) and restores the
-  leading shape on every output. More than `_CHUNK_ROWS` rows go through in chunks, one after the
-  other, so that every pass of the searches runs on arrays that stay in cache."""
+  leading shape on every output. On CPUs more than `_CHUNK_ROWS` rows go through in chunks, one
+  after the other, so that every pass of the searches runs on arrays that stay in cache (accelerators
+  want the opposite: all rows in one wide pass)."""
   lead, vocab = logits.shape[:-1], logits.shape[-1]
   x = logits.reshape(-1, vocab)
   args = [a.reshape(x.shape[0], *a.shape[len(lead):]) for a in args]
   rows = x.shape[0]
-  if rows <= _CHUNK_ROWS:
+  if rows <= _CHUNK_ROWS or jax.default_backend() != "cpu":
     out = fn(x, *args)
   else:
     chunks = -(-rows // _CHUNK_ROWS)
