@@ -38,7 +38,7 @@ _BLOCK = 64
 # Half-width, in standard deviations, of the first (guessed) bracket of each search.
 _GUESS_WIDTH = 0.1
 # Bisection stops once this many entries are left in the bracket; they are resolved directly.
-_END_GAME = 16
+_END_GAME = 8
 # Top-p: value-bisection steps on the mass alone before counts are tracked (one pass each, not two).
 _TOP_P_BLIND_STEPS = 8
 # Rows per chunk: 256 x 4096 keys are 4 MB, which stays in cache between the passes.
