@@ -13,7 +13,8 @@ P x V logits per position. Sequence (README point 7):
 Attention: q/k l2-normalised per head, q times exp(min(scale_mul, log 100)), softmax scale 1,
 block-causal over scales. Two call paths share every parameter:
   * `__call__`: teacher forcing over all L positions (training, parity).
-  * `decode_scale`: one scale at a time against a preallocated KV cache (sampling).
+  * `decode_scale`: one scale at a time against a preallocated KV cache (sampling);
+    `decode_scale_features` stops before the head, so the sampler can mix guidance on the head's input.
 """
 from __future__ import annotations
 

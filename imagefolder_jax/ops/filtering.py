@@ -35,7 +35,7 @@ TopP = Union[float, jax.Array]
 
 _VALUE_STEPS = 24
 _BLOCK = 64
-# Half-width, in standard deviations, of the first (guessed) bracket of each search.
+# Half-width, in standard deviations, of the guessed first bracket of the top-k search.
 _GUESS_WIDTH = 0.1
 # Bisection stops once this many entries are left in the bracket; they are resolved directly.
 _END_GAME = 8
@@ -93,9 +93,8 @@ class _Bracket(NamedTuple):
   count_hi: jax.Array
 
 
-def _bracket_members(keys: jax.Array, weights: jax.Array, b: _Bracket, size: int) -> tuple[jax.Array, jax.Array,
-                                                                                            jax.Array]:
-  """The first `size` entries (vocabulary order) with lo < key <= hi: (keys, weights, valid), each (R, size).
+def _bracket_members(keys: jax.Array, b: _Bracket, size: int) -> tuple[jax.Array, jax.Array]:
+  """The first `size` entries (vocabulary order) with lo < key <= hi: (their indices, valid), each (R, size).
 
   Found without a scan over the row: per block of `_BLOCK` entries a member count (one pass), then
   for the j-th member its block and its place inside that block (arrays of (R, size, _BLOCK)).
@@ -113,9 +112,7 @@ def _bracket_members(keys: jax.Array, weights: jax.Array, b: _Bracket, size: int
   place = jnp.sum(jnp.cumsum(inside, axis=-1, dtype=jnp.int32) < (rank - block_start)[..., None], axis=-1)
   index = block * _BLOCK + jnp.minimum(place, _BLOCK - 1)
   valid = rank[None, :] <= block_end[:, -1:]
-  member_keys = jnp.take_along_axis(jnp.pad(keys, pad), index, axis=-1)
-  member_weights = jnp.take_along_axis(jnp.pad(weights, pad), index, axis=-1)
-  return member_keys, member_weights, valid
+  return jnp.minimum(index, vocab - 1), valid
 
 
 def _weight_below(keys: jax.Array, weights: jax.Array, t: jax.Array) -> jax.Array:
@@ -142,8 +139,6 @@ def _largest_key_at_most(keys: jax.Array, weights: Optional[jax.Array], target: 
   the closest-spaced row of a batch needs). Exact: {key > result} is the answer's set.
   """
   ones = weights is None
-  if ones:
-    weights = jnp.ones(keys.shape, jnp.int32)
 
   def evaluate(t):
     count = _count_below(keys, t)
@@ -188,7 +183,9 @@ def _largest_key_at_most(keys: jax.Array, weights: Optional[jax.Array], target: 
     return narrowed(b, fits & ~done, ~fits & ~done, mid, value, count), step + 1
 
   b, _ = jax.lax.while_loop(lambda state: ~jnp.all(finished(state[0])), body, (b, jnp.int32(blind_steps)))
-  member_keys, member_weights, valid = _bracket_members(keys, weights, b, _END_GAME)
+  index, valid = _bracket_members(keys, b, _END_GAME)
+  member_keys = jnp.take_along_axis(keys, index, axis=-1)
+  member_weights = (jnp.ones(index.shape, jnp.int32) if ones else jnp.take_along_axis(weights, index, axis=-1))
   # F at each member: F(lo) plus the members at or below it (ties included).
   at_or_below = (member_keys[:, None, :] <= member_keys[:, :, None]) & valid[:, None, :]
   value = b.value_lo[:, None] + jnp.sum(jnp.where(at_or_below, member_weights[:, None, :], 0), axis=-1)
