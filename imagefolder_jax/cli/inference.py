@@ -1,56 +1,10 @@
-"""The `imagefolder-jax` command line. Thin: parses, validates, calls library functions.
-
-Every verb prints one-line errors (`imagefolder-jax: error: ...`) and exits non-zero on bad input.
-"""
+"""Inference verbs: reconstruct, sample, pretokenize."""
 from __future__ import annotations
 
-import argparse
-import logging
 import os
 import sys
-from typing import Callable, Optional, Sequence
 
-PROG = "imagefolder-jax"
-
-
-class CliError(Exception):
-  """A user-facing error: printed as one line, exit code 2."""
-
-
-# ----------------------------------------------------------------------------- convert-official
-def _add_convert(sub) -> None:
-  p = sub.add_parser("convert-official", help="convert official PyTorch ImageFolder checkpoints to a bundle",
-                     description="Reads the authors' released checkpoints (tensors only, never unpickling "
-                                 "code) and writes a bundle that Tokenizer.load / Generator.load read.")
-  p.add_argument("--tokenizer", required=True, help="official tokenizer checkpoint (.pt/.pth)")
-  p.add_argument("--generator", help="official VAR checkpoint (ar-ckpt-*.pth); optional")
-  p.add_argument("--config", help="architecture JSON (parity config.json format); default: released MSVR10P2-4096")
-  p.add_argument("--weights", choices=("ema", "model"), default="ema",
-                 help="which tokenizer weights to take (default ema, as the official AR pipeline)")
-  p.add_argument("--out", required=True, help="bundle directory to write")
-  p.set_defaults(run=_run_convert)
-
-
-def _run_convert(args) -> None:
-  from imagefolder_jax.checkpoint import save_bundle
-  from imagefolder_jax.convert.official import convert_tokenizer
-  for path in (args.tokenizer, args.generator, args.config):
-    if path and not os.path.isfile(path):
-      raise CliError(f"file not found: {path}")
-  config, variables, teacher = convert_tokenizer(args.tokenizer, args.config, args.weights)
-  configs = {"tokenizer": config.to_dict()}
-  all_vars = {"tokenizer": variables}
-  if teacher is not None:
-    import dataclasses
-    configs["semantic_teacher"] = dataclasses.asdict(teacher[0])
-    all_vars["semantic_teacher"] = {"params": teacher[1]}
-  if args.generator:
-    from imagefolder_jax.convert.official_generator import convert_generator
-    gen_config, gen_vars = convert_generator(args.generator, config, args.config)
-    configs["generator"] = gen_config.to_dict()
-    all_vars["generator"] = gen_vars
-  save_bundle(args.out, configs, all_vars)
-  print(f"wrote bundle {args.out} ({', '.join(sorted(configs))})")
+from imagefolder_jax.cli.common import PROG, CliError, load_model, psnr
 
 
 # ----------------------------------------------------------------------------- reconstruct
@@ -69,7 +23,7 @@ def _run_reconstruct(args) -> None:
   from imagefolder_jax.data.images import load_image_file, save_image_grid
   if args.batch_size < 1:
     raise CliError(f"--batch-size must be >= 1, got {args.batch_size}")
-  tok = _load(Tokenizer, args.bundle)
+  tok = load_model(Tokenizer, args.bundle)
   loaded = []
   for path in args.images:
     try:
@@ -88,55 +42,8 @@ def _run_reconstruct(args) -> None:
   recons = np.concatenate(recons)
   pairs = np.stack([originals, recons], axis=1).reshape(-1, *originals.shape[1:])
   save_image_grid(pairs, args.out, nrow=2)
-  psnr = _psnr(originals, recons)
-  print(f"wrote {args.out}: {len(originals)} image(s), mean PSNR {psnr:.2f} dB")
-
-
-def _psnr(a, b) -> float:
-  import numpy as np
-  mse = np.mean(((np.asarray(a) - np.asarray(b)) / 2.0) ** 2, axis=(1, 2, 3))
-  return float(np.mean(10 * np.log10(1.0 / np.maximum(mse, 1e-12))))
-
-
-def _load(cls, bundle: str):
-  from imagefolder_jax.checkpoint import BundleError
-  if not os.path.isdir(bundle):
-    raise CliError(f"bundle directory not found: {bundle}")
-  try:
-    return cls.load(bundle)
-  except BundleError as e:
-    raise CliError(str(e)) from e
-
-
-# ----------------------------------------------------------------------------- training
-def _add_train(sub, verb: str, stage: str, example: str) -> None:
-  p = sub.add_parser(verb, help=f"train the {stage} (resumes automatically from --workdir)",
-                     description=f"Trains the {stage} from an ml_collections config file; rerunning the "
-                                 f"same command resumes from the last checkpoint. Overrides: "
-                                 f"--config.a.b=value. Example: {example}")
-  p.add_argument("--config", required=True, help="config file, optionally file.py:arg")
-  p.add_argument("--workdir", required=True, help="checkpoints, logs, TensorBoard events and images")
-  p.set_defaults(run=lambda args: _run_train(args, stage), accepts_overrides=True)
-
-
-def _run_train(args, stage: str) -> None:
-  from imagefolder_jax.train import trainer
-  from imagefolder_jax.train.configuration import load_config
-  config = load_config(args.config, args.overrides)
-  trainer.train(stage, config, args.workdir)
-
-
-def _add_export(sub) -> None:
-  p = sub.add_parser("export", help="write an inference bundle from a training workdir (EMA weights)")
-  p.add_argument("--workdir", required=True, help="a train-tokenizer or train-generator workdir")
-  p.add_argument("--out", required=True, help="bundle directory to write")
-  p.set_defaults(run=_run_export)
-
-
-def _run_export(args) -> None:
-  from imagefolder_jax.train import trainer
-  step = trainer.export(args.workdir, args.out)
-  print(f"wrote bundle {args.out} from step {step} of {args.workdir}")
+  mean_psnr = psnr(originals, recons)
+  print(f"wrote {args.out}: {len(originals)} image(s), mean PSNR {mean_psnr:.2f} dB")
 
 
 # ----------------------------------------------------------------------------- sample
@@ -197,7 +104,7 @@ def _run_sample(args) -> None:
     raise CliError("--force needs --reference")
   if args.reference and not os.path.isfile(args.reference):
     raise CliError(f"file not found: {args.reference}")
-  gen = _load(Generator, args.bundle)
+  gen = load_model(Generator, args.bundle)
   num_classes = gen.config.num_classes
   bad = [c for c in labels if not 0 <= c <= num_classes]
   if bad:
@@ -249,7 +156,7 @@ def _run_pretokenize(args) -> None:
   from imagefolder_jax.data.codes import pretokenize
   if args.batch_size < 1:
     raise CliError(f"--batch-size must be >= 1, got {args.batch_size}")
-  tok = _load(Tokenizer, args.bundle)
+  tok = load_model(Tokenizer, args.bundle)
   source = data.build_source(args.source, data_dir=args.data_dir, split=args.split)
   loader = data.make_loader(source, batch_size=args.batch_size, resolution=tok.resolution, train=False, seed=0,
                             drop_remainder=False, shard_index=0, shard_count=1)
@@ -257,79 +164,5 @@ def _run_pretokenize(args) -> None:
   print(f"wrote {count} records to {args.out}")
 
 
-# ----------------------------------------------------------------------------- demo
-def _add_demo(sub) -> None:
-  p = sub.add_parser("demo", help="offline demo: train a small tokenizer + generator on built-in photos, "
-                                  "write reconstructions.png, samples.png, report.json/md")
-  p.add_argument("--workdir", default="runs/demo", help="where both runs and the results go (resumable)")
-  p.add_argument("--tokenizer-steps", type=int, help="override the tokenizer's training steps")
-  p.add_argument("--generator-steps", type=int, help="override the generator's training steps")
-  p.add_argument("--samples-per-class", type=int, default=8)
-  p.add_argument("--seed", type=int, default=0, help="sampling seed")
-  p.set_defaults(run=_run_demo)
 
-
-def _run_demo(args) -> None:
-  from imagefolder_jax.train.demo import run_demo
-  tok = [f"--config.train.num_steps={args.tokenizer_steps}"] if args.tokenizer_steps else []
-  gen = [f"--config.train.num_steps={args.generator_steps}"] if args.generator_steps else []
-  for name in ("tokenizer_steps", "generator_steps", "samples_per_class"):
-    value = getattr(args, name)
-    if value is not None and value < 1:
-      raise CliError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-  report = run_demo(args.workdir, tok, gen, samples_per_class=args.samples_per_class, seed=args.seed)
-  print(f"demo done in {report['total_minutes']:.1f} min: {args.workdir}/reconstructions.png, samples.png, "
-        f"report.md (val PSNR {report['tokenizer']['val_psnr_db']:.2f} dB, sample class accuracy "
-        f"{report['class_consistency']['accuracy_on_samples']:.0%})")
-
-
-# ----------------------------------------------------------------------------- main
-VERBS: list[Callable] = [
-    _add_convert, _add_reconstruct, _add_sample,
-    lambda sub: _add_train(sub, "train-tokenizer", "tokenizer",
-                           "imagefolder-jax train-tokenizer --config configs/tokenizer_demo.py --workdir runs/tok"),
-    lambda sub: _add_train(sub, "train-generator", "generator",
-                           "imagefolder-jax train-generator --config configs/generator_demo.py --workdir runs/gen "
-                           "--config.tokenizer_bundle=runs/tok_bundle"),
-    _add_export, _add_pretokenize, _add_demo,
-]
-
-
-def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog=PROG, description="ImageFolder tokenizer and generator in JAX")
-  parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-  sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
-  for add in VERBS:
-    add(sub)
-  return parser
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  # TensorFlow (imported by clu/tfds) prints C++ banners at import unless told otherwise.
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-  from imagefolder_jax.convert.common import ConversionError
-  parser = build_parser()
-  args, extra = parser.parse_known_args(argv)
-  logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-  if not args.verbose:
-    # orbax/absl/jax log every checkpoint step and backend probe at INFO; users want our lines only.
-    for name in ("absl", "orbax", "jax._src.xla_bridge", "jax"):
-      logging.getLogger(name).setLevel(logging.ERROR)
-  if extra and not getattr(args, "accepts_overrides", False):
-    parser.error(f"unrecognized arguments: {' '.join(extra)}")
-  args.overrides = extra
-  try:
-    args.run(args)
-  except (CliError, ConversionError, FileNotFoundError, ValueError) as e:
-    # ValueError covers config, bundle and checkpoint errors: all name the offending value.
-    print(f"{PROG}: error: {e}", file=sys.stderr)
-    return 2
-  except KeyboardInterrupt:
-    print(f"{PROG}: interrupted", file=sys.stderr)
-    return 130
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())
+VERBS = [_add_reconstruct, _add_sample, _add_pretokenize]
