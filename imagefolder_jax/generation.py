@@ -153,7 +153,7 @@ class Generator:
     return self._samplers[settings]
 
   def sample(self, labels, seed: int = 0, cfg: float = 3.25, top_k: int = 750, top_p: float = 0.95,
-             temperature: float = 1.0, force: Optional[Force] = None) -> Samples:
+             temperature: float = 1.0, force: Optional[Force] = None, indices=None) -> Samples:
     """Class-conditional samples (paper settings by default).
 
     Args:
@@ -165,6 +165,9 @@ class Generator:
       temperature: > 0, divides the guided logits.
       force: optional {branch: Codes (its ids of that branch are used) or ids per scale}: those
         branches are not sampled but fixed (paper §4.3: force the detail branch, sample the semantic).
+      indices: optional (B,) ints, the samples' numbers within a larger run (default 0..B-1). Sample
+        number i depends only on (seed, i, settings): split a run into batches by passing each
+        batch's global numbers, and it gives the same images at any batch size or device count.
 
     Returns Samples(codes, images (B, H, W, 3) float32 in [-1, 1], labels).
     """
@@ -180,10 +183,13 @@ class Generator:
     if not float(temperature) > 0.0 or not np.isfinite(float(temperature)):
       raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     forced = self._force(force, labels.size)
+    indices = np.arange(labels.size) if indices is None else np.asarray(indices)
+    if indices.shape != labels.shape or not np.issubdtype(indices.dtype, np.integer) or (indices < 0).any():
+      raise ValueError(f"indices must be {labels.size} non-negative ints (one per label), got {indices!r:.80}")
     settings = SamplerSettings(top_k=int(top_k), top_p=float(top_p), guidance=float(cfg) > 0)
     out = self._sampler(settings)(self.variables, self.tokenizer.variables, self._place(labels),
                                   jax.random.key(int(seed)), jnp.float32(cfg), jnp.float32(temperature),
-                                  self._place(forced))
+                                  self._place(forced), self._place(indices.astype(np.int32)))
     return Samples(codes=Codes(ids=out["ids"]), images=out["images"], labels=labels)
 
   @functools.cached_property

@@ -10,9 +10,10 @@ Classifier-free guidance (official `autoregressive_infer_cfg`): the batch is dou
 [labels; unconditional], and at scale s the logits are (1 + t) cond - t uncond, t = cfg s / (S - 1).
 The head is affine, so the mix is taken on its input and the head runs on B rows, not 2B.
 
-Randomness: one key per call; sample b gets `fold_in(key, b)` and draws its uniforms from it, a few
-per (position, branch), all scales at once, so a sample's draws do not depend on the batch size or on
-how the batch is sharded. Each draw is inverse-CDF from the top-k distribution, redrawn when top-p
+Randomness: one key per call; sample b gets `fold_in(key, indices[b])` (indices default to
+0..B-1; pass global sample numbers when one run is split into batches, devices or processes) and
+draws its uniforms from it, a few per (position, branch), all scales at once, so a sample's draws
+depend only on (key, its index, settings), not on the batch size or on how the batch is sharded. Each draw is inverse-CDF from the top-k distribution, redrawn when top-p
 removes it (exact top-p fallback after `top_p_rounds` draws): the law of the official sampler.
 
 Forcing (teacher-forced conditional generation, paper §4.3): `forced = {branch: [ids (B, n_s, n_s)
@@ -73,7 +74,8 @@ def guidance_weights(num_scales: int, cfg) -> list:
 
 def sample(generator: NextScaleGenerator, tokenizer: ImageFolderTokenizer, settings: SamplerSettings,
            generator_variables: Any, tokenizer_variables: Any, labels: jax.Array, key: jax.Array,
-           cfg: jax.Array, temperature: jax.Array, forced: Optional[ForcedIds] = None) -> dict:
+           cfg: jax.Array, temperature: jax.Array, forced: Optional[ForcedIds] = None,
+           indices: Optional[jax.Array] = None) -> dict:
   """Samples a batch (traceable; `make_sampler` jits it).
 
   Args:
@@ -85,6 +87,8 @@ def sample(generator: NextScaleGenerator, tokenizer: ImageFolderTokenizer, setti
     cfg: scalar guidance scale (ignored unless settings.guidance).
     temperature: scalar > 0; logits are divided by it after guidance, before filtering.
     forced: optional {branch: [ids (B, n_s, n_s) int per scale]}.
+    indices: optional (B,) int32 sample numbers; sample b's randomness is `fold_in(key, indices[b])`
+      (default 0..B-1).
 
   Returns a dict:
     ids: ids[branch][scale] (B, n_s, n_s) int32.
@@ -100,7 +104,9 @@ def sample(generator: NextScaleGenerator, tokenizer: ImageFolderTokenizer, setti
   apply_gen = functools.partial(generator.apply, generator_variables)
   apply_tok = functools.partial(tokenizer.apply, tokenizer_variables)
 
-  sample_keys = jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(batch))
+  if indices is None:
+    indices = jnp.arange(batch, dtype=jnp.int32)
+  sample_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(indices, jnp.int32))
   uniforms = jax.vmap(lambda k: jax.random.uniform(k, (c.num_tokens, c.num_branches, settings.top_p_rounds + 1))
                       )(sample_keys)
   if settings.guidance:
@@ -165,10 +171,10 @@ def check_compatible(generator: NextScaleGenerator, tokenizer: ImageFolderTokeni
 def make_sampler(generator: NextScaleGenerator, tokenizer: ImageFolderTokenizer, settings: SamplerSettings,
                  mesh: Optional[jax.sharding.Mesh] = None, precision: Optional[str] = None) -> Callable:
   """One jitted sampler: fn(generator_variables, tokenizer_variables, labels, key, cfg, temperature,
-  forced) -> dict (see `sample`).
+  forced, indices=None) -> dict (see `sample`).
 
   mesh: optional device mesh; the batch (labels, forced ids, every output) is then sharded over its
-    ('data', 'fsdp') axes and the variables replicated (place them with `parallel.replicated(mesh)`).
+    ('data', 'fsdp') axes (indices too) and the variables replicated (place them with `parallel.replicated(mesh)`).
     The batch size must be divisible by the number of batch shards.
   precision: optional `jax.default_matmul_precision` inside the program (e.g. 'highest' on
     accelerators for float32-exact results).
@@ -176,17 +182,17 @@ def make_sampler(generator: NextScaleGenerator, tokenizer: ImageFolderTokenizer,
   settings.validate()
   check_compatible(generator, tokenizer)
 
-  def fn(generator_variables, tokenizer_variables, labels, key, cfg, temperature, forced):
+  def fn(generator_variables, tokenizer_variables, labels, key, cfg, temperature, forced, indices=None):
     if precision is None:
       return sample(generator, tokenizer, settings, generator_variables, tokenizer_variables, labels, key,
-                    cfg, temperature, forced)
+                    cfg, temperature, forced, indices)
     with jax.default_matmul_precision(precision):
       return sample(generator, tokenizer, settings, generator_variables, tokenizer_variables, labels, key,
-                    cfg, temperature, forced)
+                    cfg, temperature, forced, indices)
 
   if mesh is None:
     return jax.jit(fn)
   from imagefolder_jax.parallel import batch_sharding, replicated
   batch, rep = batch_sharding(mesh), replicated(mesh)
   # Shardings are pytree prefixes: one NamedSharding covers a whole variable tree / output dict.
-  return jax.jit(fn, in_shardings=(rep, rep, batch, rep, rep, rep, batch), out_shardings=batch)
+  return jax.jit(fn, in_shardings=(rep, rep, batch, rep, rep, rep, batch, batch), out_shardings=batch)
