@@ -27,7 +27,10 @@ class BundleError(ValueError):
 
 
 def save_bundle(directory: str, configs: dict[str, dict], variables: dict[str, Any]) -> None:
-  """Writes configs and variables (plain or sharded arrays) to `directory` (replaced if present)."""
+  """Writes configs and variables (host arrays) to `directory` (replaced if present).
+
+  On several processes every process calls this with the same values (orbax writes collectively;
+  process 0 writes the metadata); `directory` must then be on storage all processes share."""
   import orbax.checkpoint as ocp
   if set(configs) != set(variables):
     raise BundleError(f"configs {sorted(configs)} and variables {sorted(variables)} name different models")
@@ -38,8 +41,11 @@ def save_bundle(directory: str, configs: dict[str, dict], variables: dict[str, A
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(target, variables, force=True)
   checkpointer.wait_until_finished()
-  with open(os.path.join(directory, BUNDLE_JSON), "w") as f:
-    json.dump({"format": BUNDLE_FORMAT, "configs": configs}, f, indent=1)
+  if jax.process_index() == 0:
+    with open(os.path.join(directory, BUNDLE_JSON), "w") as f:
+      json.dump({"format": BUNDLE_FORMAT, "configs": configs}, f, indent=1)
+  from imagefolder_jax.parallel import sync
+  sync(f"bundle {directory}")
 
 
 def read_bundle_configs(directory: str) -> dict[str, dict]:

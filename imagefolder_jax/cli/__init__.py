@@ -25,10 +25,31 @@ def _verbs() -> list[Callable]:
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog=PROG, description="ImageFolder tokenizer and generator in JAX")
   parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+  group = parser.add_argument_group(
+      "multi-process jobs", "One process per host (or per GPU) runs the same command; launch/local.sh, "
+      "launch/slurm.sbatch and launch/tpu_pod.sh set these through the environment (IFJ_COORDINATOR, "
+      "IFJ_NUM_PROCESSES, IFJ_PROCESS_ID; timeouts IFJ_INIT_TIMEOUT, IFJ_HEARTBEAT_TIMEOUT).")
+  group.add_argument("--coordinator", help="host:port of process 0's coordination service")
+  group.add_argument("--num-processes", type=int, help="processes in the job")
+  group.add_argument("--process-id", type=int, help="this process's id in [0, num-processes)")
+  group.add_argument("--heartbeat-timeout", type=int,
+                     help="seconds without a heartbeat before a process is declared dead and the job stops "
+                          "(default 60)")
   sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
   for add in _verbs():
     add(sub)
   return parser
+
+
+def _start_distributed(args) -> None:
+  """Joins the multi-process job described by flags or environment (before any device is used)."""
+  from imagefolder_jax import parallel
+  timeouts = {}
+  if args.heartbeat_timeout is not None:
+    timeouts["heartbeat_timeout_seconds"] = args.heartbeat_timeout
+  parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id, **timeouts)
+  if not parallel.is_primary() and not args.verbose:
+    logging.getLogger().setLevel(logging.WARNING)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -36,6 +57,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
   from imagefolder_jax.convert.common import ConversionError
+  from imagefolder_jax import multihost
+  from imagefolder_jax.multihost import DistributedError
   parser = build_parser()
   args, extra = parser.parse_known_args(argv)
   logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
@@ -47,12 +70,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.error(f"unrecognized arguments: {' '.join(extra)}")
   args.overrides = extra
   try:
+    _start_distributed(args)
     args.run(args)
-  except (CliError, ConversionError, FileNotFoundError, ValueError) as e:
+  except (CliError, ConversionError, FileNotFoundError, ValueError, DistributedError) as e:
     # ValueError covers config, bundle and checkpoint errors: all name the offending value.
     print(f"{PROG}: error: {e}", file=sys.stderr)
-    return 2
+    return _leave(2)
   except KeyboardInterrupt:
     print(f"{PROG}: interrupted", file=sys.stderr)
-    return 130
+    return _leave(130)
+  except Exception as e:  # pylint: disable=broad-except
+    lost = multihost.peer_failure(e)
+    if lost is None:
+      raise
+    print(f"{PROG}: error: {lost}; rerun the same command on every host to resume from the last checkpoint",
+          file=sys.stderr)
+    return _leave(multihost.EXIT_PEER_LOST)
   return 0
+
+
+def _leave(code: int) -> int:
+  from imagefolder_jax import multihost
+  if multihost.is_multiprocess():
+    multihost.abandon(code)
+  return code

@@ -79,11 +79,21 @@ class _Decode(grain.MapTransform):
 
 def make_codes_loader(source: CodesSource, *, batch_size: int, train: bool, seed: int,
                       num_epochs: Optional[int] = None, shard_index: int = 0, shard_count: int = 1,
-                      worker_count: int = 0) -> grain.DataLoader:
-  """Batches {'codes': (B, P, L) int32, 'label': (B,) int32}, shuffled when training."""
+                      worker_count: int = 0, global_batch_size: Optional[int] = None, batch_rows=None,
+                      start_position: int = 0) -> grain.DataLoader:
+  """Batches {'codes': (B, P, L) int32, 'label': (B,) int32}, shuffled when training.
+
+  As `pipeline.make_loader`: one global order of records; this process takes rows `batch_rows`
+  (default: its contiguous block) of every global batch of `global_batch_size`."""
+  from imagefolder_jax.data.pipeline import GlobalBatchSampler
   shard_options = grain.ShardOptions(shard_index, shard_count, drop_remainder=True)
-  sampler = grain.IndexSampler(num_records=len(source), shard_options=shard_options, shuffle=train,
-                               num_epochs=num_epochs if num_epochs is not None or train else 1, seed=seed)
+  global_batch_size = global_batch_size or batch_size * shard_count
+  if batch_rows is None:
+    batch_rows = range(shard_index * batch_size, (shard_index + 1) * batch_size)
+  sampler = GlobalBatchSampler(len(source), global_batch_size=global_batch_size, batch_rows=batch_rows,
+                               shard_index=shard_index, shard_count=shard_count, shuffle=train, seed=seed,
+                               num_epochs=num_epochs if num_epochs is not None or train else 1,
+                               start_position=start_position)
   return grain.DataLoader(data_source=source, sampler=sampler, shard_options=shard_options,
                           operations=[_Decode(), grain.Batch(batch_size, drop_remainder=train)],
                           worker_count=worker_count)
@@ -94,5 +104,8 @@ def pretokenize(tokenizer, loader, directory: str, source_spec: str) -> int:
   q = tokenizer.config.quantizer
   meta = {"scales": list(q.scales), "num_branches": tokenizer.config.num_branches,
           "codebook_size": q.codebook_size, "source": source_spec, "resolution": tokenizer.resolution}
-  batches = ((tokenizer.encode(batch["image"]).flat(), batch["label"]) for batch in loader)
-  return write_codes(directory, batches, meta)
+  def batches():
+    for batch in loader:
+      keep = np.asarray(batch["valid"], bool) if "valid" in batch else slice(None)
+      yield tokenizer.encode(batch["image"]).flat()[keep], np.asarray(batch["label"])[keep]
+  return write_codes(directory, batches(), meta)

@@ -309,10 +309,15 @@ class CenterCropResize(grain.MapTransform):
 
 
 class ToModelInput(grain.MapTransform):
-  """-> {'image': (H, W, 3) float32 in [-1, 1], 'label': int32}; other keys dropped."""
+  """-> {'image': (H, W, 3) float32 in [-1, 1], 'label': int32}, plus 'index' (int64) and 'valid'
+  (bool) when the record carries them (evaluation order); other keys dropped."""
 
   def map(self, element: dict[str, Any]) -> dict[str, np.ndarray]:
-    return {
+    out = {
         "image": to_model_input(element["image"]),
         "label": np.asarray(element["label"], np.int32),
     }
+    if "index" in element:
+      out["index"] = np.asarray(element["index"], np.int64)
+      out["valid"] = np.asarray(element["valid"], bool)
+    return out

@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from imagefolder_jax import parallel
 from imagefolder_jax.checkpoint import BundleError, load_bundle, read_bundle_configs
 from imagefolder_jax.models.generator import GeneratorConfig, NextScaleGenerator, flatten_ids, generator_loss, \
     unflatten_ids
@@ -143,7 +144,7 @@ class GeneratorTask:
     return {"samples": (images, n)}
 
   def export(self, state: dict) -> tuple[dict, dict]:
-    state = jax.device_get(state)
+    state = parallel.to_host(state)
     _, variables = load_bundle(self.config.tokenizer_bundle)
     return ({"tokenizer": self.tokenizer_config.to_dict(), "generator": self.model_config.to_dict()},
             {"tokenizer": variables["tokenizer"], "generator": {"params": state["ema_params"]}})

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sys
 import time
-from typing import Any, Optional
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -95,107 +93,144 @@ def config_fingerprint(config: ml_collections.ConfigDict) -> dict:
 def run(task, config: ml_collections.ConfigDict, workdir: str, *, loader_factory) -> dict:
   """Trains `task` until `config.train.num_steps`, resuming from `workdir` if it holds checkpoints.
 
-  loader_factory(shard_index, shard_count) -> (grain loader, per-process batch size).
-  Returns the final metrics (floats). Writes `workdir/config.json`, `checkpoints/`, TensorBoard
-  events, and PNG grids under `workdir/images/`.
+  loader_factory(batch_rows, start_position) -> grain loader of this process's rows `batch_rows`
+  of every global batch (`config.data.batch_size`), from global position `start_position`.
+  Every process of a multi-process job runs this together: the same steps, the same parameters;
+  process 0 alone writes logs, metrics.jsonl, TensorBoard events and PNG grids, and all processes
+  write the orbax checkpoints together (each its own shards; the data-iterator states of all
+  processes go into the checkpoint's metadata).
+  Returns the final metrics (floats) and the final `state` (global arrays).
   """
   from clu import metric_writers
 
   t = config.train
+  primary = parallel.is_primary()
   os.makedirs(workdir, exist_ok=True)
   _check_resume_config(config, workdir, task.name)
 
   mesh = parallel.make_mesh(**config.get("mesh", {}))
-  loader = loader_factory(jax.process_index(), jax.process_count())
-  iterator = iter(loader)
   global_batch = config.data.batch_size
-  if global_batch % mesh.devices.size and global_batch >= mesh.devices.size:
-    raise ConfigError(f"data.batch_size={global_batch} is not divisible by the {mesh.devices.size} devices")
+  shards = int(np.prod([mesh.shape[a] for a in parallel.BATCH_AXES]))
+  if global_batch % shards:
+    raise ConfigError(f"data.batch_size={global_batch} is not divisible by the {shards} batch shards of the "
+                      f"mesh {dict(mesh.shape)}")
+  rows = parallel.process_rows(mesh, global_batch)
+  loader = loader_factory(rows, 0)
+  iterator = iter(loader)
 
   first = next(iterator)
   rng = jax.random.key(config.seed)
   abstract = jax.eval_shape(task.init_state, rng, first)
   state_shardings = fsdp_shardings(mesh, abstract)
-  batch_sharding = lambda x: parallel.batch_sharding(mesh, np.ndim(x))
   init = jax.jit(task.init_state, out_shardings=state_shardings)
 
   manager = checkpointing.make_manager(workdir, keep=t.keep_checkpoints, async_save=t.get("async_checkpoints", True))
   restored = checkpointing.restore_latest(manager, checkpointing.abstract_with_shardings(abstract, state_shardings))
   if restored is None:
-    state = init(rng, _shard(mesh, first))
-    state = jax.device_put(task.load_pretrained(state), state_shardings)
+    state = init(rng, _to_global(mesh, first, global_batch))
+    state = parallel.put_global(task.load_pretrained(state), state_shardings)
     start_step = 0
     pending = [first]
   else:
     start_step, state, meta = restored
-    from imagefolder_jax.data import set_iterator_state
-    set_iterator_state(iterator, meta["data_iterator"].encode())
+    iterator, how = _resume_iterator(iterator, meta, loader_factory, rows, start_step * global_batch)
     pending = []
-    log.info("resumed from step %d (%s)", start_step, manager.directory)
+    if primary:
+      log.info("resumed from step %d (%s; data %s)", start_step, manager.directory, how)
 
-  frozen = jax.device_put(task.frozen, parallel.replicated(mesh))
+  frozen = parallel.put_global(task.frozen, jax.tree.map(lambda _: parallel.replicated(mesh), task.frozen))
   step_fn = jax.jit(task.train_step, in_shardings=(state_shardings, None, None),
-                    out_shardings=(state_shardings, None), donate_argnums=(0,))
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0, asynchronous=False)
+                    out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=(0,))
+  writer = metric_writers.create_default_writer(workdir, asynchronous=False) if primary else None
   progress = Progress(t.num_steps, start_step, global_batch)
   images_dir = os.path.join(workdir, "images")
   fail_at = t.get("fail_at_step", -1)  # test hook: exit abruptly (like kill -9) after this step.
+  if primary and jax.process_count() > 1:
+    log.info("%d processes x %d devices, mesh %s, %d rows of each global batch of %d per process",
+             jax.process_count(), jax.local_device_count(), dict(mesh.shape), len(rows), global_batch)
 
   def checkpoint(step: int, state) -> None:
     from imagefolder_jax.data import get_iterator_state
-    checkpointing.save(manager, step, state, {"data_iterator": get_iterator_state(iterator).decode()})
+    states = parallel.allgather_bytes(get_iterator_state(iterator))
+    checkpointing.save(manager, step, state, {"data_iterators": [x.decode() for x in states],
+                                              "process_count": jax.process_count(),
+                                              "global_batch": global_batch})
 
   metrics = {}
   step = start_step
-  if start_step >= t.num_steps:
+  if start_step >= t.num_steps and primary:
     log.info("already trained to step %d (num_steps=%d)", start_step, t.num_steps)
   try:
     while step < t.num_steps:
       batch = pending.pop() if pending else next(iterator)
-      state, step_metrics = step_fn(state, frozen, _shard(mesh, batch))
+      global_batch_arrays = _to_global(mesh, batch, global_batch)
+      state, step_metrics = step_fn(state, frozen, global_batch_arrays)
       step += 1
       if step % t.log_every == 0 or step == t.num_steps or step == start_step + 1:
         metrics = _to_float(step_metrics)
         metrics.update(progress.rates(step))
-        writer.write_scalars(step, metrics)
-        if jax.process_index() == 0:
+        if primary:
+          writer.write_scalars(step, metrics)
           with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
-        if progress.tty:
-          print(file=sys.stderr)
-        log.info(progress.line(step, metrics))
-      else:
+          if progress.tty:
+            print(file=sys.stderr)
+          log.info(progress.line(step, metrics))
+      elif primary:
         progress.tick(step, {})
       if t.image_every and (step % t.image_every == 0 or step == t.num_steps):
-        _write_images(task, writer, state, batch, step, images_dir)
+        _write_images(task, writer, state, global_batch_arrays, step, images_dir)
       if step % t.checkpoint_every == 0 or step == t.num_steps:
         checkpoint(step, state)
       if step == fail_at:
         manager.wait_until_finished()
         os._exit(137)
   except KeyboardInterrupt:
-    log.warning("interrupted at step %d: writing a checkpoint", step)
-    checkpoint(step, state)
+    # One process alone cannot write a multi-process checkpoint (the others are not saving).
+    if jax.process_count() == 1:
+      log.warning("interrupted at step %d: writing a checkpoint", step)
+      checkpoint(step, state)
     raise
   finally:
     manager.wait_until_finished()
-    writer.flush()
+    if writer is not None:
+      writer.flush()
   final = dict(metrics)
   final["step"] = step
   final["state"] = state
   return final
 
 
-def _shard(mesh, batch: dict) -> dict:
-  return parallel.shard_batch(mesh, {k: np.asarray(v) for k, v in batch.items()})
+def _resume_iterator(iterator, meta: dict, loader_factory, rows, position: int):
+  """Puts the data iterator where the checkpoint left it: this process's saved grain state when the
+  process count is unchanged, else a fresh loader at the global position step * batch (the global
+  order does not depend on the process count). Returns (iterator, description)."""
+  from imagefolder_jax.data import set_iterator_state
+  states = meta.get("data_iterators")
+  if states is None and "data_iterator" in meta:  # checkpoints written before multi-process support
+    states = [meta["data_iterator"]]
+  if states is not None and len(states) == jax.process_count():
+    set_iterator_state(iterator, states[jax.process_index()].encode())
+    return iterator, "iterator state restored"
+  return iter(loader_factory(rows, position)), f"re-sharded at position {position}"
+
+
+def _to_global(mesh, batch: dict, global_batch: int) -> dict:
+  arrays = {k: np.asarray(v) for k, v in batch.items() if k not in ("index", "valid")}
+  return parallel.host_to_global(mesh, arrays, global_batch)
 
 
 def _write_images(task, writer, state, batch, step: int, images_dir: str) -> None:
+  """Every process computes the grids (they may need sharded state); process 0 writes them."""
   from PIL import Image
   from imagefolder_jax.data import image_grid
+  grids = task.image_grids(state, batch)
+  host = parallel.to_host({name: images for name, (images, _) in grids.items()})
+  if writer is None:
+    return
   os.makedirs(images_dir, exist_ok=True)
-  for name, (images, nrow) in task.image_grids(state, batch).items():
-    grid = image_grid(np.asarray(jax.device_get(images)), nrow)
+  for name, (_, nrow) in grids.items():
+    grid = image_grid(host[name], nrow)
     for suffix in (f"{step:07d}", "latest"):
       Image.fromarray(grid).save(os.path.join(images_dir, f"{name}_{suffix}.png"))
     writer.write_images(step, {name: grid[None].astype(np.float32) / 255.0})
@@ -211,7 +246,8 @@ def _check_resume_config(config, workdir: str, task_name: str) -> None:
       raise checkpointing.CheckpointError(
           f"{workdir} holds a run with a different model architecture; use a new --workdir "
           "or the config it was trained with")
-  if jax.process_index() == 0:
+  if parallel.is_primary():
     with open(path, "w") as f:
       json.dump({"stage": task_name, "model": fingerprint,
                  "config": json.loads(config.to_json_best_effort())}, f, indent=1)
+  parallel.sync("config.json")  # nobody reads a half-written config.json

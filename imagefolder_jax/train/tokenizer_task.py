@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from imagefolder_jax import parallel
 from imagefolder_jax.models.quantizer import QuantizerConfig
 from imagefolder_jax.models.tokenizer import ImageFolderTokenizer, TokenizerConfig, unpatchify
 from imagefolder_jax.models.vit import ViTConfig
@@ -135,7 +136,7 @@ class TokenizerTask:
       if (vit.width, vit.depth) != (c.vit.width, c.vit.depth):
         raise ValueError(f"init.dinov2 {path}: width/depth {vit.width}/{vit.depth} != model "
                          f"{c.vit.width}/{c.vit.depth}")
-      new = jax.tree.map(np.asarray, jax.device_get(state["params"]))
+      new = jax.tree.map(np.asarray, parallel.to_host(state["params"]))
       new["encoder"]["model"] = params
       new["decoder"]["model"] = {k: v for k, v in params.items() if k != "patch_embed"}
       state = dict(state, params=new, ema_params=new)
@@ -144,7 +145,7 @@ class TokenizerTask:
     if self.gan and disc_path:
       from imagefolder_jax.convert.dinov2 import dinov2_params_from_file
       _, params = dinov2_params_from_file(disc_path, gelu_approximate=True)
-      disc = jax.device_get(state["disc"])
+      disc = parallel.to_host(state["disc"])
       disc["params"]["features"] = params
       state = dict(state, disc=disc)
     return state
@@ -284,6 +285,6 @@ class TokenizerTask:
     return {"reconstructions": (jnp.concatenate([images, recon]), images.shape[0])}
 
   def export(self, state: dict) -> tuple[dict, dict]:
-    state = jax.device_get(state)
+    state = parallel.to_host(state)
     return ({"tokenizer": self.model_config.to_dict()},
             {"tokenizer": {"params": state["ema_params"], **state["model_state"]}})

@@ -42,6 +42,8 @@ def train(stage: str, config: ml_collections.ConfigDict, workdir: str) -> dict:
   from imagefolder_jax import data
   parallel.initialize_distributed()
   validate_common(config)
+  if not parallel.is_primary():
+    logging.getLogger("imagefolder_jax").setLevel(logging.WARNING)
   d = config.data
   per_process = d.batch_size // jax.process_count()
   if d.source.startswith("codes:"):
@@ -51,23 +53,27 @@ def train(stage: str, config: ml_collections.ConfigDict, workdir: str) -> dict:
     source = CodesSource(d.source[len("codes:"):])
     task = make_task(stage, config)
     task.check_codes(source.meta)
-    loader_factory = lambda index, count: make_codes_loader(
-        source, batch_size=per_process, train=True, seed=config.seed, shard_index=index, shard_count=count,
-        worker_count=d.get("worker_count", 0))
+    loader_factory = lambda rows, start: make_codes_loader(
+        source, batch_size=per_process, train=True, seed=config.seed, shard_index=jax.process_index(),
+        shard_count=jax.process_count(), worker_count=d.get("worker_count", 0), global_batch_size=d.batch_size,
+        batch_rows=rows, start_position=start)
   else:
     source = data.build_source(d.source, data_dir=d.get("data_dir") or None, split=d.get("split", "train"),
                                seed=config.seed, crops_per_class=d.get("crops_per_class", 64))
     task = make_task(stage, config)
-    loader_factory = lambda index, count: data.make_loader(
+    loader_factory = lambda rows, start: data.make_loader(
         source, batch_size=per_process, resolution=task.resolution, train=True, seed=config.seed,
-        worker_count=d.get("worker_count", 0), shard_index=index, shard_count=count)
+        worker_count=d.get("worker_count", 0), shard_index=jax.process_index(), shard_count=jax.process_count(),
+        global_batch_size=d.batch_size, batch_rows=rows, start_position=start)
 
   result = loop.run(task, config, workdir, loader_factory=loader_factory)
-  if jax.process_index() == 0:
-    bundle = os.path.join(workdir, "bundle")
-    configs, variables = task.export(result.pop("state"))
-    from imagefolder_jax.checkpoint import save_bundle
-    save_bundle(bundle, configs, variables)
+  # Every process takes part: export gathers parameters sharded over processes, and the bundle is
+  # written collectively (process 0 writes its metadata).
+  bundle = os.path.join(workdir, "bundle")
+  configs, variables = task.export(result.pop("state"))
+  from imagefolder_jax.checkpoint import save_bundle
+  save_bundle(bundle, configs, variables)
+  if parallel.is_primary():
     log.info("wrote inference bundle %s", bundle)
   return result
 

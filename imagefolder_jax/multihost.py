@@ -1,0 +1,220 @@
+"""Multi-process jobs: joining one (`initialize_distributed`), noticing a dead peer (`Watchdog`),
+barriers (`sync`) and who speaks for the job (`is_primary`).
+
+One process per host (TPU pods, GPU nodes under SLURM) or per group of local devices
+(`launch/local.sh`) runs the same command; process 0 hosts jax's coordination service. Sharding and
+host <-> device transfers are in `parallel`.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import sys
+import threading
+import time
+from typing import Optional
+
+import jax
+
+
+# Environment variables read by `initialize_distributed` (launch/local.sh sets the first three).
+ENV_COORDINATOR = "IFJ_COORDINATOR"        # host:port of process 0's coordination service
+ENV_NUM_PROCESSES = "IFJ_NUM_PROCESSES"
+ENV_PROCESS_ID = "IFJ_PROCESS_ID"
+ENV_TIMEOUTS = {"initialization_timeout": "IFJ_INIT_TIMEOUT",        # s to wait for all processes
+                "heartbeat_timeout_seconds": "IFJ_HEARTBEAT_TIMEOUT",  # s without a heartbeat = dead
+                "shutdown_timeout_seconds": "IFJ_SHUTDOWN_TIMEOUT"}    # s to wait for all at exit
+# Our defaults (seconds). A process not heard from for `heartbeat_timeout_seconds` is declared dead
+# by our watchdog (one line, exit code EXIT_PEER_LOST); jax's own heartbeat check, which aborts
+# with a C++ stack trace, is set to twice that as a backstop. 60 s notices a dead host well before
+# jax's 100 s default and is far above any pause of a healthy process (heartbeats run on their own
+# thread, also while the main thread waits in a collective or compiles).
+DEFAULT_TIMEOUTS = {"initialization_timeout": 300, "heartbeat_timeout_seconds": 60,
+                    "shutdown_timeout_seconds": 120}
+EXIT_PEER_LOST = 3
+
+
+class DistributedError(RuntimeError):
+  """Multi-process setup is inconsistent (bad coordinator, process id out of range, ...)."""
+
+
+def _env_int(name: str) -> Optional[int]:
+  value = os.environ.get(name)
+  if value in (None, ""):
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise DistributedError(f"{name}={value!r} is not an integer") from None
+
+
+def initialize_distributed(coordinator: Optional[str] = None, num_processes: Optional[int] = None,
+                           process_id: Optional[int] = None, **timeouts: int) -> bool:
+  """Starts multi-process JAX when this is one of several processes; a no-op otherwise.
+
+  Must run before any other JAX call touches the devices. Explicit arguments win over the
+  environment: `IFJ_COORDINATOR` / `IFJ_NUM_PROCESSES` / `IFJ_PROCESS_ID` (or jax's own
+  `JAX_COORDINATOR_ADDRESS` / `JAX_NUM_PROCESSES` / `JAX_PROCESS_ID`), as `launch/local.sh` sets them;
+  otherwise `IFJ_DISTRIBUTED=1` (launch/tpu_pod.sh) or a SLURM job with several tasks lets jax detect
+  the cluster itself. Timeouts (seconds): `initialization_timeout` (all processes must connect
+  within it), `heartbeat_timeout_seconds` (a process silent that long is declared dead and every
+  other process stops), `shutdown_timeout_seconds`; defaults in `DEFAULT_TIMEOUTS`, overridable by
+  the `IFJ_*_TIMEOUT` variables. Returns True when several processes are running.
+  """
+  if jax.distributed.is_initialized():
+    return jax.process_count() > 1
+  coordinator = coordinator or os.environ.get(ENV_COORDINATOR) or os.environ.get("JAX_COORDINATOR_ADDRESS")
+  if num_processes is None:
+    num_processes = _env_int(ENV_NUM_PROCESSES) or _env_int("JAX_NUM_PROCESSES")
+  if process_id is None:
+    process_id = _env_int(ENV_PROCESS_ID)
+    process_id = _env_int("JAX_PROCESS_ID") if process_id is None else process_id
+  options = dict(DEFAULT_TIMEOUTS)
+  for key, env in ENV_TIMEOUTS.items():
+    if _env_int(env) is not None:
+      options[key] = _env_int(env)
+  for key, value in timeouts.items():
+    if key not in DEFAULT_TIMEOUTS:
+      raise TypeError(f"unknown timeout {key!r}; expected one of {sorted(DEFAULT_TIMEOUTS)}")
+    options[key] = int(value)
+  for key, value in options.items():
+    if value < 1:
+      raise DistributedError(f"{key} must be >= 1 second, got {value}")
+
+  if coordinator:
+    if num_processes is None or process_id is None:
+      raise DistributedError(f"coordinator {coordinator} given without the number of processes and this "
+                             f"process's id ({ENV_NUM_PROCESSES}, {ENV_PROCESS_ID})")
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+      raise DistributedError(f"process id {process_id} is outside [0, {num_processes})")
+    if ":" not in coordinator:
+      raise DistributedError(f"coordinator must be host:port, got {coordinator!r}")
+    if num_processes == 1:
+      return False
+    jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id,
+                               **_jax_options(options))
+  elif os.environ.get("IFJ_DISTRIBUTED") == "1" or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    jax.distributed.initialize(**_jax_options(options))
+  else:
+    return False
+  if jax.process_count() > 1:
+    Watchdog(options["heartbeat_timeout_seconds"]).start()
+  logging.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+  return jax.process_count() > 1
+
+
+def _jax_options(options: dict) -> dict:
+  out = dict(options)
+  timeout = options["heartbeat_timeout_seconds"]
+  out["heartbeat_timeout_seconds"] = timeout + max(timeout, 10)
+  return out
+
+
+class Watchdog(threading.Thread):
+  """Notices a dead or hung process and stops this one with one line instead of a hang.
+
+  Every `timeout / 5` seconds each process bumps its counter `ifj/alive/<id>` in the coordination
+  service's key-value store and reads the others'. A process whose counter has not moved for
+  `timeout` seconds (killed, crashed, hung, its host gone), or a coordinator that stops answering
+  for that long (process 0 died), ends this process with `EXIT_PEER_LOST` after one line on stderr.
+  A process that finished normally marks itself done first (atexit), so stragglers are not blamed.
+  """
+
+  def __init__(self, timeout: float):
+    super().__init__(name="ifj-watchdog", daemon=True)
+    from jax._src import distributed
+    self.client = distributed.global_state.client
+    self.timeout = float(timeout)
+    self.interval = max(self.timeout / 5.0, 0.2)
+    self.me, self.count = jax.process_index(), jax.process_count()
+    self._stop = threading.Event()
+    atexit.register(self.finish)
+
+  def finish(self) -> None:
+    if self._stop.is_set():
+      return
+    self._stop.set()
+    try:
+      self.client.key_value_set(f"ifj/done/{self.me}", "1", allow_overwrite=True)
+    except Exception:  # pylint: disable=broad-except  # the job is ending anyway
+      pass
+
+  def _die(self, message: str) -> None:
+    if self._stop.is_set():
+      return
+    sys.stderr.write(f"imagefolder-jax: error: {message}; stopping process {self.me} "
+                     f"(exit {EXIT_PEER_LOST}). Rerun the same command on every host to resume from "
+                     "the last checkpoint\n")
+    sys.stderr.flush()
+    os._exit(EXIT_PEER_LOST)
+
+  def run(self) -> None:
+    now = time.monotonic()
+    seen = {q: (None, now) for q in range(self.count) if q != self.me}
+    last_ok, beat = now, 0
+    while not self._stop.wait(self.interval):
+      now = time.monotonic()
+      try:
+        beat += 1
+        self.client.key_value_set(f"ifj/alive/{self.me}", str(beat), allow_overwrite=True)
+        for q, (value, since) in list(seen.items()):
+          if _try_get(self.client, f"ifj/done/{q}") == "1":
+            del seen[q]
+            continue
+          current = _try_get(self.client, f"ifj/alive/{q}")
+          if current != value:
+            seen[q] = (current, now)
+          elif now - since > self.timeout:
+            self._die(f"process {q} has not been heard from for {self.timeout:.0f} s (dead or hung)")
+        last_ok = now
+      except Exception as e:  # pylint: disable=broad-except
+        if now - last_ok > self.timeout:
+          self._die(f"lost the coordinator (process 0) for {self.timeout:.0f} s "
+                    f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
+
+
+def _try_get(client, key: str):
+  try:
+    return client.key_value_try_get(key)
+  except Exception as e:  # pylint: disable=broad-except
+    if "NOT_FOUND" in str(e) or "not found" in str(e).lower():
+      return None
+    raise
+
+
+def is_multiprocess() -> bool:
+  return jax.distributed.is_initialized() and jax.process_count() > 1
+
+
+def peer_failure(error: BaseException) -> Optional[str]:
+  """A one-line description when `error` is a collective that failed because another process of
+  the job died (gloo/NCCL connection closed, coordination service unavailable); else None."""
+  text = str(error)
+  markers = ("Gloo", "Connection closed", "Connection reset", "heartbeat", "UNAVAILABLE", "NCCL",
+             "coordination service", "DEADLINE_EXCEEDED")
+  if is_multiprocess() and any(m in text for m in markers):
+    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    return f"another process of the job failed during a collective ({first[:160]})"
+  return None
+
+
+def abandon(code: int) -> None:
+  """Ends a failed multi-process run now. A normal exit would wait in jax's shutdown barrier for
+  peers that are gone (and then abort with a stack trace), so flush and leave at once."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
+
+
+def is_primary() -> bool:
+  """True on process 0, the one that writes logs, metrics, PNG grids and single-file outputs."""
+  return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+  """Barrier across processes (no-op on one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
