@@ -235,6 +235,10 @@ def tokenizer_state_dict(config: TokenizerConfig, variables: dict,
     sd[prefix + "ema_vocab_hit_SV"] = (_f32(usage) if usage is not None
                                        else np.zeros((len(q.scales), q.codebook_size), np.float32))
     for k in range(q.num_phi):
+      if k not in q.phi_index:
+        # Flax never creates a phi no scale uses; the official ModuleList holds all K.
+        raise ExportError(f"model.quantizer.num_phi={q.num_phi}: scales {q.scales} use only phi convs "
+                          f"{sorted(set(q.phi_index))}, phi_{k} has no weights for quant_resi.qresi_ls.{k}")
       _put(sd, f"{prefix}quant_resi.qresi_ls.{k}", _conv(params, branch, f"phi_{k}", "conv"))
     if q.codebook_update == "gradient":
       embedding = params.get(branch, "embedding")
