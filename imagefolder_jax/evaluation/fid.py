@@ -43,7 +43,8 @@ def frechet_distance(a: FeatureStatistics, b: FeatureStatistics, eps: float = 1e
   if mu1.shape != mu2.shape or s1.shape != s2.shape:
     raise FIDError(f"statistics differ in dimension: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}")
   diff = mu1 - mu2
-  covmean, _ = linalg.sqrtm(s1.dot(s2), disp=False)
+  # ADM passes disp=False (deprecated in SciPy 1.16); the plain call returns the same matrix.
+  covmean = linalg.sqrtm(s1.dot(s2))
   if not np.isfinite(covmean).all():
     warnings.warn(f"FID: singular covariance product; adding {eps} to the diagonals")
     offset = np.eye(s1.shape[0]) * eps
