@@ -18,8 +18,8 @@ __all__ = ["CliError", "PROG", "build_parser", "main"]
 
 
 def _verbs() -> list[Callable]:
-  from imagefolder_jax.cli import convert, inference, training
-  return [*convert.VERBS, *inference.VERBS, *training.VERBS]
+  from imagefolder_jax.cli import convert, evaluation, inference, training
+  return [*convert.VERBS, *inference.VERBS, *training.VERBS, *evaluation.VERBS]
 
 
 def build_parser() -> argparse.ArgumentParser:
