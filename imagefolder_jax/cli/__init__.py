@@ -66,14 +66,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
   parser = build_parser()
-  args, extra = parser.parse_known_args(argv)
+  try:  # argparse exits on bad arguments and --help; in-process callers get the code back
+    args, extra = parser.parse_known_args(argv)
+  except SystemExit as e:
+    return e.code if isinstance(e.code, int) else EXIT_BAD_INPUT
   logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
   if not args.verbose:
     # orbax/absl/jax log every checkpoint step and backend probe at INFO; users want our lines only.
     for name in ("absl", "orbax", "jax._src.xla_bridge", "jax"):
       logging.getLogger(name).setLevel(logging.ERROR)
   if extra and not getattr(args, "accepts_overrides", False):
-    parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    print(f"{PROG}: error: unrecognized arguments: {' '.join(extra)} (see {PROG} --help)", file=sys.stderr)
+    return EXIT_BAD_INPUT
   args.overrides = extra
   try:
     args.run(args)

@@ -21,11 +21,9 @@ Damage is survived, not trusted:
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import sys
 import time
 import zlib
 from typing import Any, Optional
@@ -33,6 +31,8 @@ from typing import Any, Optional
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from imagefolder_jax.checkpoint import _dotted, exception_summary as _one_line, quiet_orbax as _quiet_orbax
 
 log = logging.getLogger("imagefolder_jax.train")
 
@@ -302,16 +302,7 @@ def _check_files(path: str, checksums: bool) -> Optional[str]:
 
 
 # ----------------------------------------------------------------------------- array specs
-def _key_name(path) -> str:
-  parts = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return ".".join(parts)
+_key_name = _dotted
 
 
 def _array_specs(tree: Any) -> dict[str, tuple]:
@@ -358,84 +349,6 @@ def _first_non_finite(state: Any) -> Optional[str]:
     if not all(np.isfinite(np.asarray(s)).all() for s in shards):
       return _key_name(path)
   return None
-
-
-# ----------------------------------------------------------------------------- quiet failures
-def _one_line(e: BaseException, limit: int = 240) -> str:
-  """The most specific first line in an exception chain (tensorstore's reason, not orbax's wrapper)."""
-  chain, seen = [], set()
-  while e is not None and id(e) not in seen:
-    seen.add(id(e))
-    chain.append(e)
-    e = e.__cause__ or e.__context__
-  best = chain[-1]
-  text = (str(best).strip().splitlines() or [""])[0]
-  text = f"{type(best).__name__}: {text}" if text else type(best).__name__
-  return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def _is_failed_read_noise(unraisable) -> bool:
-  """Leftovers of a failed orbax read, reported by Python as unraisable exceptions.
-
-  When one array of a restore fails, orbax's asyncio loop ends while tensorstore still completes
-  the other reads: each completion then reports "Event loop is closed", and each read coroutine
-  that failed after the loop ended reports its own (already reported) error.
-  """
-  value = getattr(unraisable, "exc_value", None)
-  if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
-    return True
-  code = getattr(getattr(unraisable, "object", None), "cr_code", None)
-  return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
-
-
-class _FailedReadLogFilter(logging.Filter):
-  """Drops asyncio's "exception was never retrieved" records for orbax's failed array reads (the
-  same failure already reported once, as the reason a checkpoint was skipped)."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    if "exception was never retrieved" not in record.getMessage() or not record.exc_info:
-      return True
-    tb = record.exc_info[2]
-    while tb is not None:
-      if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
-        return False
-      tb = tb.tb_next
-    return "OCDBT" not in str(record.exc_info[1])
-
-
-def _install_noise_filters() -> None:
-  """Process-wide (the leftovers arrive after the restore call returns), idempotent."""
-  asyncio_log = logging.getLogger("asyncio")
-  if not any(isinstance(f, _FailedReadLogFilter) for f in asyncio_log.filters):
-    asyncio_log.addFilter(_FailedReadLogFilter())
-  previous = sys.unraisablehook
-  if getattr(previous, "_imagefolder_filter", False):
-    return
-
-  def hook(unraisable):
-    if _is_failed_read_noise(unraisable):
-      log.debug("ignored after a failed checkpoint read: %s", unraisable.exc_value)
-      return
-    previous(unraisable)
-
-  hook._imagefolder_filter = True
-  sys.unraisablehook = hook
-
-
-@contextlib.contextmanager
-def _quiet_orbax():
-  """Silences orbax/absl logging (unless DEBUG is on) and asyncio leftovers of failed reads."""
-  _install_noise_filters()
-  loggers = [logging.getLogger(n) for n in ("absl", "orbax")]
-  levels = [l.level for l in loggers]
-  if not logging.getLogger().isEnabledFor(logging.DEBUG):
-    for l in loggers:
-      l.setLevel(logging.CRITICAL)
-  try:
-    yield
-  finally:
-    for l, level in zip(loggers, levels):
-      l.setLevel(level)
 
 
 # ----------------------------------------------------------------------------- test hook
