@@ -79,9 +79,14 @@ def make_manager(workdir: str, keep: int, async_save: bool = True) -> ocp.Checkp
                                          enable_async_checkpointing=async_save)
   block = _blocking_hook() if async_save else None
   if block is not None:
-    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": _BlockingJsonHandler(*block)}
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    state_handler, meta_handler = ocp.StandardCheckpointHandler(), _BlockingJsonHandler(*block)
+    for args in (ocp.args.StandardSave, ocp.args.StandardRestore):
+      registry.add("state", args, state_handler)
+    for args in (ocp.args.JsonSave, ocp.args.JsonRestore):
+      registry.add("meta", args, meta_handler)
     with _quiet_orbax():
-      return _SealingManager(directory, options=options, item_handlers=handlers)
+      return _SealingManager(directory, options=options, handler_registry=registry)
   with _quiet_orbax():  # orbax logs an ERROR line per unparsable step metadata file (harmless)
     return _SealingManager(directory, options=options, item_names=ITEMS)
 
