@@ -39,6 +39,7 @@ def write_codes(directory: str, batches: Iterable[tuple[np.ndarray, np.ndarray]]
   last, so a failure midway (a bad input, a crash) never leaves a directory that looks complete.
   """
   from array_record.python.array_record_module import ArrayRecordWriter
+  created = not os.path.isdir(directory)
   os.makedirs(directory, exist_ok=True)
   final = os.path.join(directory, RECORDS)
   partial = final + ".partial"
@@ -49,9 +50,13 @@ def write_codes(directory: str, batches: Iterable[tuple[np.ndarray, np.ndarray]]
       for c, l in zip(np.asarray(codes), np.asarray(labels)):
         writer.write(encode_record(c, int(l)))
         count += 1
+    if count == 0:
+      raise ValueError(f"no records to write to {directory}: the source yielded no readable example")
   except BaseException:
     writer.close()
     os.remove(partial)
+    if created and not os.listdir(directory):
+      os.rmdir(directory)
     raise
   writer.close()
   os.replace(partial, final)
