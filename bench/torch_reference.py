@@ -46,21 +46,33 @@ class OfficialShape:
   phi_ratio: float = 0.5
   image_size: int = 256
   patch_size: int = 16
+  vit_mlp_ratio: float = 4.0
+  var_width_override: Optional[int] = None
+  var_heads: Optional[int] = None
+  var_mlp_ratio: float = 4.0
+  attn_l2_norm: bool = True
 
   @property
   def var_width(self) -> int:
-    return 64 * self.var_depth
+    return self.var_width_override or 64 * self.var_depth
+
+  @property
+  def var_num_heads(self) -> int:
+    return self.var_heads or self.var_depth
 
 
 # --------------------------------------------------------------------------------------------- VAR
 class VarAttention(nn.Module):
   """Self-attention with l2-normalised q/k, learned per-head scale, q/v biases and a KV cache."""
 
-  def __init__(self, width: int, num_heads: int):
+  def __init__(self, width: int, num_heads: int, attn_l2_norm: bool = True):
     super().__init__()
     self.num_heads, self.head_dim = num_heads, width // num_heads
-    self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), 4.0).log())
-    self.max_scale_mul = math.log(100)
+    self.attn_l2_norm = attn_l2_norm
+    if attn_l2_norm:
+      self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), 4.0).log())
+      self.max_scale_mul = math.log(100)
+    self.scale = 1.0 if attn_l2_norm else 0.25 / math.sqrt(self.head_dim)
     self.mat_qkv = nn.Linear(width, 3 * width, bias=False)
     self.q_bias, self.v_bias = nn.Parameter(torch.zeros(width)), nn.Parameter(torch.zeros(width))
     self.register_buffer("zero_k_bias", torch.zeros(width))
@@ -76,16 +88,17 @@ class VarAttention(nn.Module):
     bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
     qkv = F.linear(x, self.mat_qkv.weight, bias).view(b, l, 3, self.num_heads, self.head_dim)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, l, D) each
-    scale_mul = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
-    q = F.normalize(q, dim=-1).mul(scale_mul)
-    k = F.normalize(k, dim=-1)
+    if self.attn_l2_norm:
+      scale_mul = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
+      q = F.normalize(q, dim=-1).mul(scale_mul)
+      k = F.normalize(k, dim=-1)
     if self.caching:
       if self.cached_k is None:
         self.cached_k, self.cached_v = k, v
       else:
         k = self.cached_k = torch.cat((self.cached_k, k), dim=2)
         v = self.cached_v = torch.cat((self.cached_v, v), dim=2)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=1.0)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=self.scale)
     return self.proj(out.transpose(1, 2).reshape(b, l, c))
 
 
@@ -101,11 +114,12 @@ class VarFFN(nn.Module):
 class VarBlock(nn.Module):
   """AdaLN block: LayerNorm without affine, modulated by SiLU -> Linear(C, 6C) of the condition."""
 
-  def __init__(self, width: int, num_heads: int, eps: float = 1e-6):
+  def __init__(self, width: int, num_heads: int, eps: float = 1e-6, mlp_ratio: float = 4.0,
+               attn_l2_norm: bool = True):
     super().__init__()
     self.width = width
-    self.attn = VarAttention(width, num_heads)
-    self.ffn = VarFFN(width, 4 * width)
+    self.attn = VarAttention(width, num_heads, attn_l2_norm)
+    self.ffn = VarFFN(width, round(width * mlp_ratio))
     self.ln_wo_grad = nn.LayerNorm(width, eps=eps, elementwise_affine=False)
     self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
@@ -141,7 +155,8 @@ class Var(nn.Module):
     self.pos_start = nn.Parameter(torch.randn(1, self.first_l, w) * 0.02)
     self.pos_1LC = nn.Parameter(torch.randn(1, self.num_tokens, w) * 0.02)
     self.lvl_embed = nn.Embedding(len(s.scales), w)
-    self.blocks = nn.ModuleList([VarBlock(w, s.var_depth) for _ in range(s.var_depth)])
+    self.blocks = nn.ModuleList([VarBlock(w, s.var_num_heads, mlp_ratio=s.var_mlp_ratio, attn_l2_norm=s.attn_l2_norm)
+                                 for _ in range(s.var_depth)])
     self.head_nm = HeadNorm(w)
     self.head = nn.Linear(w, s.num_branches * s.codebook_size)
     levels = torch.cat([torch.full((n * n,), i) for i, n in enumerate(s.scales)]).view(1, self.num_tokens, 1)
@@ -201,8 +216,10 @@ class PhiList(nn.Module):
     super().__init__()
     self.qresi_ls = nn.ModuleList([Phi(dim, ratio) for _ in range(count)])
     # numpy's linspace and argmin, as the official PhiPartiallyShared: scales 2 and 7 sit exactly
-    # between two ticks, and only this float64 rounding gives the official choice.
-    self.ticks = np.linspace(1 / 3 / count, 1 - 1 / 3 / count, count)
+    # between two ticks, and only this float64 rounding gives the official choice. Its ticks use
+    # 1/(3K) margins only for K = 4 and 1/(2K) otherwise.
+    self.ticks = (np.linspace(1 / 3 / count, 1 - 1 / 3 / count, count) if count == 4
+                  else np.linspace(1 / 2 / count, 1 - 1 / 2 / count, count))
 
   def __getitem__(self, at: float) -> Phi:
     return self.qresi_ls[int(np.argmin(np.abs(self.ticks - at)))]
@@ -261,27 +278,41 @@ class VitMlp(nn.Module):
 class VitBlock(nn.Module):
   """timm `Block` (pre-norm, LayerScale)."""
 
-  def __init__(self, width: int, num_heads: int):
+  def __init__(self, width: int, num_heads: int, mlp_ratio: float = 4.0):
     super().__init__()
     self.norm1, self.norm2 = nn.LayerNorm(width, eps=1e-6), nn.LayerNorm(width, eps=1e-6)
     self.attn, self.ls1 = VitAttention(width, num_heads), LayerScale(width)
-    self.mlp, self.ls2 = VitMlp(width, 4 * width), LayerScale(width)
+    self.mlp, self.ls2 = VitMlp(width, int(width * mlp_ratio)), LayerScale(width)
 
   def forward(self, x):
     x = x + self.ls1(self.attn(self.norm1(x)))
     return x + self.ls2(self.mlp(self.norm2(x)))
 
 
-class VitTrunk(nn.Module):
-  """`decoder.model`: cls token, position table, blocks, final norm (no patch embedding)."""
+class PatchEmbed(nn.Module):
+  """timm `PatchEmbed`: conv with stride = kernel = patch, flattened row-major to (B, N, C)."""
 
-  def __init__(self, shape: OfficialShape):
+  def __init__(self, width: int, patch_size: int):
+    super().__init__()
+    self.proj = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
+
+  def forward(self, x):
+    return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class VitTrunk(nn.Module):
+  """timm DINOv2 ViT: cls token, position table, blocks, final norm; `decoder.model` has no patch
+  embedding (DINOv2Decoder deletes it), `encoder.model` and `semantic_model` have one."""
+
+  def __init__(self, shape: OfficialShape, with_patch_embed: bool = False):
     super().__init__()
     w, g = shape.vit_width, shape.image_size // shape.patch_size
     self.grid = g
     self.cls_token = nn.Parameter(torch.randn(1, 1, w) * 1e-6)
     self.pos_embed = nn.Parameter(torch.randn(1, g * g + 1, w) * 0.02)
-    self.blocks = nn.Sequential(*[VitBlock(w, shape.vit_heads) for _ in range(shape.vit_depth)])
+    if with_patch_embed:
+      self.patch_embed = PatchEmbed(w, shape.patch_size)
+    self.blocks = nn.Sequential(*[VitBlock(w, shape.vit_heads, shape.vit_mlp_ratio) for _ in range(shape.vit_depth)])
     self.norm = nn.LayerNorm(w, eps=1e-6)
 
   def pos_embed_tokens(self, x, side: int):
@@ -339,6 +370,102 @@ class SamplingTokenizer(nn.Module):
   def fhat_to_img(self, f_hat):
     """f_hat (B, P*Cq, n, n) -> images (B, 3, H, W) clamped to [-1, 1]."""
     return self.decoder(self.post_quant_conv(f_hat).flatten(2).permute(0, 2, 1)).clamp_(-1, 1)
+
+
+class Encoder(nn.Module):
+  """`encoder` (DINOv2Encoder, abs_pos_embed=True, P > 1): images -> the last P*n*n tokens after the norm."""
+
+  def __init__(self, shape: OfficialShape):
+    super().__init__()
+    w, p, n = shape.vit_width, shape.patch_size, shape.scales[-1]
+    self.num_branches, self.side = shape.num_branches, n
+    self.model = VitTrunk(shape, with_patch_embed=True)
+    self.latent_tokens = nn.Parameter(torch.randn(1, shape.num_branches * n * n, w) * 1e-6)
+    self.lvl_embed = nn.Embedding(1 + shape.num_branches, w)
+    # Official: patch_size**2 + 1 image slots (equals the patch count + cls only when grid == patch).
+    self.register_buffer("lvl1LC", torch.cat([torch.zeros(p * p + 1)] + [torch.full((n * n,), i + 1.0) for i in
+                                                                         range(shape.num_branches)]).long().view(1, -1))
+
+  def forward(self, images):
+    x = self.model.patch_embed(images)
+    x = self.model.pos_embed_tokens(x, self.model.grid)
+    b, n = x.shape[0], self.side
+    z = self.latent_tokens.expand(b, -1, -1).reshape(b, self.num_branches * n, n, -1)
+    z_list = [self.model.pos_embed_tokens(zb.reshape(b, n * n, -1), n)[:, 1:] for zb in z.chunk(self.num_branches, 1)]
+    x = torch.cat([x] + z_list, dim=1)
+    x = x + self.lvl_embed(self.lvl1LC.expand(b, -1))
+    x = self.model.norm(self.model.blocks(x))
+    return x[:, -self.num_branches * n * n:]
+
+
+def f_to_idx_and_fhat(quantizer: BranchQuantizer, f, scales):
+  """`VectorQuantizer2.f_to_idxBl_or_fhat` (eval): f (B, Cq, n, n) -> ([ids (B, n_s^2)], final f_hat)."""
+  b, c, h, w = f.shape
+  f_rest, f_hat = f.detach().clone(), torch.zeros_like(f)
+  num_scales, ids = len(scales), []
+  for si, side in enumerate(scales):
+    z = (F.interpolate(f_rest, size=(side, side), mode="area") if si != num_scales - 1 or side != 16 else f_rest)
+    z = F.normalize(z.permute(0, 2, 3, 1).reshape(-1, c), dim=-1)
+    idx = torch.argmax(z @ F.normalize(quantizer.embedding.weight.data.T, dim=0), dim=1)
+    h_bchw = quantizer.embedding(idx.view(b, side, side)).permute(0, 3, 1, 2)
+    if si != num_scales - 1:
+      h_bchw = F.interpolate(h_bchw, size=(h, w), mode="bicubic").contiguous()
+    h_bchw = quantizer.quant_resi[0 if num_scales == 1 else si / (num_scales - 1)](h_bchw)
+    f_hat.add_(h_bchw)
+    f_rest.sub_(h_bchw)
+    ids.append(idx.reshape(b, side * side))
+  return ids, f_hat
+
+
+def idx_to_var_input(quantizer: BranchQuantizer, ids, scales, latent_dim: int):
+  """`VectorQuantizer2.idxBl_to_var_input`: ids [(B, n_s^2)] -> (B, L - n_0^2, Cq)."""
+  b, n, num_scales = ids[0].shape[0], scales[-1], len(scales)
+  f_hat = ids[0].new_zeros(b, latent_dim, n, n, dtype=torch.float32)
+  out, pn_next = [], scales[0]
+  for si in range(num_scales - 1):
+    h = F.interpolate(quantizer.embedding(ids[si]).transpose_(1, 2).view(b, latent_dim, pn_next, pn_next),
+                      size=(n, n), mode="bicubic")
+    f_hat.add_(quantizer.quant_resi[si / (num_scales - 1)](h))
+    pn_next = scales[si + 1]
+    out.append(F.interpolate(f_hat, size=(pn_next, pn_next), mode="area").view(b, latent_dim, -1).transpose(1, 2))
+  return torch.cat(out, dim=1)
+
+
+class Tokenizer(SamplingTokenizer):
+  """The whole official `VQModel` (enc/dec dinov2, P > 1): every key of its state dict, including the
+  frozen `semantic_model` unless `with_teacher=False` (semantic_guide='none')."""
+
+  def __init__(self, shape: OfficialShape, with_teacher: bool = True):
+    super().__init__(shape)
+    self.encoder = Encoder(shape)
+    self.quant_conv = nn.Conv2d(shape.vit_width, shape.latent_dim, 1)
+    if with_teacher:
+      self.semantic_model = VitTrunk(shape, with_patch_embed=True)
+
+  def latents(self, images):
+    """`VQModel.img_to_reconstructed_img` up to the quantizers: images (B,3,H,W) -> [(B, Cq, n, n)] per branch."""
+    h = self.encoder(images)
+    b, l, c = h.shape
+    f = self.quant_conv(h.view(b, l, 1, c).permute(0, 3, 1, 2))
+    n = self.shape.scales[-1]
+    return [fb.reshape(b, -1, n, n) for fb in f.chunk(self.shape.num_branches, dim=2)]
+
+  @torch.no_grad()
+  def encode(self, images):
+    """images (B,3,H,W) in [-1, 1] -> (ids[branch][scale] (B, n_s^2), f_hat (B, P*Cq, n, n))."""
+    out = [f_to_idx_and_fhat(q, f, self.shape.scales) for q, f in zip(self.quantizes, self.latents(images))]
+    return [o[0] for o in out], torch.cat([o[1] for o in out], dim=1)
+
+  @torch.no_grad()
+  def reconstruct(self, images):
+    """`img_to_reconstructed_img(last_one=True)`: clamped (B, 3, H, W)."""
+    return self.fhat_to_img(self.encode(images)[1])
+
+  @torch.no_grad()
+  def var_input(self, ids):
+    """`VQModel.idxBl_to_var_input`: ids[branch][scale] -> (B, L - n_0^2, P*Cq)."""
+    return torch.cat([idx_to_var_input(q, i, self.shape.scales, self.shape.latent_dim)
+                      for q, i in zip(self.quantizes, ids)], dim=-1)
 
 
 # ---------------------------------------------------------------------------------------- sampler
@@ -430,6 +557,13 @@ def load(shape: OfficialShape, var_sd: dict, tokenizer_sd: dict) -> tuple[Var, S
   wanted = {k: v for k, v in tokenizer_sd.items() if k.split(".")[0] in ("quantizes", "post_quant_conv", "decoder")}
   tok.load_state_dict(wanted, strict=True)
   return var, tok
+
+
+def load_tokenizer(shape: OfficialShape, tokenizer_sd: dict) -> Tokenizer:
+  """The whole official tokenizer, strict=True (with the teacher iff the state dict has semantic_model.*)."""
+  tok = Tokenizer(shape, with_teacher=any(k.startswith("semantic_model.") for k in tokenizer_sd)).eval()
+  tok.load_state_dict(tokenizer_sd, strict=True)
+  return tok
 
 
 def encoder_state_dict(shape: OfficialShape, seed: int = 1) -> dict:

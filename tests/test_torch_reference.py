@@ -87,3 +87,20 @@ def test_sampled_ids_in_support_and_seeded(modules, parity_expected):
     part = logits[..., br * 4096:(br + 1) * 4096].clone()
     mask = ref.sample_with_top_k_top_p_(part, 750, 0.95, None, return_p=True) > 0
     assert bool(mask.gather(-1, a["ids"][br][5][..., None]).all())
+
+
+def test_tokenizer_encoder_path(parity_expected):
+  """The whole official VQModel (encoder, quant_conv, quantizers, decoder, teacher) from the fixture,
+  strict=True: tokens, latents, ids, f_hat and reconstruction of `img_to_reconstructed_img`."""
+  e = parity_expected
+  tok = ref.load_tokenizer(TINY, torch.load(os.path.join(PARITY_DIR, "tokenizer.pt"), weights_only=True)["ema"])
+  images = torch.from_numpy(e["images"])
+  with torch.no_grad():
+    assert relative_error(tok.encoder(images).numpy(), e["tok_enc_tokens"]) < 1e-5
+    latents = tok.latents(images)
+  assert relative_error(np.stack([f.numpy() for f in latents]), e["tok_latent"]) < 1e-5
+  ids, f_hat = tok.encode(images)
+  np.testing.assert_array_equal(np.stack([torch.cat(i, 1).numpy() for i in ids]), e["tok_idx"])
+  assert relative_error(f_hat.numpy(), np.concatenate(list(e["tok_fhat"]), axis=1)) < 1e-5
+  assert relative_error(tok.reconstruct(images).numpy(), e["tok_recon"]) < 1e-5
+  assert relative_error(tok.var_input(ids).numpy(), e["gen_var_input"]) < 1e-5

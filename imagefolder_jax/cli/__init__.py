@@ -1,8 +1,11 @@
 """The `imagefolder-jax` command line. Thin: parses, validates, calls library functions.
 
-Every verb prints one-line errors (`imagefolder-jax: error: ...`) and exits non-zero on bad input.
-Verbs live in one module per group (`convert`, `inference`, `training`); each module lists its
-`VERBS` (functions that add a sub-parser), and `main` dispatches to the sub-parser's `run`.
+Every error is one line on stderr (`imagefolder-jax: error: ...`); `-v` adds the traceback above it.
+Exit codes: 0 success; 2 bad input (arguments, config, files, bundles, checkpoints: the message
+names the offending value); 1 an unexpected exception (its type and message, "run with -v");
+130 interrupted. Verbs live in one module per group (`convert`, `inference`, `training`); each
+module lists its `VERBS` (functions that add a sub-parser), and `main` dispatches to the
+sub-parser's `run`.
 """
 from __future__ import annotations
 
@@ -10,21 +13,35 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from typing import Callable, Optional, Sequence
 
 from imagefolder_jax.cli.common import PROG, CliError
 
-__all__ = ["CliError", "PROG", "build_parser", "main"]
+__all__ = ["CliError", "PROG", "EXIT_BAD_INPUT", "EXIT_UNEXPECTED", "build_parser", "main"]
+
+EXIT_UNEXPECTED = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+# Longest message printed; library messages name values, never need more.
+MAX_MESSAGE = 600
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse with one-line usage errors (the default prints the whole usage block first)."""
+
+  def error(self, message: str):
+    self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _verbs() -> list[Callable]:
-  from imagefolder_jax.cli import convert, inference, training
-  return [*convert.VERBS, *inference.VERBS, *training.VERBS]
+  from imagefolder_jax.cli import convert, evaluation, inference, training
+  return [*convert.VERBS, *inference.VERBS, *training.VERBS, *evaluation.VERBS]
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog=PROG, description="ImageFolder tokenizer and generator in JAX")
-  parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+  parser = _Parser(prog=PROG, description="ImageFolder tokenizer and generator in JAX")
+  parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
   group = parser.add_argument_group(
       "multi-process jobs", "One process per host (or per GPU) runs the same command; launch/local.sh, "
       "launch/slurm.sbatch and launch/tpu_pod.sh set these through the environment (IFJ_COORDINATOR, "
@@ -35,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
   group.add_argument("--heartbeat-timeout", type=int,
                      help="seconds without a heartbeat before a process is declared dead and the job stops "
                           "(default 60)")
-  sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+  sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True, parser_class=_Parser)
   for add in _verbs():
     add(sub)
   return parser
@@ -52,40 +69,59 @@ def _start_distributed(args) -> None:
     logging.getLogger().setLevel(logging.WARNING)
 
 
+def one_line(message: object) -> str:
+  """`message` as a single line: whitespace runs (newlines included) become one space."""
+  text = " ".join(str(message).split())
+  return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE - 3] + "..."
+
+
+def _input_errors() -> tuple[type, ...]:
+  from imagefolder_jax.convert.common import ConversionError
+  # ValueError covers config, bundle and checkpoint errors; OSError files that cannot be read or
+  # written (missing, permissions, a full disk). All name the offending value.
+  from imagefolder_jax.multihost import DistributedError
+  return (CliError, ConversionError, DistributedError, ValueError, OSError)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   # TensorFlow (imported by clu/tfds) prints C++ banners at import unless told otherwise.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-  from imagefolder_jax.convert.common import ConversionError
   from imagefolder_jax import multihost
-  from imagefolder_jax.multihost import DistributedError
   parser = build_parser()
-  args, extra = parser.parse_known_args(argv)
+  try:  # argparse exits on bad arguments and --help; in-process callers get the code back
+    args, extra = parser.parse_known_args(argv)
+  except SystemExit as e:
+    return e.code if isinstance(e.code, int) else EXIT_BAD_INPUT
   logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
   if not args.verbose:
     # orbax/absl/jax log every checkpoint step and backend probe at INFO; users want our lines only.
     for name in ("absl", "orbax", "jax._src.xla_bridge", "jax"):
       logging.getLogger(name).setLevel(logging.ERROR)
   if extra and not getattr(args, "accepts_overrides", False):
-    parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    print(f"{PROG}: error: unrecognized arguments: {' '.join(extra)} (see {PROG} --help)", file=sys.stderr)
+    return EXIT_BAD_INPUT
   args.overrides = extra
   try:
     _start_distributed(args)
     args.run(args)
-  except (CliError, ConversionError, FileNotFoundError, ValueError, DistributedError) as e:
-    # ValueError covers config, bundle and checkpoint errors: all name the offending value.
-    print(f"{PROG}: error: {e}", file=sys.stderr)
-    return _leave(2)
   except KeyboardInterrupt:
     print(f"{PROG}: interrupted", file=sys.stderr)
-    return _leave(130)
-  except Exception as e:  # pylint: disable=broad-except
+    return _leave(EXIT_INTERRUPTED)
+  except Exception as e:  # every failure ends as one line; -v shows where it came from
+    if args.verbose:
+      traceback.print_exc()
     lost = multihost.peer_failure(e)
-    if lost is None:
-      raise
-    print(f"{PROG}: error: {lost}; rerun the same command on every host to resume from the last checkpoint",
+    if lost is not None:
+      print(f"{PROG}: error: {one_line(lost)}; rerun the same command on every host to resume from the "
+            "last checkpoint", file=sys.stderr)
+      return _leave(multihost.EXIT_PEER_LOST)
+    if isinstance(e, _input_errors()):
+      print(f"{PROG}: error: {one_line(e)}", file=sys.stderr)
+      return _leave(EXIT_BAD_INPUT)
+    print(f"{PROG}: error: {one_line(f'{type(e).__name__}: {e}')} (run with -v for the traceback)",
           file=sys.stderr)
-    return _leave(multihost.EXIT_PEER_LOST)
+    return _leave(EXIT_UNEXPECTED)
   return 0
 
 

@@ -1,4 +1,4 @@
-"""Verbs that convert weights between formats: convert-official."""
+"""Verbs that convert weights between formats: convert-official, export-official."""
 from __future__ import annotations
 
 import os
@@ -42,5 +42,48 @@ def _run_convert(args) -> None:
   print(f"wrote bundle {args.out} ({', '.join(sorted(configs))})")
 
 
+# ----------------------------------------------------------------------------- export-official
+def _add_export_official(sub) -> None:
+  p = sub.add_parser("export-official", help="write a bundle (or a training run) as official PyTorch checkpoints",
+                     description="Writes tokenizer.pt ({'model','ema','steps'}), generator.pt (the official "
+                                 "ar-ckpt layout, with trainer.var_wo_ddp and trainer.vae_local), .safetensors of "
+                                 "the same state dicts and config.json (what convert-official --config reads). "
+                                 "Example: imagefolder-jax export-official --bundle runs/gen/bundle --out official/")
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--bundle", help="bundle directory (convert-official, export or a run's bundle/)")
+  src.add_argument("--workdir", help="training workdir: its latest checkpoint (EMA weights) is exported")
+  p.add_argument("--out", required=True, help="directory to write the official files into")
+  p.add_argument("--teacher", help="frozen DINOv2 for semantic_model.*: a local DINOv2 file or bundle:DIR "
+                                   "(default: the bundle's semantic_teacher, or the run's loss.semantic_teacher)")
+  p.add_argument("--without-teacher", action="store_true",
+                 help="export without semantic_model.* (loads strictly into a VQModel with semantic_guide='none')")
+  p.set_defaults(run=_run_export_official)
 
-VERBS = [_add_convert]
+
+def _run_export_official(args) -> None:
+  import tempfile
+  from imagefolder_jax.convert.export_official_files import export_bundle, workdir_teacher
+  if args.teacher and args.without_teacher:
+    raise CliError("--teacher and --without-teacher exclude each other")
+  teacher = args.teacher
+  if args.bundle:
+    if not os.path.isdir(args.bundle):
+      raise CliError(f"bundle directory not found: {args.bundle}")
+    paths = export_bundle(args.bundle, args.out, teacher=teacher, without_teacher=args.without_teacher)
+    source = args.bundle
+  else:
+    from imagefolder_jax.train import trainer
+    if not os.path.isdir(args.workdir):
+      raise CliError(f"workdir not found: {args.workdir}")
+    _, run_config = trainer.load_workdir_config(args.workdir)
+    if teacher is None and not args.without_teacher:
+      teacher = workdir_teacher(run_config)
+    with tempfile.TemporaryDirectory() as tmp:
+      bundle = os.path.join(tmp, "bundle")
+      step = trainer.export(args.workdir, bundle)
+      paths = export_bundle(bundle, args.out, teacher=teacher, without_teacher=args.without_teacher, step=step)
+    source = f"{args.workdir} (step {step})"
+  print(f"wrote {', '.join(os.path.basename(p) for p in paths)} to {args.out} from {source}")
+
+
+VERBS = [_add_convert, _add_export_official]

@@ -11,13 +11,56 @@ class ConversionError(ValueError):
   """A checkpoint does not hold what the target architecture needs (names the tensor)."""
 
 
+# File signatures that say what a file given as a checkpoint really is (first bytes).
+_NOT_CHECKPOINT_SIGNATURES = (
+    (b"\xff\xd8\xff", "a JPEG image"), (b"\x89PNG", "a PNG image"), (b"GIF8", "a GIF image"),
+    (b"II*\x00", "a TIFF image"), (b"MM\x00*", "a TIFF image"), (b"BM", "a BMP image"),
+    (b"\x1f\x8b", "a gzip archive"), (b"%PDF", "a PDF document"), (b"\x93NUMPY", "a NumPy .npy file"),
+)
+# A torch.save file is a zip archive (PyTorch >= 1.6) or a bare pickle (legacy: protocol byte 0x80).
+_TORCH_SIGNATURES = (b"PK\x03\x04", b"\x80")
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+  text = " ".join((str(e).strip().splitlines() or [""])[0].split())
+  text = text if len(text) <= limit else text[:limit - 3] + "..."
+  return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _what_file_is(head: bytes) -> str:
+  for signature, name in _NOT_CHECKPOINT_SIGNATURES:
+    if head.startswith(signature):
+      return name
+  if not head:
+    return "empty"
+  if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+    return "a WebP image"
+  try:
+    head.decode("utf-8")
+    return "a text file"
+  except UnicodeDecodeError:
+    return "not a zip or pickle file"
+
+
 def load_torch_file(path: str) -> Any:
-  """Loads a .pt/.pth (tensors only, `weights_only=True`: never unpickles code) or .safetensors file."""
+  """Loads a .pt/.pth (tensors only, `weights_only=True`: never unpickles code) or .safetensors file.
+
+  Raises `ConversionError` (one line, naming the file and what it looks like) for anything that is
+  not such a checkpoint: an image, a text file, a truncated download, an empty file.
+  """
   if not os.path.isfile(path):
     raise FileNotFoundError(f"checkpoint not found: {path}")
+  with open(path, "rb") as f:
+    head = f.read(16)
   if path.endswith(".safetensors"):
     from safetensors.numpy import load_file
-    return load_file(path)
+    try:
+      return load_file(path)
+    except Exception as e:  # safetensors raises its own SafetensorError, OSError, ValueError...
+      raise ConversionError(f"{path}: not a readable safetensors file ({_first_line(e)})") from e
+  if not head.startswith(_TORCH_SIGNATURES):
+    raise ConversionError(f"{path}: not a PyTorch checkpoint ({_what_file_is(head)}; "
+                          "expected a file written by torch.save or a .safetensors file)")
   try:
     import torch
   except ImportError as e:  # pragma: no cover - depends on the environment
@@ -25,8 +68,11 @@ def load_torch_file(path: str) -> Any:
                       "or pip install torch") from e
   try:
     return torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:
-    raise ConversionError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+  except Exception as e:  # truncated zip, pickles of code (refused by weights_only), bad records...
+    if "Weights only load failed" in str(e):
+      raise ConversionError(f"{path}: holds pickled Python objects besides tensors, which are never "
+                            "unpickled (torch.load weights_only=True)") from e
+    raise ConversionError(f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})") from e
 
 
 def to_numpy(value: Any) -> np.ndarray:

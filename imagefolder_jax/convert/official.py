@@ -7,6 +7,7 @@ MSVR10P2-4096 defaults.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any, Optional
@@ -109,12 +110,46 @@ def infer_tokenizer_config(sd: StateDict, arch: dict) -> TokenizerConfig:
   config = TokenizerConfig(vit=vit, quantizer=quantizer, num_branches=num_branches,
                            dropout_start=int(tok_arch.get("start_drop", 3)),
                            dropout_fraction=float(tok_arch.get("codebook_drop", 0.1)))
+  recorded = arch.get("imagefolder_jax", {}).get("tokenizer")
+  if recorded is not None:
+    config = _recorded_tokenizer_config(sd, config, recorded)
   config.validate()
   return config
 
 
-def tokenizer_variables(sd: StateDict, config: TokenizerConfig) -> dict:
-  """Official tokenizer state dict -> {'params': ..., 'quantizer_stats': ...} for `ImageFolderTokenizer`."""
+def _recorded_tokenizer_config(sd: StateDict, inferred: TokenizerConfig, recorded: dict) -> TokenizerConfig:
+  """The full config an `export-official` JSON records, checked against what the shapes say.
+
+  Shapes decide the architecture; the record only restores what the official layout has no place
+  for (initialisers, EMA settings). The checkpoint holds a gradient-mode codebook whatever the record.
+  """
+  try:
+    rec = TokenizerConfig.from_dict(recorded)
+  except (TypeError, ValueError) as e:
+    raise ConversionError(f"architecture JSON imagefolder_jax.tokenizer: {e}") from e
+  checks = {"vit.width": (rec.vit.width, inferred.vit.width), "vit.depth": (rec.vit.depth, inferred.vit.depth),
+            "vit.num_heads": (rec.vit.num_heads, inferred.vit.num_heads),
+            "vit.mlp hidden": (int(rec.vit.width * rec.vit.mlp_ratio), int(inferred.vit.width * inferred.vit.mlp_ratio)),
+            "vit.patch_size": (rec.vit.patch_size, inferred.vit.patch_size),
+            "vit.image_size": (rec.vit.image_size, inferred.vit.image_size),
+            "vit.layerscale": (rec.vit.layerscale, inferred.vit.layerscale),
+            "num_branches": (rec.num_branches, inferred.num_branches),
+            "quantizer.codebook_size": (rec.quantizer.codebook_size, inferred.quantizer.codebook_size),
+            "quantizer.latent_dim": (rec.quantizer.latent_dim, inferred.quantizer.latent_dim),
+            "quantizer.scales": (tuple(rec.quantizer.scales), tuple(inferred.quantizer.scales)),
+            "quantizer.num_phi": (rec.quantizer.num_phi, inferred.quantizer.num_phi)}
+  for field, (want, got) in checks.items():
+    if want != got:
+      raise ConversionError(f"{sd.source}: tokenizer {field} is {got}, the architecture JSON's "
+                            f"imagefolder_jax record says {want}")
+  return dataclasses.replace(rec, quantizer=dataclasses.replace(rec.quantizer, codebook_update="gradient"))
+
+
+def tokenizer_variables(sd: StateDict, config: TokenizerConfig, usage_steps: int = 0) -> dict:
+  """Official tokenizer state dict -> {'params': ..., 'quantizer_stats': ...} for `ImageFolderTokenizer`.
+
+  usage_steps: steps the usage counters have seen (the checkpoint's `steps`; it picks their EMA decay).
+  """
   c = config
   w = c.vit.width
   q = c.quantizer
@@ -154,16 +189,18 @@ def tokenizer_variables(sd: StateDict, config: TokenizerConfig) -> dict:
     usage_name = prefix + "ema_vocab_hit_SV"
     usage = (sd.get(usage_name, (len(q.scales), q.codebook_size)) if usage_name in sd
              else np.zeros((len(q.scales), q.codebook_size), np.float32))
-    stats[f"quantizer_{b}"] = {"usage": usage.astype(np.float32), "usage_steps": np.array(0, np.int32)}
+    stats[f"quantizer_{b}"] = {"usage": usage.astype(np.float32), "usage_steps": np.array(usage_steps, np.int32)}
   return {"params": params, "quantizer_stats": stats}
 
 
 def convert_tokenizer(path: str, arch_json: Optional[str] = None, weights: str = "ema"):
   """Reads an official tokenizer checkpoint. Returns (TokenizerConfig, variables, teacher or None)."""
   arch = read_arch_json(arch_json)
-  sd = tokenizer_state_dict(load_torch_file(path), path, weights)
+  checkpoint = load_torch_file(path)
+  sd = tokenizer_state_dict(checkpoint, path, weights)
   config = infer_tokenizer_config(sd, arch)
-  variables = tokenizer_variables(sd, config)
+  steps = checkpoint.get("steps", 0) if isinstance(checkpoint, dict) else 0
+  variables = tokenizer_variables(sd, config, usage_steps=steps if isinstance(steps, int) and steps > 0 else 0)
   teacher = None
   if "semantic_model.pos_embed" in sd:
     vit_arch = arch.get("tokenizer", {}).get("vit", {})

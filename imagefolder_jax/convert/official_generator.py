@@ -121,8 +121,29 @@ def infer_generator_config(sd: StateDict, arch: dict, *, hints: Optional[dict] =
       drop_path_rate=float(gen_arch.get("drop_path_rate", defaults.drop_path_rate)))
   if round(config.width * config.mlp_ratio) != hidden:
     raise ConversionError(f"{sd.source}: FFN hidden width {hidden} is not round({width} * {config.mlp_ratio})")
+  recorded = arch.get("imagefolder_jax", {}).get("generator")
+  if recorded is not None:
+    config = _recorded_generator_config(sd, config, recorded)
   config.validate()
   return config
+
+
+def _recorded_generator_config(sd: StateDict, inferred: GeneratorConfig, recorded: dict) -> GeneratorConfig:
+  """The full config an `export-official` JSON records, checked against what the shapes say
+  (it restores initialisers, dtype and the like, which the official layout has no place for)."""
+  try:
+    rec = GeneratorConfig.from_dict(recorded)
+  except (TypeError, ValueError) as e:
+    raise ConversionError(f"architecture JSON imagefolder_jax.generator: {e}") from e
+  for field in ("depth", "width", "num_heads", "num_classes", "num_branches", "codebook_size", "latent_dim",
+                "scales", "attn_l2_norm"):
+    if getattr(rec, field) != getattr(inferred, field):
+      raise ConversionError(f"{sd.source}: generator {field} is {getattr(inferred, field)}, the architecture "
+                            f"JSON's imagefolder_jax record says {getattr(rec, field)}")
+  if round(rec.width * rec.mlp_ratio) != round(inferred.width * inferred.mlp_ratio):
+    raise ConversionError(f"{sd.source}: generator FFN width {round(inferred.width * inferred.mlp_ratio)} differs "
+                          f"from the record's mlp_ratio {rec.mlp_ratio}")
+  return rec
 
 
 def generator_variables(sd: StateDict, config: GeneratorConfig) -> dict:

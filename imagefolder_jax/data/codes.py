@@ -33,20 +33,36 @@ def decode_record(data: bytes) -> dict:
 
 
 def write_codes(directory: str, batches: Iterable[tuple[np.ndarray, np.ndarray]], meta: dict) -> int:
-  """Writes (codes (B, P, L), labels (B,)) batches; returns the number of records."""
+  """Writes (codes (B, P, L), labels (B,)) batches; returns the number of records.
+
+  Records go to a temporary file renamed into place at the end, and the JSON sidecar is written
+  last, so a failure midway (a bad input, a crash) never leaves a directory that looks complete.
+  """
   from array_record.python.array_record_module import ArrayRecordWriter
+  created = not os.path.isdir(directory)
   os.makedirs(directory, exist_ok=True)
-  writer = ArrayRecordWriter(os.path.join(directory, RECORDS), "group_size:1")
+  final = os.path.join(directory, RECORDS)
+  partial = final + ".partial"
+  writer = ArrayRecordWriter(partial, "group_size:1")
   count = 0
   try:
     for codes, labels in batches:
       for c, l in zip(np.asarray(codes), np.asarray(labels)):
         writer.write(encode_record(c, int(l)))
         count += 1
-  finally:
+    if count == 0:
+      raise ValueError(f"no records to write to {directory}: the source yielded no readable example")
+  except BaseException:
     writer.close()
-  with open(os.path.join(directory, META), "w") as f:
+    os.remove(partial)
+    if created and not os.listdir(directory):
+      os.rmdir(directory)
+    raise
+  writer.close()
+  os.replace(partial, final)
+  with open(os.path.join(directory, META + ".partial"), "w") as f:
     json.dump(dict(meta, num_records=count), f, indent=1)
+  os.replace(os.path.join(directory, META + ".partial"), os.path.join(directory, META))
   return count
 
 

@@ -3,46 +3,401 @@
 Async, keep-N, atomic (orbax writes to a temporary directory and renames it on commit), so a job
 killed at any moment resumes from the last committed step. Restoring takes abstract targets with
 shardings, so a run may resume on a different mesh.
+
+Damage is survived, not trusted:
+
+* **Sealing** (after each save, when orbax reports it finished): the state's array metadata is read
+  back from disk and compared with the shapes and dtypes that were saved, then process 0 writes
+  `INTEGRITY_FILE` into the step directory: the size and CRC32 of every file orbax wrote.
+* **Restoring** tries steps newest first. A step is skipped when its directory lacks orbax's commit
+  marker, when a file listed in its integrity record is missing or has another size (or, on process
+  0, another CRC32), when orbax cannot read it, when its meta lacks the data-iterator state, or
+  when a restored array holds NaN/inf (the loop never writes a non-finite state). Every process
+  checks on its own and the verdicts are min-reduced (`multihost_utils.process_allgather`), so all
+  processes restore the same step. Each skipped step gets one log line naming it and why; damaged
+  steps newer than the restored one are moved (never deleted) to `workdir/checkpoints.damaged/`, so
+  the resumed run can save those steps again. If no step is usable: `CheckpointError`, files left
+  in place.
 """
 from __future__ import annotations
 
+import json
+import logging
 import os
+import time
+import zlib
 from typing import Any, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+from imagefolder_jax.checkpoint import _dotted, exception_summary as _one_line, quiet_orbax as _quiet_orbax
+
+log = logging.getLogger("imagefolder_jax.train")
+
+ITEMS = ("state", "meta")
+# Orbax writes this into every step directory it finalizes (atomicity_types.COMMIT_SUCCESS_FILE).
+COMMIT_MARKER = "commit_success.txt"
+INTEGRITY_FILE = "imagefolder_integrity.json"
+INTEGRITY_FORMAT = 1
+DAMAGED_DIR = "checkpoints.damaged"
+# Test hook (only tests set it): "STEP:MARKER" blocks the asynchronous writer of step STEP forever,
+# after touching MARKER, so a test can SIGKILL the process while that save is in flight.
+BLOCK_SAVE_ENV = "IMAGEFOLDER_JAX_TEST_BLOCK_SAVE"
+_CRC_CHUNK = 1 << 22
+# Not covered by the integrity record: the record itself, and orbax's step metadata (timestamps;
+# orbax may rewrite it, and restores without it).
+_UNSEALED_FILES = (INTEGRITY_FILE, "_CHECKPOINT_METADATA")
 
 
 class CheckpointError(ValueError):
-  """A checkpoint directory exists but does not match the current run."""
+  """A checkpoint directory exists but no step in it is usable by the current run."""
+
+
+# ----------------------------------------------------------------------------- manager and save
+class _SealingManager(ocp.CheckpointManager):
+  """An orbax `CheckpointManager` that seals every step it saved once the save has finished.
+
+  Orbax calls `wait_until_finished` itself before each new save, so the previous (asynchronous)
+  save is sealed then, in the caller's thread; the loop's final `wait_until_finished` seals the last.
+  """
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.unsealed: dict[int, dict[str, tuple]] = {}
+
+  def wait_until_finished(self):
+    super().wait_until_finished()
+    for step in sorted(self.unsealed):
+      _seal(self, step, self.unsealed.pop(step))
 
 
 def make_manager(workdir: str, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                          enable_async_checkpointing=async_save)
-  return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
+  block = _blocking_hook() if async_save else None
+  if block is not None:
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    state_handler, meta_handler = ocp.StandardCheckpointHandler(), _BlockingJsonHandler(*block)
+    for args in (ocp.args.StandardSave, ocp.args.StandardRestore):
+      registry.add("state", args, state_handler)
+    for args in (ocp.args.JsonSave, ocp.args.JsonRestore):
+      registry.add("meta", args, meta_handler)
+    with _quiet_orbax():
+      return _SealingManager(directory, options=options, handler_registry=registry)
+  with _quiet_orbax():  # orbax logs an ERROR line per unparsable step metadata file (harmless)
+    return _SealingManager(directory, options=options, item_names=ITEMS)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
   manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                              meta=ocp.args.JsonSave(meta)), force=True)
-
-
-def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> Optional[tuple[int, Any, dict]]:
-  """(step, state, meta) of the latest committed checkpoint, or None when there is none."""
-  step = manager.latest_step()
-  if step is None:
-    return None
-  try:
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-  except (ValueError, KeyError, TypeError) as e:
-    raise CheckpointError(f"checkpoint at step {step} in {manager.directory} does not match this "
-                          f"config ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                          "use a new --workdir or the config it was trained with") from e
-  return step, restored["state"], restored["meta"]
+  if isinstance(manager, _SealingManager):
+    manager.unsealed[step] = _array_specs(state)
 
 
 def abstract_with_shardings(state: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+
+# ----------------------------------------------------------------------------- restore
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, *, quarantine: bool = True,
+                   required_meta: tuple[str, ...] = ("data_iterators",),
+                   verify_checksums: bool = True) -> Optional[tuple[int, Any, dict]]:
+  """(step, state, meta) of the newest usable checkpoint, or None when the directory holds none.
+
+  quarantine: move unusable steps newer than the restored one to `workdir/checkpoints.damaged/`
+    (training needs this: it saves those step numbers again); False leaves every file in place.
+  required_meta: keys the meta item must hold (a string or a non-empty list of strings);
+    "data_iterators" is also satisfied by the single-process "data_iterator" of older runs.
+  verify_checksums: process 0 compares CRC32s with the integrity record (sizes are always checked).
+  Raises `CheckpointError` when step directories exist but none is usable.
+  """
+  directory = os.fspath(manager.directory)
+  expected = _array_specs(abstract_state)
+  local_steps = _step_dirs(directory)
+  skipped: list[tuple[int, str]] = []
+  mismatch = None
+  bound = None
+  while True:
+    below = [s for s in local_steps if bound is None or s < bound]
+    step = _agree(max(below, default=-1), "max")
+    if step < 0:
+      break
+    bound = step
+    path = os.path.join(directory, str(step))
+    reason = _check_files(path, checksums=verify_checksums and jax.process_index() == 0)
+    reason = _agreed_reason(reason)
+    restored = None
+    if reason is None:
+      restored, reason = _try_restore(manager, step, abstract_state, required_meta)
+      if reason is not None and mismatch is None:
+        differs = _config_mismatch(path, expected)
+        if differs is not None:
+          mismatch, reason = (step, differs), differs
+      reason = _agreed_reason(reason)
+    if reason is None:
+      _report_skipped(directory, skipped, quarantine, restored_step=step)
+      _report_unfinished(directory, step)
+      with _quiet_orbax():
+        manager.reload()
+      return step, restored["state"], restored["meta"]
+    skipped.append((step, reason))
+  if not skipped:
+    return None
+  if mismatch is not None:
+    raise CheckpointError(f"checkpoint at step {mismatch[0]} in {directory} does not match this config "
+                          f"({mismatch[1]}); use a new --workdir or the config it was trained with")
+  newest, why = skipped[0]
+  raise CheckpointError(f"no readable checkpoint in {directory}: {len(skipped)} step(s) tried, newest "
+                        f"{newest}: {why}; nothing was deleted; to start fresh use a new --workdir "
+                        f"(or move {directory} away)")
+
+
+def _report_skipped(directory: str, skipped: list[tuple[int, str]], quarantine: bool, restored_step: int):
+  """One warning per unusable step newer than `restored_step`; moves them aside when `quarantine`."""
+  if not skipped:
+    return
+  damaged_root = os.path.join(os.path.dirname(directory), DAMAGED_DIR)
+  for step, reason in skipped:
+    source = os.path.join(directory, str(step))
+    where = source
+    if quarantine:
+      where = _unused_path(os.path.join(damaged_root, str(step)))
+    if jax.process_index() == 0:
+      if quarantine:
+        os.makedirs(damaged_root, exist_ok=True)
+        os.rename(source, where)
+      log.warning("checkpoint step %d is unusable (%s); %s %s (not deleted); restoring step %d",
+                  step, reason, "moved it to" if quarantine else "it stays in", where, restored_step)
+  if quarantine and jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("imagefolder_jax:checkpoint_quarantine")
+
+
+def _unused_path(path: str) -> str:
+  candidate, i = path, 1
+  while os.path.exists(candidate):
+    candidate, i = f"{path}-{i}", i + 1
+  return candidate
+
+
+def _try_restore(manager, step: int, abstract_state, required_meta) -> tuple[Optional[dict], Optional[str]]:
+  try:
+    with _quiet_orbax():
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+  except Exception as e:  # orbax/tensorstore raise bare Exception, ValueError, KeyError, JSON errors...
+    return None, f"orbax cannot read it: {_one_line(e)}"
+  meta = restored["meta"]
+  if not isinstance(meta, dict):
+    return None, f"its meta is {type(meta).__name__}, not a JSON object"
+  for key in required_meta:
+    value = meta.get(key)
+    if value is None and key == "data_iterators":
+      value = meta.get("data_iterator")
+    if not (isinstance(value, str) or (isinstance(value, list) and value
+                                         and all(isinstance(v, str) for v in value))):
+      return None, f"its meta lacks {key!r}"
+  bad = _first_non_finite(restored["state"])
+  if bad is not None:
+    return None, f"array {bad} holds NaN/inf"
+  return restored, None
+
+
+def _agreed_reason(reason: Optional[str]) -> Optional[str]:
+  """`reason`, or a stand-in when this process found nothing wrong but another process did."""
+  all_ok = _agree(reason is None, "min")
+  if not all_ok and reason is None:
+    return "unreadable on another process"
+  return reason
+
+
+def _report_unfinished(directory: str, restored_step: int) -> None:
+  """One line per save that a crash interrupted after `restored_step` (orbax ignores its tmp dir)."""
+  if jax.process_index() != 0:
+    return
+  for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+    step, sep, _ = entry.name.partition(".orbax-checkpoint-tmp")
+    if sep and step.isdigit() and int(step) > restored_step:
+      log.info("the save of step %s did not finish before the run stopped (%s is ignored)", step, entry.path)
+
+
+def _agree(value, how: str) -> int:
+  """The min or max of an int verdict over all processes (the value itself on one process)."""
+  from jax.experimental import multihost_utils
+  values = np.asarray(multihost_utils.process_allgather(np.asarray(int(value), np.int32)))
+  return int(values.min() if how == "min" else values.max())
+
+
+def _step_dirs(directory: str) -> list[int]:
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(e.name) for e in os.scandir(directory) if e.name.isdigit() and e.is_dir())
+
+
+# ----------------------------------------------------------------------------- integrity
+def _files(path: str) -> dict[str, tuple[int, int]]:
+  """{relative path: (size, crc32)} of every file under `path` except the integrity record."""
+  out = {}
+  for root, _, names in os.walk(path):
+    for name in names:
+      full = os.path.join(root, name)
+      rel = os.path.relpath(full, path)
+      if rel not in _UNSEALED_FILES:
+        out[rel] = (os.path.getsize(full), _crc32(full))
+  return out
+
+
+def _crc32(path: str) -> int:
+  crc = 0
+  with open(path, "rb") as f:
+    while chunk := f.read(_CRC_CHUNK):
+      crc = zlib.crc32(chunk, crc)
+  return crc
+
+
+def _seal(manager: ocp.CheckpointManager, step: int, saved: dict[str, tuple]) -> None:
+  """Verifies a finished save against what was saved; writes the integrity record (process 0)."""
+  path = os.path.join(os.fspath(manager.directory), str(step))
+  if not os.path.isdir(path):  # removed by keep-N before we got to it
+    return
+  problem = None
+  if not os.path.isfile(os.path.join(path, COMMIT_MARKER)):
+    problem = f"no {COMMIT_MARKER} (the save did not finish)"
+  else:
+    on_disk = _metadata_specs(path)
+    if isinstance(on_disk, str):
+      problem = on_disk
+    elif on_disk != saved:
+      problem = _spec_difference(on_disk, saved)
+  if problem is not None:
+    log.warning("checkpoint step %d failed verification after saving (%s): %s; a resume will skip it",
+                step, problem, path)
+    return
+  if jax.process_index() == 0:
+    record = {"format": INTEGRITY_FORMAT, "step": step, "arrays": len(saved),
+              "files": {k: list(v) for k, v in sorted(_files(path).items())}}
+    tmp = os.path.join(path, INTEGRITY_FILE + ".tmp")
+    with open(tmp, "w") as f:
+      json.dump(record, f)
+    os.replace(tmp, os.path.join(path, INTEGRITY_FILE))
+
+
+def _check_files(path: str, checksums: bool) -> Optional[str]:
+  """Why the step directory `path` cannot be trusted, or None (cheap: no array is read)."""
+  if not os.path.isfile(os.path.join(path, COMMIT_MARKER)):
+    return f"no {COMMIT_MARKER}: the save never finished or the copy is incomplete"
+  record_path = os.path.join(path, INTEGRITY_FILE)
+  if not os.path.exists(record_path):
+    return None  # saved before sealing existed, or killed before the seal: orbax's read decides
+  try:
+    with open(record_path) as f:
+      record = json.load(f)
+    files = {k: (int(v[0]), int(v[1])) for k, v in record["files"].items()}
+  except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+    return f"its {INTEGRITY_FILE} is unreadable ({_one_line(e)})"
+  for rel, (size, crc) in files.items():
+    full = os.path.join(path, rel)
+    if not os.path.isfile(full):
+      return f"file {rel} is missing"
+    actual = os.path.getsize(full)
+    if actual != size:
+      return f"file {rel} has {actual} bytes, {size} were written"
+    if checksums and _crc32(full) != crc:
+      return f"file {rel} fails its CRC32 check"
+  return None
+
+
+# ----------------------------------------------------------------------------- array specs
+_key_name = _dotted
+
+
+def _array_specs(tree: Any) -> dict[str, tuple]:
+  """{dotted name: (shape, dtype name)} of every array leaf (orbax names its arrays the same way)."""
+  return {_key_name(p): (tuple(np.shape(x)), np.dtype(x.dtype).name)
+          for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _metadata_specs(path: str):
+  """The array specs recorded in a step's state metadata, or a string saying why they are unreadable."""
+  try:
+    with _quiet_orbax():
+      metadata = ocp.StandardCheckpointer().metadata(os.path.join(path, "state"))
+    return _array_specs(getattr(metadata, "item_metadata", metadata))
+  except Exception as e:  # orbax raises many types for unreadable metadata
+    return f"its array metadata is unreadable ({_one_line(e)})"
+
+
+def _spec_difference(on_disk: dict, wanted: dict) -> str:
+  missing = sorted(set(wanted) - set(on_disk))
+  if missing:
+    return f"array {missing[0]} is missing ({len(missing)} in all)"
+  extra = sorted(set(on_disk) - set(wanted))
+  if extra:
+    return f"unexpected array {extra[0]} ({len(extra)} in all)"
+  name = next(k for k in sorted(wanted) if wanted[k] != on_disk[k])
+  return f"array {name} is {on_disk[name][1]}{list(on_disk[name][0])}, expected {wanted[name][1]}{list(wanted[name][0])}"
+
+
+def _config_mismatch(path: str, expected: dict) -> Optional[str]:
+  """A description when the step's (readable) metadata disagrees with the target, else None."""
+  on_disk = _metadata_specs(path)
+  if isinstance(on_disk, str) or on_disk == expected:
+    return None
+  return _spec_difference(on_disk, expected)
+
+
+def _first_non_finite(state: Any) -> Optional[str]:
+  """Name of the first floating array with a NaN/inf among this process's shards, else None."""
+  for path, x in jax.tree_util.tree_leaves_with_path(state):
+    if not jax.numpy.issubdtype(x.dtype, jax.numpy.inexact):
+      continue
+    shards = [s.data for s in x.addressable_shards] if isinstance(x, jax.Array) else [x]
+    if not all(np.isfinite(np.asarray(s)).all() for s in shards):
+      return _key_name(path)
+  return None
+
+
+# ----------------------------------------------------------------------------- test hook
+def _blocking_hook() -> Optional[tuple[int, str]]:
+  value = os.environ.get(BLOCK_SAVE_ENV)
+  if not value:
+    return None
+  step, sep, marker = value.partition(":")
+  if not step.isdigit() or not sep or not marker:
+    raise ValueError(f"{BLOCK_SAVE_ENV} must be STEP:MARKER_PATH, got {value!r}")
+  return int(step), marker
+
+
+class _BlockingFuture:
+  """A commit future that never completes (touches `marker` when the writer starts waiting on it)."""
+
+  def __init__(self, marker: str):
+    self.marker = marker
+
+  def result(self, timeout=None):
+    with open(self.marker, "w") as f:
+      f.write(str(os.getpid()))
+    while True:
+      time.sleep(3600)
+
+  def cancel(self):
+    return None
+
+
+class _BlockingJsonHandler(ocp.JsonCheckpointHandler):
+  """The meta item's handler, whose save of `block_step` never commits (test hook only)."""
+
+  def __init__(self, block_step: int, marker: str):
+    super().__init__()
+    self.block_step, self.marker = block_step, marker
+
+  async def async_save(self, directory, item=None, args=None):
+    futures = list(await super().async_save(directory, item=item, args=args) or [])
+    # The step directory is `<step>.orbax-checkpoint-tmp-*/meta` while the save is in flight.
+    if os.path.basename(os.path.dirname(os.fspath(directory))).split(".")[0] == str(self.block_step):
+      futures.append(_BlockingFuture(self.marker))
+    return futures

@@ -101,7 +101,9 @@ def export(workdir: str, out: str) -> int:
   abstract = jax.eval_shape(task.init_state, jax.random.key(0), example)
   shardings = loop.fsdp_shardings(mesh, abstract)
   manager = checkpointing.make_manager(workdir, keep=1000, async_save=False)
-  restored = checkpointing.restore_latest(manager, checkpointing.abstract_with_shardings(abstract, shardings))
+  # Read-only: an unusable newer step is reported and left where it is (training moves it aside).
+  restored = checkpointing.restore_latest(manager, checkpointing.abstract_with_shardings(abstract, shardings),
+                                          quarantine=False)
   if restored is None:
     raise FileNotFoundError(f"{workdir}: no checkpoint to export")
   step, state, _ = restored

@@ -1,0 +1,88 @@
+"""convert-inception, fid-stats and fid end to end on real photos, against features of the shipped
+TorchScript network and a SciPy Fréchet distance."""
+import json
+
+import numpy as np
+import pytest
+from scipy import linalg
+
+from imagefolder_jax.cli import main
+
+
+def photo_crops(seed, count):
+  import skimage.data
+  from PIL import Image
+  from sklearn.datasets import load_sample_images
+  photos = [skimage.data.astronaut(), skimage.data.chelsea(), skimage.data.coffee(), skimage.data.rocket(),
+            *load_sample_images().images]
+  rng = np.random.default_rng(seed)
+  out = []
+  for i in range(count):
+    p = photos[i % len(photos)]
+    side = int(rng.integers(200, min(p.shape[:2])))
+    top, left = (int(rng.integers(0, d - side + 1)) for d in p.shape[:2])
+    crop = Image.fromarray(p[top:top + side, left:left + side]).resize((299, 299), Image.Resampling.BICUBIC)
+    out.append(np.asarray(crop))
+  return out
+
+
+@pytest.fixture(scope="module")
+def inception_bundle(tmp_path_factory):
+  pytest.importorskip("torch")
+  from imagefolder_jax.convert.inception import default_torchscript_path
+  try:
+    default_torchscript_path()
+  except FileNotFoundError as e:
+    pytest.skip(str(e))
+  out = str(tmp_path_factory.mktemp("inception") / "bundle")
+  assert main(["convert-inception", "--out", out]) == 0
+  return out
+
+
+def torchscript_pool3(images):
+  import torch
+  from imagefolder_jax.convert.inception import load_torchscript
+  net = load_torchscript()
+  x = (np.stack(images).astype(np.float32) - 128) / 128
+  with torch.no_grad():
+    return net(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy().astype(np.float64)
+
+
+def test_fid_stats_and_fid_match_torchscript_and_scipy(inception_bundle, tmp_path, capsys):
+  from PIL import Image
+  sets = {"a": photo_crops(0, 6), "b": photo_crops(1, 5)}
+  for name, images in sets.items():
+    folder = tmp_path / name
+    folder.mkdir()
+    for i, image in enumerate(images):
+      Image.fromarray(image).save(folder / f"{i}.png")
+  (tmp_path / "a" / "corrupt.png").write_bytes(b"\x89PNG broken")
+  for name in sets:
+    assert main(["fid-stats", "--source", f"folder:{tmp_path / name}", "--inception", inception_bundle,
+                 "--out", str(tmp_path / f"{name}.npz"), "--per-device-batch", "4"]) == 0
+  summary = json.loads(capsys.readouterr().out.split("}\n")[0] + "}")
+  assert summary["num_images"] == 6 and summary["skipped"] == 1
+  ref = {name: torchscript_pool3(images) for name, images in sets.items()}
+  for name in sets:
+    with np.load(tmp_path / f"{name}.npz", allow_pickle=False) as stats:
+      np.testing.assert_allclose(stats["pool_3"], ref[name], atol=1e-4)
+      assert stats["spatial"].shape == (len(sets[name]), 17 * 17 * 7)
+  out_json = tmp_path / "fid.json"
+  assert main(["fid", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--out-json", str(out_json)]) == 0
+  result = json.loads(out_json.read_text())
+  mu_a, mu_b = ref["a"].mean(0), ref["b"].mean(0)
+  sa, sb = np.cov(ref["a"], rowvar=False), np.cov(ref["b"], rowvar=False)
+  covmean = linalg.sqrtm(sb.dot(sa)).real
+  expected = (mu_b - mu_a).dot(mu_b - mu_a) + np.trace(sa) + np.trace(sb) - 2 * np.trace(covmean)
+  assert result["fid"] == pytest.approx(expected, abs=2e-3)
+  assert result["sfid"] > 0 and 0.0 <= result["precision"] <= 1.0 and 0.0 <= result["recall"] <= 1.0
+  assert result["inception_score"] is None      # no 1008-way weights in the shipped file
+
+
+def test_fid_errors_are_one_line(tmp_path, capsys):
+  bad = tmp_path / "bad.npz"
+  np.savez(bad, something=np.zeros(3))
+  assert main(["fid", str(bad), str(bad)]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.count("\n") == 0 and "bad.npz" in err
+  assert main(["fid", str(tmp_path / "missing.npz"), str(bad)]) == 2
