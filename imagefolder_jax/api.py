@@ -11,7 +11,7 @@ import numpy as np
 
 from imagefolder_jax.checkpoint import BundleError, load_bundle, save_bundle
 from imagefolder_jax.models.tokenizer import ImageFolderTokenizer, TokenizerConfig
-from imagefolder_jax.parallel import Mesh, replicated, shard_batch
+from imagefolder_jax.parallel import Mesh, put_global, replicated, shard_batch, to_host
 
 
 @dataclasses.dataclass
@@ -42,9 +42,12 @@ class Codes:
     return int(self.ids[0][0].shape[0])
 
   def flat(self) -> np.ndarray:
-    """(B, P, L) int32: every branch's ids over all scales, row-major within a scale."""
-    return np.stack([np.concatenate([np.asarray(s).reshape(s.shape[0], -1) for s in branch], axis=1)
-                     for branch in self.ids], axis=1)
+    """(B, P, L) int32: every branch's ids over all scales, row-major within a scale.
+
+    With a mesh over several processes this gathers the ids (a collective: call it on all)."""
+    ids = to_host(self.ids)
+    return np.stack([np.concatenate([s.reshape(s.shape[0], -1) for s in branch], axis=1)
+                     for branch in ids], axis=1)
 
   @classmethod
   def from_flat(cls, flat: np.ndarray, scales: Sequence[int]) -> "Codes":
@@ -91,7 +94,8 @@ class Tokenizer:
     config.validate()
     self.config = config
     self.mesh = mesh
-    self.variables = jax.device_put(variables, replicated(mesh)) if mesh is not None else variables
+    self.variables = (put_global(variables, jax.tree.map(lambda _: replicated(mesh), variables))
+                      if mesh is not None else variables)
     self.module = ImageFolderTokenizer(config)
 
   @classmethod

@@ -21,7 +21,7 @@ from imagefolder_jax.api import Codes, Tokenizer
 from imagefolder_jax.checkpoint import BundleError, load_bundle, save_bundle
 from imagefolder_jax.models.generator import GeneratorConfig, NextScaleGenerator
 from imagefolder_jax.models.tokenizer import ImageFolderTokenizer, TokenizerConfig
-from imagefolder_jax.parallel import BATCH_AXES, Mesh, replicated, shard_batch
+from imagefolder_jax.parallel import BATCH_AXES, Mesh, put_global, replicated, shard_batch
 from imagefolder_jax.sampling import SamplerSettings, check_compatible, make_sampler
 
 Force = Mapping[int, Union[Codes, Sequence[Any]]]
@@ -55,7 +55,8 @@ class Generator:
     self.precision = precision
     self.module = NextScaleGenerator(config)
     check_compatible(self.module, tokenizer.module)
-    self.variables = jax.device_put(variables, replicated(mesh)) if mesh is not None else variables
+    self.variables = (put_global(variables, jax.tree.map(lambda _: replicated(mesh), variables))
+                      if mesh is not None else variables)
     self._samplers: dict[SamplerSettings, Any] = {}
 
   # ------------------------------------------------------------------------------- loading

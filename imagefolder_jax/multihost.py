@@ -16,6 +16,7 @@ import time
 from typing import Optional
 
 import jax
+import numpy as np
 
 
 # Environment variables read by `initialize_distributed` (launch/local.sh sets the first three).
@@ -218,3 +219,11 @@ def sync(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
+
+
+def any_process(flag: bool) -> bool:
+  """True on every process when `flag` is true on any of them (a collective; plain `flag` on one)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+  return bool(np.asarray(multihost_utils.process_allgather(np.asarray([flag], np.int32))).any())

@@ -22,7 +22,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 # Process lifecycle lives in `multihost`; re-exported here because every caller of the sharding
 # helpers needs them too.
-from imagefolder_jax.multihost import DistributedError, initialize_distributed, is_primary, sync  # noqa: F401
+from imagefolder_jax.multihost import (  # noqa: F401
+    DistributedError, any_process, initialize_distributed, is_primary, sync)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -55,6 +56,12 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
     raise ValueError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} != {n} devices")
   array = np.asarray(devices).reshape(data, fsdp, tensor)
   return Mesh(array, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def local_mesh() -> Mesh:
+  """A data-parallel mesh over this process's own devices: for work that each process does on its
+  own part of a job (sampling shards, pretokenizing records) without collectives across processes."""
+  return make_mesh(devices=jax.local_devices())
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import grain.python as grain
 import numpy as np
@@ -21,10 +21,17 @@ META = "codes.json"
 RECORDS = "codes.array_record"
 
 
-def encode_record(codes: np.ndarray, label: int) -> bytes:
+def encode_record(codes: np.ndarray, label: int, index: Optional[int] = None) -> bytes:
+  """One record: codes (P, L) int16, label, and (from `pretokenize`) the source index."""
   buffer = io.BytesIO()
-  np.savez(buffer, codes=np.asarray(codes, np.int16), label=np.int32(label))
+  extra = {} if index is None else {"index": np.int64(index)}
+  np.savez(buffer, codes=np.asarray(codes, np.int16), label=np.int32(label), **extra)
   return buffer.getvalue()
+
+
+def record_index(data: bytes) -> int:
+  with np.load(io.BytesIO(data)) as z:
+    return int(z["index"])
 
 
 def decode_record(data: bytes) -> dict:
@@ -32,8 +39,9 @@ def decode_record(data: bytes) -> dict:
     return {"codes": z["codes"].astype(np.int32), "label": np.int32(z["label"])}
 
 
-def write_codes(directory: str, batches: Iterable[tuple[np.ndarray, np.ndarray]], meta: dict) -> int:
-  """Writes (codes (B, P, L), labels (B,)) batches; returns the number of records.
+def write_codes(directory: str, batches: Iterable, meta: dict, encoded: bool = False) -> int:
+  """Writes (codes (B, P, L), labels (B,)) batches (or, with `encoded`, `encode_record` bytes);
+  returns the number of records.
 
   Records go to a temporary file renamed into place at the end, and the JSON sidecar is written
   last, so a failure midway (a bad input, a crash) never leaves a directory that looks complete.
@@ -46,10 +54,11 @@ def write_codes(directory: str, batches: Iterable[tuple[np.ndarray, np.ndarray]]
   writer = ArrayRecordWriter(partial, "group_size:1")
   count = 0
   try:
-    for codes, labels in batches:
-      for c, l in zip(np.asarray(codes), np.asarray(labels)):
-        writer.write(encode_record(c, int(l)))
-        count += 1
+    records = batches if encoded else (encode_record(c, int(l)) for codes, labels in batches
+                                        for c, l in zip(np.asarray(codes), np.asarray(labels)))
+    for record in records:
+      writer.write(record)
+      count += 1
     if count == 0:
       raise ValueError(f"no records to write to {directory}: the source yielded no readable example")
   except BaseException:
@@ -116,12 +125,79 @@ def make_codes_loader(source: CodesSource, *, batch_size: int, train: bool, seed
 
 
 def pretokenize(tokenizer, loader, directory: str, source_spec: str) -> int:
-  """Encodes every batch of an evaluation `loader` with `tokenizer` (an `api.Tokenizer`)."""
+  """Encodes every valid record of an evaluation `loader` with `tokenizer` (an `api.Tokenizer`).
+
+  On several processes each one encodes the rows its loader yields (its share of every global
+  batch, `pipeline.make_loader(..., shard_index=p, shard_count=P)`) on its own devices and writes
+  them to a part file; process 0 then merges the parts in source order. The output does not depend
+  on the number of processes or the batch size: record k is the k-th readable source record.
+  Returns the number of records.
+  """
+  from imagefolder_jax import parallel
   q = tokenizer.config.quantizer
   meta = {"scales": list(q.scales), "num_branches": tokenizer.config.num_branches,
           "codebook_size": q.codebook_size, "source": source_spec, "resolution": tokenizer.resolution}
-  def batches():
+  import jax
+  process, processes = jax.process_index(), jax.process_count()
+  created = not os.path.isdir(directory)
+  os.makedirs(directory, exist_ok=True)
+  part = os.path.join(directory, f"{RECORDS}.part-{process:05d}-of-{processes:05d}")
+
+  def encoded():
     for batch in loader:
-      keep = np.asarray(batch["valid"], bool) if "valid" in batch else slice(None)
-      yield tokenizer.encode(batch["image"]).flat()[keep], np.asarray(batch["label"])[keep]
-  return write_codes(directory, batches(), meta)
+      keep = np.asarray(batch["valid"], bool)
+      codes = tokenizer.encode(batch["image"]).flat()[keep]
+      for c, label, index in zip(codes, np.asarray(batch["label"])[keep], np.asarray(batch["index"])[keep]):
+        yield encode_record(c, int(label), int(index))
+
+  failure = None
+  try:
+    _write_records(part, encoded())
+  except Exception as e:  # the others must still reach the barrier below
+    failure = e
+  failed = parallel.any_process(failure is not None)
+  parts = [os.path.join(directory, f"{RECORDS}.part-{p:05d}-of-{processes:05d}") for p in range(processes)]
+  try:
+    if failed:
+      if failure is not None:
+        raise failure
+      raise RuntimeError("pretokenize failed on another process")
+    count = 0
+    if process == 0:
+      count = write_codes(directory, _merged(parts), meta, encoded=True)
+    parallel.sync("pretokenize merged")
+    return count if process == 0 else _count(directory)
+  finally:
+    for path in parts if process == 0 else []:  # process 0 alone: the others may still be reading
+      if os.path.exists(path):
+        os.remove(path)
+    if process == 0 and created and not os.listdir(directory):
+      os.rmdir(directory)
+
+
+def _write_records(path: str, records: Iterable[bytes]) -> None:
+  from array_record.python.array_record_module import ArrayRecordWriter
+  writer = ArrayRecordWriter(path, "group_size:1")
+  try:
+    for record in records:
+      writer.write(record)
+  finally:
+    writer.close()
+
+
+def _merged(parts: list[str]) -> Iterator[bytes]:
+  """Records of the part files (each ascending by source index) in ascending index order."""
+  import heapq
+  def stream(path):
+    reader = grain.ArrayRecordDataSource([path])
+    for i in range(len(reader)):
+      record = reader[i]
+      yield record_index(record), record
+
+  for _, record in heapq.merge(*(stream(p) for p in parts), key=lambda pair: pair[0]):
+    yield record
+
+
+def _count(directory: str) -> int:
+  with open(os.path.join(directory, META)) as f:
+    return int(json.load(f)["num_records"])

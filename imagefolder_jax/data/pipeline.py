@@ -145,7 +145,8 @@ def make_loader(
   if len(batch_rows) != batch_size:
     raise ValueError(f"batch_rows has {len(batch_rows)} rows, batch_size is {batch_size}")
   operations = [
-      T.DecodeImage(skip_counter),
+      # Evaluation keeps undecodable records as invalid rows: one fixed number of steps everywhere.
+      T.DecodeImage(skip_counter, keep_invalid=not train),
       T.DropSkipped(),
       geometry,
       T.ToModelInput(),

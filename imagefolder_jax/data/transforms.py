@@ -252,22 +252,31 @@ def to_model_input(image: np.ndarray) -> np.ndarray:
 
 @dataclasses.dataclass
 class DecodeImage(grain.MapTransform):
-  """Decodes `element['image']` to (H, W, 3) uint8; undecodable -> None (counted)."""
+  """Decodes `element['image']` to (H, W, 3) uint8; undecodable -> None (counted).
+
+  keep_invalid: instead of None, return the record with a black 1x1 image and `valid=False`
+  (evaluation: every process then yields the same number of rows, and the row is dropped after
+  the step, still counted as skipped).
+  """
 
   skip_counter: SkipCounter = dataclasses.field(default_factory=lambda: SKIPPED_RECORDS)
+  keep_invalid: bool = False
 
   def map(self, element: dict[str, Any]) -> dict[str, Any] | None:
     record_id = str(element.get("id", "?"))
     image = element.get("image")
+    reason = None
     if image is None:
-      self.skip_counter.record(record_id, element.get("error", "unreadable"))
-      return None
-    try:
-      decoded = decode_image(image)
-    except ValueError as e:
-      self.skip_counter.record(record_id, str(e))
-      return None
-    return {**element, "image": decoded}
+      reason = element.get("error", "unreadable")
+    else:
+      try:
+        return {**element, "image": decode_image(image)}
+      except ValueError as e:
+        reason = str(e)
+    self.skip_counter.record(record_id, reason)
+    if self.keep_invalid:
+      return {**element, "image": np.zeros((1, 1, 3), np.uint8), "valid": False}
+    return None
 
 
 class DropSkipped(grain.FilterTransform):
