@@ -23,6 +23,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                 crops_per_class=64)
   c.train = dict(num_steps=350 * steps_per_epoch, log_every=100, checkpoint_every=2000, keep_checkpoints=3,
                  image_every=5000, async_checkpoints=True,
-                 fail_at_step=-1)  # test hook: exit abruptly (as if killed) right after this step
+                 fail_at_step=-1,  # test hook: exit abruptly (as if killed) right after this step
+                 fail_process=-1)  # ... on this process only (-1: all)
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
   return c

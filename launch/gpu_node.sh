@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
-# Train on one GPU node, or on several under SLURM (one process per node; JAX sees every local GPU).
-#   launch/gpu_node.sh train-tokenizer --config configs/tokenizer_imagenet.py --workdir /ckpt/tok --config.data.data_dir=/data/tfds
-#   sbatch --nodes=4 --ntasks-per-node=1 --gpus-per-node=8 launch/gpu_node.sh train-generator ...
-# Under SLURM, imagefolder-jax calls jax.distributed.initialize() itself (SLURM_JOB_ID is set).
+# One GPU node, one process driving all of its GPUs (no SLURM needed):
+#   launch/gpu_node.sh train-tokenizer --config configs/tokenizer_imagenet.py --workdir /ckpt/tok \
+#       --config.data.data_dir=/data/tfds
+#   IFJ_DRY_RUN=1 launch/gpu_node.sh sample ...     # prints what would run
+# Several nodes: launch/slurm.sbatch. One process per GPU on this node: launch/local.sh 8 VERB ...
+# Python: $IFJ_VENV/bin/python (default: the repository's .venv).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}"
-# Latency-hiding scheduler overlaps FSDP all-gathers with compute.
-export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true"
-if [[ -n "${SLURM_JOB_ID:-}" && "${SLURM_NTASKS:-1}" -gt 1 ]]; then
-  exec srun --kill-on-bad-exit=1 .venv/bin/imagefolder-jax "$@"
+[[ $# -ge 1 ]] || { echo "usage: $0 VERB [ARGS...]   (see imagefolder-jax --help)" >&2; exit 2; }
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=launch/gpu_flags.sh
+source "$here/launch/gpu_flags.sh"
+python="${IFJ_VENV:-$here/.venv}/bin/python"
+cd "$here"
+if [[ "${IFJ_DRY_RUN:-0}" == 1 ]]; then
+  echo "export XLA_FLAGS=$(printf '%q' "$XLA_FLAGS")"
+  printf '%q ' "$python" -m imagefolder_jax.cli "$@"
+  echo
+  exit 0
 fi
-exec .venv/bin/imagefolder-jax "$@"
+exec "$python" -m imagefolder_jax.cli "$@"

@@ -144,7 +144,10 @@ def run(task, config: ml_collections.ConfigDict, workdir: str, *, loader_factory
   writer = metric_writers.create_default_writer(workdir, asynchronous=False) if primary else None
   progress = Progress(t.num_steps, start_step, global_batch)
   images_dir = os.path.join(workdir, "images")
-  fail_at = t.get("fail_at_step", -1)  # test hook: exit abruptly (like kill -9) after this step.
+  # Test hooks: exit abruptly (like kill -9) after this step, on every process or only on one.
+  fail_at = t.get("fail_at_step", -1)
+  if t.get("fail_process", -1) not in (-1, jax.process_index()):
+    fail_at = -1
   if primary and jax.process_count() > 1:
     log.info("%d processes x %d devices, mesh %s, %d rows of each global batch of %d per process",
              jax.process_count(), jax.local_device_count(), dict(mesh.shape), len(rows), global_batch)
@@ -183,7 +186,8 @@ def run(task, config: ml_collections.ConfigDict, workdir: str, *, loader_factory
       if step % t.checkpoint_every == 0 or step == t.num_steps:
         checkpoint(step, state)
       if step == fail_at:
-        manager.wait_until_finished()
+        if jax.process_count() == 1 or t.get("fail_process", -1) == -1:
+          manager.wait_until_finished()  # (a lone failing process must not wait for the others)
         os._exit(137)
   except KeyboardInterrupt:
     # One process alone cannot write a multi-process checkpoint (the others are not saving).
