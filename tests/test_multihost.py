@@ -83,14 +83,18 @@ def _assert_same_run(single: str, multi: str, model: str, steps) -> None:
     assert abs(la[step] - lb[step]) <= 1e-3 * abs(la[step]), (step, la[step], lb[step])
 
 
+# Both processes exit at once; the one that notices the other gone first may say so (exit 3).
+KILLED = (137, 3)
+
+
 def test_tokenizer_training_killed_and_resumed_on_other_process_counts(tmp_path, tokenizer_one_process):
   """2 processes x 2 devices, both killed (as by kill -9) after step 3; rerun on 2 processes, killed
   after step 5; rerun on 1 process x 4 devices: equals the uninterrupted 1 x 4 run."""
   multi = str(tmp_path / "multi")
   r = _local(2, TOKENIZER + ["--workdir", multi, "--config.train.fail_at_step=3"])
-  assert r.returncode == 137, (r.returncode, r.stderr[-3000:])
+  assert r.returncode in KILLED, (r.returncode, r.stderr[-3000:])
   r = _local(2, TOKENIZER + ["--workdir", multi, "--config.train.fail_at_step=5"])
-  assert r.returncode == 137, (r.returncode, r.stderr[-3000:])
+  assert r.returncode in KILLED, (r.returncode, r.stderr[-3000:])
   assert "resumed from step 2" in r.stderr and "iterator state restored" in r.stderr
   # Only process 0 logs progress lines.
   assert not any(line.startswith("[1] step") for line in r.stderr.splitlines())
@@ -112,7 +116,7 @@ def test_generator_from_codes_killed_and_resumed_equals_one_process(tmp_path, to
   _ok(_one(common + ["--workdir", single], devices=4))
   multi = str(tmp_path / "multi")
   r = _local(2, common + ["--workdir", multi, "--config.train.fail_at_step=3"])
-  assert r.returncode == 137, (r.returncode, r.stderr[-3000:])
+  assert r.returncode in KILLED, (r.returncode, r.stderr[-3000:])
   r = _local(2, common + ["--workdir", multi])
   _ok(r)
   assert "resumed from step 2" in r.stderr

@@ -41,6 +41,9 @@ def _run_reconstruct(args) -> None:
     batch = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)]) if pad else chunk
     recons.append(np.asarray(tok.reconstruct(batch))[:len(chunk)])
   recons = np.concatenate(recons)
+  from imagefolder_jax import parallel
+  if not parallel.is_primary():  # in a multi-process job every process computed the same: one writes
+    return
   pairs = np.stack([originals, recons], axis=1).reshape(-1, *originals.shape[1:])
   save_image_grid(pairs, args.out, nrow=2)
   mean_psnr = psnr(originals, recons)

@@ -75,8 +75,9 @@ class _SealingManager(ocp.CheckpointManager):
 
 def make_manager(workdir: str, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                         enable_async_checkpointing=async_save)
+  # Every process saves its own shards; process 0 writes metadata and commits the step.
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+                                         multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=0))
   block = _blocking_hook() if async_save else None
   if block is not None:
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()

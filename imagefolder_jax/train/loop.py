@@ -188,6 +188,7 @@ def run(task, config: ml_collections.ConfigDict, workdir: str, *, loader_factory
       if step == fail_at:
         if jax.process_count() == 1 or t.get("fail_process", -1) == -1:
           manager.wait_until_finished()  # (a lone failing process must not wait for the others)
+          parallel.sync("fail_at_step")
         os._exit(137)
   except KeyboardInterrupt:
     # One process alone cannot write a multi-process checkpoint (the others are not saving).
