@@ -108,7 +108,7 @@ def test_eval_tokenizer_verb_on_parity_bundle(parity_bundle, inception_bundle, t
   result = json.loads(out_json.read_text())
   assert result["num_images"] == 3 and result["absent"] == {}
   source = build_source("demo", split="validation")
-  batch = next(iter(make_loader([source[i] for i in range(3)], batch_size=3, resolution=256, train=False, seed=0)))
+  batch = next(iter(make_loader([source[i * len(source) // 3] for i in range(3)], batch_size=3, resolution=256, train=False, seed=0)))
   tok = Tokenizer.load(parity_bundle)
   recon = np.asarray(tok.reconstruct(batch["image"]))
   real8, recon8 = to_uint8(batch["image"]).astype(np.float64), to_uint8(recon).astype(np.float64)

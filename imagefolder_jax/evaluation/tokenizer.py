@@ -56,13 +56,13 @@ def eval_batches(source, mesh, batch_size: int, resolution: int, limit: Optional
 
   device batch: {'image': (G, R, R, 3) float32 [-1, 1], 'label': (G,), 'valid': (G,) bool} global
   jax.Arrays sharded over the batch axes; host batch: this process's rows of it as NumPy (its rows
-  `parallel.process_rows(mesh, G)`), with 'index'. `limit` keeps only the first N records.
+  `parallel.process_rows(mesh, G)`), with 'index'. `limit`: only N records spread evenly (`Subset`).
   """
   from imagefolder_jax.data import make_loader
   if limit is not None:
     if limit < 1:
       raise EvalInputError(f"limit must be >= 1, got {limit}")
-    source = _Prefix(source, limit)
+    source = Subset(source, limit)
   g = global_batch_size(mesh, batch_size)
   rows = parallel.process_rows(mesh, g)
   loader = make_loader(source, batch_size=len(rows), resolution=resolution, train=False, seed=0,
@@ -87,8 +87,9 @@ def eval_batches(source, mesh, batch_size: int, resolution: int, limit: Optional
   return g, batches()
 
 
-class _Prefix:
-  """The first `n` records of a source."""
+class Subset:
+  """`n` records spread evenly over a source: record i is source[(i * len(source)) // n], so a
+  class-sorted source (folders, the demo) keeps every class."""
 
   def __init__(self, source, n: int):
     self._source, self._n = source, min(int(n), len(source))
@@ -99,10 +100,10 @@ class _Prefix:
   def __getitem__(self, i: int):
     if not 0 <= i < self._n:
       raise IndexError(i)
-    return self._source[i]
+    return self._source[(i * len(self._source)) // self._n]
 
   def __repr__(self) -> str:
-    return f"_Prefix({self._source!r}, {self._n})"
+    return f"Subset({self._source!r}, {self._n})"
 
 
 def _pad_rows(host: dict, rows: int) -> dict:
