@@ -50,3 +50,21 @@ def test_probe_verb_on_demo(parity_bundle, tmp_path, capsys):
   capsys.readouterr()
   assert main(["probe", "--bundle", parity_bundle, "--source", "demo", "--steps", "0"]) == 2
   assert "--steps" in capsys.readouterr().err
+
+
+def test_demo_evaluation_without_inception_says_why(parity_bundle):
+  from imagefolder_jax.api import Tokenizer
+  from imagefolder_jax.data import DemoSource
+  from imagefolder_jax.evaluation import demo_report
+  tok = Tokenizer.load(parity_bundle)
+  images = np.zeros((2, 256, 256, 3), np.float32)
+  out = demo_report.demo_evaluation(tok, images, images, images, (DemoSource(2, split="train"),
+                                    DemoSource(1, split="validation")), inception=None,
+                                    absent_reason="no bundle here", probe_steps=20)
+  assert out["fid"] is None and out["rfid"] is None and out["absent"] == "no bundle here"
+  assert set(out["linear_probe"]) == {"detail", "semantic", "both"}
+  assert out["linear_probe_num_train"] == 18 and out["linear_probe_chance"] == pytest.approx(1 / 9)
+  text = demo_report.markdown(out)
+  assert "absent (no bundle here)" in text and "small-sample" in text
+  net, why = demo_report.load_inception_or_reason("/nonexistent/inception")
+  assert net is None and "convert-inception" in why
