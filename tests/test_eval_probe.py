@@ -40,7 +40,7 @@ def test_probe_verb_on_demo(parity_bundle, tmp_path, capsys):
   from imagefolder_jax.cli import main
   out = tmp_path / "probe.json"
   assert main(["probe", "--bundle", parity_bundle, "--source", "demo", "--limit", "18", "--limit-val", "9",
-               "--batch-size", "4", "--steps", "50", "--out-json", str(out)]) == 0
+               "--batch-size", "32", "--steps", "50", "--out-json", str(out)]) == 0
   result = json.loads(out.read_text())
   # --limit spreads the records evenly over the class-sorted demo: every one of its 9 classes.
   assert result["num_train"] == 18 and result["num_val"] == 9 and result["num_classes"] == 9
