@@ -238,7 +238,6 @@ def measure_cpu_matmul_rate(n: int = 1024, seconds: float = 0.5) -> float:
   """float32 FLOP/s of a jitted (n, n) @ (n, n) on the CPU device, the best of repeated timings
   over about `seconds` (the best, since the CPU is shared: that is the rate the machine can give)."""
   import jax
-  import jax.numpy as jnp
   import numpy as np
   cpu = jax.devices("cpu")[0]
   a = jax.device_put(np.random.default_rng(0).standard_normal((n, n), np.float32), cpu)

@@ -8,7 +8,6 @@ must lie in [1, 1.25] × the analytic one on these tiny configs (measured: 1.05 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from imagefolder_jax import flops
