@@ -192,15 +192,18 @@ def main(argv=None):
         f"{name} {peak / 1e12:.3g} TFLOP/s; jax {jax.__version__}; {'SMOKE (tiny sizes)' if args.smoke else 'released sizes'}\n")
   tc = tokenizer_config(args.smoke)
   tok, tok_vars = init_tokenizer(tc)
-  rows = sampling_rows(tc, tok, tok_vars, args.smoke, args.reps)
-  rows += tokenizer_codec_rows(tc, tok, tok_vars, 4 if args.smoke else 64, args.reps)
-  for dtype in ("float32", "bfloat16"):
-    rows.append(generator_step_row(tc, train_batch, dtype, args.smoke, args.reps, peak))
-    rows.append(tokenizer_step_row(tc, train_batch, dtype, args.reps, peak))
   print("| what | time | rate | model TFLOP/s, MFU | compile s |")
-  print("|---|---|---|---|---|")
-  for row in rows:
-    print("| " + " | ".join(row) + " |", flush=True)
+  print("|---|---|---|---|---|", flush=True)
+
+  def show(rows):  # row by row, so a run cut short still leaves its finished rows
+    for row in rows:
+      print("| " + " | ".join(row) + " |", flush=True)
+
+  show(sampling_rows(tc, tok, tok_vars, args.smoke, args.reps))
+  show(tokenizer_codec_rows(tc, tok, tok_vars, 4 if args.smoke else 64, args.reps))
+  for dtype in ("float32", "bfloat16"):
+    show([generator_step_row(tc, train_batch, dtype, args.smoke, args.reps, peak)])
+    show([tokenizer_step_row(tc, train_batch, dtype, args.reps, peak)])
 
 
 if __name__ == "__main__":
