@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imagefolder_jax.models.layers import Dtype, Initializer, dense, layer_norm, partitioned
+from imagefolder_jax.models.layers import Dtype, Initializer, attention, constrain, dense, layer_norm, partitioned, \
+    remat_block
 from imagefolder_jax.ops.masks import block_causal_mask, scale_begin_ends, scale_of_position
 
 RELEASED_SCALES = (1, 1, 2, 3, 3, 4, 5, 6, 8, 11)
@@ -226,7 +227,7 @@ class SelfAttention(nn.Module):
     zeros = jnp.zeros_like(self.q_bias)
     qkv = self.mat_qkv(x) + jnp.concatenate([self.q_bias, zeros, self.v_bias]).astype(c.compute_dtype)
     qkv = qkv.reshape(b, l, 3, c.num_heads, c.head_dim)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q, k, v = (constrain(qkv[:, :, i], ("batch", "length", "heads", "head_dim")) for i in range(3))
     if c.attn_l2_norm:
       scale_mul = jnp.exp(jnp.minimum(self.scale_mul, c.max_scale_mul)).reshape(1, 1, c.num_heads, 1)
       q = (l2_normalize(q.astype(jnp.float32)) * scale_mul).astype(c.compute_dtype)
@@ -241,7 +242,7 @@ class SelfAttention(nn.Module):
       v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), begin, axis=1)
       new_cache = {"k": k_all, "v": v_all}
       k, v = k_all[:, :end].astype(c.compute_dtype), v_all[:, :end].astype(c.compute_dtype)
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=softmax_scale)
+    out = attention(q, k, v, mask=mask, scale=softmax_scale)
     return self.proj(out.reshape(b, l, c.width)), new_cache
 
 
@@ -254,7 +255,7 @@ class FFN(nn.Module):
     hidden = round(c.width * c.mlp_ratio)
     x = dense(hidden, ("embed", "mlp"), kernel_init=torch_trunc_normal(c.init_std), dtype=c.compute_dtype,
               name="fc1")(x)
-    x = nn.gelu(x, approximate=True)
+    x = constrain(nn.gelu(x, approximate=True), ("batch", "length", "mlp"))
     return dense(c.width, ("mlp", "embed"), kernel_init=torch_trunc_normal(c.init_std, 1 / math.sqrt(2 * c.depth)),
                  dtype=c.compute_dtype, name="fc2")(x)
 
@@ -287,7 +288,7 @@ class AdaLNBlock(nn.Module):
     h = self.ffn((self.norm(x) * (1.0 + scale2) + shift2).astype(c.compute_dtype)).astype(jnp.float32) * gamma2
     if train and self.drop_path_rate > 0:
       h = drop_path(h, self.drop_path_rate, self.make_rng("dropout"))
-    return x + h, cache
+    return constrain(x + h, ("batch", "length", "embed")), cache
 
 
 class AdaLNBeforeHead(nn.Module):
@@ -308,9 +309,11 @@ class NextScaleGenerator(nn.Module):
   """The folded-token next-scale transformer. See the module docstring.
 
   Variables: 'params' only. Randomness (training only): the 'dropout' rng stream for label
-  dropout and stochastic depth.
+  dropout and stochastic depth. `remat` ('none' / 'dots_saveable' / 'full') rematerialises each
+  block in the backward pass (a training memory lever; the parameter tree is the same).
   """
   config: GeneratorConfig
+  remat: str = "none"
 
   def setup(self):
     c = self.config
@@ -325,7 +328,8 @@ class NextScaleGenerator(nn.Module):
                               (1, c.num_tokens, c.width))
     self.word_embed = dense(c.width, ("latent", "embed"), kernel_init=torch_trunc_normal(std))
     rates = np.linspace(0.0, c.drop_path_rate, c.depth)
-    self.blocks = [AdaLNBlock(c, drop_path_rate=float(rates[i]), name=f"blocks_{i}") for i in range(c.depth)]
+    block = remat_block(AdaLNBlock, self.remat)
+    self.blocks = [block(c, drop_path_rate=float(rates[i]), name=f"blocks_{i}") for i in range(c.depth)]
     self.head_nm = AdaLNBeforeHead(c)
     self.head = dense(c.num_branches * c.codebook_size, ("embed", "vocab"),
                       kernel_init=torch_trunc_normal(std, c.init_head))
