@@ -273,7 +273,8 @@ class AdaLNBlock(nn.Module):
     self.ada_lin = dense(6 * c.width, ("embed", None), dtype=c.compute_dtype,
                          kernel_init=adaln_init(c.init_std, c.width, c.init_adaln_gamma, c.init_adaln, num_gates=2))
 
-  def __call__(self, x: jax.Array, cond: jax.Array, *, mask: Optional[jax.Array] = None,
+  # Called positionally: under `nn.remat` begin and train are static arguments (5, 6; self is 0).
+  def __call__(self, x: jax.Array, cond: jax.Array, mask: Optional[jax.Array] = None,
                cache: Optional[dict] = None, begin: int = 0, train: bool = False):
     """x: (B, l, C) float32 residual stream; cond: (B, C) class embedding. Returns (x, cache)."""
     c = self.config
@@ -328,7 +329,7 @@ class NextScaleGenerator(nn.Module):
                               (1, c.num_tokens, c.width))
     self.word_embed = dense(c.width, ("latent", "embed"), kernel_init=torch_trunc_normal(std))
     rates = np.linspace(0.0, c.drop_path_rate, c.depth)
-    block = remat_block(AdaLNBlock, self.remat)
+    block = remat_block(AdaLNBlock, self.remat, static_argnums=(5, 6))
     self.blocks = [block(c, drop_path_rate=float(rates[i]), name=f"blocks_{i}") for i in range(c.depth)]
     self.head_nm = AdaLNBeforeHead(c)
     self.head = dense(c.num_branches * c.codebook_size, ("embed", "vocab"),
@@ -377,7 +378,7 @@ class NextScaleGenerator(nn.Module):
                          + self._level_position(c.scales[0] ** 2, c.num_tokens)], axis=1)
     mask = jnp.asarray(block_causal_mask(c.scales))[None, None]
     for block in self.blocks:
-      x, _ = block(x, cond, mask=mask, train=train)
+      x, _ = block(x, cond, mask, None, 0, train)
     return self.head_nm(x, cond), cond
 
   def __call__(self, labels: jax.Array, next_scale_inputs: jax.Array, *, train: bool = False) -> jax.Array:
@@ -414,7 +415,7 @@ class NextScaleGenerator(nn.Module):
     x = tokens.astype(jnp.float32)
     new_cache = []
     for block, block_cache in zip(self.blocks, cache):
-      x, block_cache = block(x, cond, cache=block_cache, begin=begin)
+      x, block_cache = block(x, cond, None, block_cache, begin, False)
       new_cache.append(block_cache)
     return self.head_nm(x, cond), new_cache
 
