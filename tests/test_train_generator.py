@@ -69,6 +69,17 @@ def test_cli_pretokenize_train_export_sample(tokenizer_bundle, tmp_path):
   assert main(["train-generator", "--config", os.path.join(CONFIGS, "generator_tiny.py"), "--workdir", workdir,
                f"--config.tokenizer_bundle={tokenizer_bundle}", f"--config.data.source=codes:{codes_dir}"]) == 0
   assert os.path.isfile(os.path.join(workdir, "images", "samples_latest.png"))
+  # MFU in metrics.jsonl: the analytic FLOPs of the step (pre-tokenized codes: no encoder) at batch 8.
+  import json
+  from imagefolder_jax import flops
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    logged = [json.loads(line) for line in f]
+  config = load_config(os.path.join(CONFIGS, "generator_tiny.py"), [f"--config.tokenizer_bundle={tokenizer_bundle}"])
+  expected = flops.train_flops_per_example(GeneratorTask(config, load_frozen=False), pretokenized=True)
+  assert "tokenizer_encode" not in expected
+  later = [m for m in logged if m["step"] > 1]
+  assert later and all(m["model_tflops_per_step"] == pytest.approx(8 * expected["total"] / 1e12) for m in later)
+  assert all(0 < m["mfu"] < 1 and m["tflops_per_device"] > 0 for m in later)
   out = str(tmp_path / "exported")
   assert main(["export", "--workdir", workdir, "--out", out]) == 0
   gen = ifj.Generator.load(out)

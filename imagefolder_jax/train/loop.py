@@ -56,30 +56,74 @@ def jit_train_step(task, mesh, rules, state_shardings, frozen_shardings, *, dona
 
 
 class Progress:
-  """Step/s, images/s and ETA; a live line on an interactive terminal, log lines otherwise."""
+  """Step/s, images/s, ETA and MFU; a live line on an interactive terminal, log lines otherwise.
 
-  def __init__(self, total_steps: int, start_step: int, global_batch: int):
+  flops_per_step: analytic model FLOPs of one global step (`imagefolder_jax.flops`); peak_per_device:
+  the device's peak FLOP/s (CPU: its measured matmul rate). MFU uses the rate since the previous
+  `rates` call, so the first interval (which holds compilation) is not mixed into later ones.
+  """
+
+  def __init__(self, total_steps: int, start_step: int, global_batch: int, *, flops_per_step: float = 0.0,
+               num_devices: int = 1, peak_per_device: float = 0.0):
     self.total, self.start, self.batch = total_steps, start_step, global_batch
+    self.flops_per_step, self.num_devices, self.peak = flops_per_step, num_devices, peak_per_device
     self.t0 = time.perf_counter()
+    self.last = (self.t0, start_step)
     self.tty = sys.stderr.isatty()
 
   def rates(self, step: int) -> dict:
-    elapsed = max(time.perf_counter() - self.t0, 1e-9)
+    now = time.perf_counter()
+    elapsed = max(now - self.t0, 1e-9)
     done = max(step - self.start, 1)
     steps_per_s = done / elapsed
-    return dict(steps_per_s=steps_per_s, images_per_s=steps_per_s * self.batch,
-                eta_s=(self.total - step) / steps_per_s)
+    out = dict(steps_per_s=steps_per_s, images_per_s=steps_per_s * self.batch,
+               eta_s=(self.total - step) / steps_per_s)
+    last_time, last_step = self.last
+    self.last = (now, step)
+    if self.flops_per_step > 0 and step > last_step and self.peak > 0:
+      from imagefolder_jax import flops
+      interval = (now - last_time) / (step - last_step)
+      out.update(flops.mfu(self.flops_per_step, interval, self.num_devices, self.peak))
+      out["model_tflops_per_step"] = self.flops_per_step / 1e12
+    return out
 
   def line(self, step: int, metrics: dict) -> str:
-    r = self.rates(step)
+    r = self.rates(step) if "steps_per_s" not in metrics else metrics
     shown = " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if k.endswith("loss"))
     eta = time.strftime("%H:%M:%S", time.gmtime(r["eta_s"]))
+    mfu = (f" | {r['tflops_per_device']:.3g} TFLOP/s/device MFU {100 * r['mfu']:.1f}%"
+           if "mfu" in r else "")
     return (f"step {step}/{self.total} {shown} | {r['images_per_s']:.1f} img/s "
-            f"{r['steps_per_s']:.2f} step/s | ETA {eta}")
+            f"{r['steps_per_s']:.2f} step/s{mfu} | ETA {eta}")
 
   def tick(self, step: int, metrics: dict) -> None:
     if self.tty:
-      print("\r" + self.line(step, metrics)[:160], end="", file=sys.stderr, flush=True)
+      elapsed = max(time.perf_counter() - self.t0, 1e-9)
+      steps_per_s = max(step - self.start, 1) / elapsed
+      eta = time.strftime("%H:%M:%S", time.gmtime((self.total - step) / steps_per_s))
+      print(f"\rstep {step}/{self.total} | {steps_per_s * self.batch:.1f} img/s | ETA {eta}"[:160], end="",
+            file=sys.stderr, flush=True)
+
+
+def step_flop_budget(task, mesh, example: dict, global_batch: int) -> tuple[float, float]:
+  """(analytic model FLOPs of one global step, peak FLOP/s per device). The CPU's peak is its matmul
+  rate measured here; every process uses process 0's measurement, so all log the same MFU."""
+  from imagefolder_jax import flops
+  try:
+    per_example = flops.train_flops_per_example(task, pretokenized="codes" in example)["total"]
+  except TypeError:  # a task flops.py does not know (tests' toy tasks): no MFU
+    return 0.0, 0.0
+  device = mesh.devices.flat[0]
+  if device.platform == "cpu":
+    rate = np.frombuffer(parallel.allgather_bytes(np.float64(flops.measure_cpu_matmul_rate()).tobytes())[0])[0]
+    peak = float(rate)
+  else:
+    try:
+      _, peak = flops.peak_flops_per_device(device)
+    except KeyError as e:
+      log.warning("no MFU: %s", e)
+      peak = 0.0
+  return per_example * global_batch, peak
 
 
 def _to_float(tree: dict) -> dict:
@@ -146,7 +190,9 @@ def run(task, config: ml_collections.ConfigDict, workdir: str, *, loader_factory
   frozen = parallel.put_global(task.frozen, frozen_shardings)
   step_fn = jit_train_step(task, mesh, rules, state_shardings, frozen_shardings)
   writer = metric_writers.create_default_writer(workdir, asynchronous=False) if primary else None
-  progress = Progress(t.num_steps, start_step, global_batch)
+  flops_per_step, peak = step_flop_budget(task, mesh, first, global_batch)
+  progress = Progress(t.num_steps, start_step, global_batch, flops_per_step=flops_per_step,
+                      num_devices=mesh.devices.size, peak_per_device=peak)
   images_dir = os.path.join(workdir, "images")
   fail_at = t.get("fail_at_step", -1)  # test hook: exit abruptly (like kill -9) after this step.
   if primary and jax.process_count() > 1:
