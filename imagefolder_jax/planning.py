@@ -66,9 +66,11 @@ class Plan:
 
   @property
   def peak_bytes(self) -> float:
-    """Live at the step's peak: the (donated, so not doubled) state, frozen nets, batch, temporaries."""
+    """Live at the step's peak: the (donated, so not doubled) state, frozen nets, batch, temporaries
+    (without temporaries when the plan was not compiled)."""
+    temp = 0.0 if np.isnan(self.temp_bytes) else self.temp_bytes
     return (self.params_bytes + self.opt_state_bytes + self.ema_bytes + self.other_state_bytes + self.frozen_bytes
-            + self.batch_bytes + self.temp_bytes)
+            + self.batch_bytes + temp)
 
   @property
   def fits(self) -> bool:
@@ -143,11 +145,13 @@ def make_task(stage: str, config: ml_collections.ConfigDict):
 
 
 def plan(stage: str, config: ml_collections.ConfigDict, mesh_sizes: dict, devices: int, chip: str,
-         mfu: float = 0.4, pretokenized: Optional[bool] = None) -> Plan:
+         mfu: float = 0.4, pretokenized: Optional[bool] = None, compile: bool = True) -> Plan:
   """Compiles `stage`'s train step for `config` on a (data, fsdp, tensor) mesh of `devices` devices.
 
   pretokenized: the generator reads pre-tokenized codes (`pretokenize`; default: when
   config.data.source is 'codes:...'), else it encodes images with the frozen tokenizer in the step.
+  compile: False skips the compile (seconds instead of minutes for large models): the state, frozen
+  and batch bytes are exact, temporaries and compiled FLOPs are then unknown (NaN).
   """
   from imagefolder_jax import flops, parallel
   from imagefolder_jax.train import checkpointing, loop
@@ -187,12 +191,15 @@ def plan(stage: str, config: ml_collections.ConfigDict, mesh_sizes: dict, device
   batch_abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=parallel.batch_sharding(mesh, len(v.shape)))
                     for k, v in example.items()}
   frozen_abstract = checkpointing.abstract_with_shardings(frozen, frozen_shardings)
-  with jax.set_mesh(mesh):
-    compiled = step.lower(checkpointing.abstract_with_shardings(abstract, shardings), frozen_abstract,
-                          batch_abstract).compile()
-  memory_stats = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  temp, xla_flops = float("nan"), float("nan")
+  if compile:
+    with jax.set_mesh(mesh):
+      compiled = step.lower(checkpointing.abstract_with_shardings(abstract, shardings), frozen_abstract,
+                            batch_abstract).compile()
+    temp = float(compiled.memory_analysis().temp_size_in_bytes)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    xla_flops = float(cost.get("flops", 0.0)) if cost else 0.0
   parts = {k: _per_device_bytes(abstract[k], shardings[k]) for k in ("params", "opt_state", "ema_params")}
   other = sum(_per_device_bytes(abstract[k], shardings[k]) for k in abstract if k not in parts)
   analytic = flops.train_flops_per_example(task, pretokenized=pretokenized)["total"] * batch
@@ -200,8 +207,7 @@ def plan(stage: str, config: ml_collections.ConfigDict, mesh_sizes: dict, device
               params_bytes=parts["params"], opt_state_bytes=parts["opt_state"], ema_bytes=parts["ema_params"],
               other_state_bytes=other, frozen_bytes=_per_device_bytes(frozen, frozen_shardings),
               batch_bytes=_per_device_bytes(batch_abstract, [v.sharding for v in batch_abstract.values()]),
-              temp_bytes=float(memory_stats.temp_size_in_bytes),
-              xla_flops_per_device=float(cost.get("flops", 0.0)) if cost else 0.0,
+              temp_bytes=temp, xla_flops_per_device=xla_flops,
               analytic_flops_per_step=float(analytic), peak_flops=peak, mfu=mfu, chip_memory=memory,
               num_params=int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract["params"]))))
 
@@ -209,6 +215,7 @@ def plan(stage: str, config: ml_collections.ConfigDict, mesh_sizes: dict, device
 def format_plan(p: Plan) -> str:
   """A human-readable table of one plan (GiB = 2^30 bytes)."""
   gib = lambda b: f"{b / 2 ** 30:8.2f} GiB"
+  compiled = not np.isnan(p.temp_bytes)
   mesh = ",".join(f"{k}={v}" for k, v in p.mesh.items())
   rows = [
       f"{p.stage}: {p.num_params / 1e6:.1f}M params, global batch {p.global_batch}, mesh {mesh} "
@@ -219,11 +226,14 @@ def format_plan(p: Plan) -> str:
       f"  other state     {gib(p.other_state_bytes)}",
       f"  frozen networks {gib(p.frozen_bytes)}",
       f"  batch           {gib(p.batch_bytes)}",
-      f"  temporaries     {gib(p.temp_bytes)} (XLA:CPU memory_analysis; accelerators' compilers differ)",
+      (f"  temporaries     {gib(p.temp_bytes)} (XLA:CPU memory_analysis; accelerators' compilers differ)"
+       if compiled else "  temporaries     not compiled (--no-compile): unknown"),
       f"  peak            {gib(p.peak_bytes)} of {gib(p.chip_memory)} -> "
-      f"{'fits' if p.fits else 'DOES NOT FIT'} (limit {USABLE_FRACTION:.0%})",
-      f"  FLOPs/step      analytic {p.analytic_flops_per_step:.3e}; compiled {p.xla_flops_per_device:.3e} per "
-      f"device x {p.devices} = {p.xla_flops_per_device * p.devices:.3e} (cost_analysis)",
+      f"{'fits' if p.fits else 'DOES NOT FIT'} (limit {USABLE_FRACTION:.0%}"
+      f"{'' if compiled else ', state/frozen/batch only'})",
+      f"  FLOPs/step      analytic {p.analytic_flops_per_step:.3e}" +
+      (f"; compiled {p.xla_flops_per_device:.3e} per device x {p.devices} = "
+       f"{p.xla_flops_per_device * p.devices:.3e} (cost_analysis)" if compiled else ""),
       f"  at MFU {p.mfu:.0%} of {p.peak_flops / 1e12:.1f} TFLOP/s per device: {p.step_seconds:.3f} s/step, "
       f"{p.images_per_second:,.0f} images/s (estimate, not a measurement)",
   ]

@@ -180,7 +180,7 @@ def test_training_under_logical_rules(tmp_path):
   script = tmp_path / "sharded_training.py"
   script.write_text(SCRIPT)
   result = subprocess.run([sys.executable, str(script), os.path.join(root, "configs"), str(tmp_path)],
-                          env=env, capture_output=True, text=True, timeout=900)
+                          env=env, capture_output=True, text=True, timeout=1800)
   print(result.stdout)
   assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
   assert "plan OK" in result.stdout

@@ -25,6 +25,8 @@ def _add_plan(sub) -> None:
   p.add_argument("--chip", required=True, help="h100|h200|a100|v4|v5e|v5p|v6e|cpu: peak FLOP/s and memory")
   p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed for the step time")
   p.add_argument("--pretokenized", action="store_true", help="generator: batches of pre-tokenized codes")
+  p.add_argument("--no-compile", action="store_true",
+                 help="skip the compile: exact state/frozen/batch bytes in seconds, no temporaries")
   p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
   p.set_defaults(run=_run_plan, accepts_overrides=True)
 
@@ -61,12 +63,13 @@ def _run_plan(args) -> None:
   from imagefolder_jax.train.configuration import load_config
   config = load_config(args.config, args.overrides)
   result = planning.plan(args.stage, config, planning.parse_mesh(args.mesh), args.devices, args.chip.lower(),
-                         mfu=args.mfu, pretokenized=True if args.pretokenized else None)
+                         mfu=args.mfu, pretokenized=True if args.pretokenized else None,
+                         compile=not args.no_compile)
   if args.json:
     print(json.dumps(result.to_dict()))
   else:
     print(planning.format_plan(result))
-    print(f"(compiled on {args.devices} fake CPU devices: jax was configured with "
+    print(f"({'shardings' if args.no_compile else 'compiled'} on {args.devices} fake CPU devices: jax was configured with "
           f"--xla_force_host_platform_device_count={args.devices} before it started)")
 
 
