@@ -148,8 +148,16 @@ def fit_spec(mesh_shape: dict, spec: Any, shape: Sequence[int]) -> P:
 def logical_shardings(mesh: Mesh, boxed: Any, rules=LOGICAL_RULES) -> Any:
   """NamedShardings for an `nn.Partitioned`-boxed tree (arrays or ShapeDtypeStructs), by the rules;
   unboxed leaves are replicated. The result has the unboxed tree's structure."""
+  def to_mesh(spec):
+    if not isinstance(spec, P):
+      return None
+    # A logical name may label two dimensions (e.g. a latent->latent conv's ('latent', 'latent')):
+    # only the first is mapped, as one mesh axis cannot split two dimensions of one array.
+    names = [n if not (isinstance(n, str) and n in spec[:i]) else None for i, n in enumerate(spec)]
+    return nn.logical_to_mesh_axes(tuple(names), rules)
+
   specs = nn.get_partition_spec(boxed)
-  logical = nn.logical_to_mesh(specs, rules)
+  logical = jax.tree.map(to_mesh, specs, is_leaf=lambda x: isinstance(x, P) or x is None)
   shapes = jax.tree.map(lambda x: x.shape, nn.unbox(boxed))
   return jax.tree.map(lambda spec, shape: NamedSharding(mesh, fit_spec(dict(mesh.shape), spec, shape)),
                       logical, shapes, is_leaf=lambda x: isinstance(x, P) or x is None)

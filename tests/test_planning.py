@@ -44,3 +44,13 @@ def test_parse_mesh_and_chip_errors_name_the_value():
   with pytest.raises(planning.PlanError, match="'h900'"):
     planning.chip_peak_and_memory("h900")
   assert planning.chip_peak_and_memory("v5p") == (459e12, 95 * 2 ** 30)
+
+
+def test_a_logical_name_on_two_dimensions_maps_once():
+  """The quantizer's latent->latent convs carry ('latent', 'latent'); flax refuses duplicates."""
+  import flax.linen as nn
+  import jax
+  rules = parallel.rules_from_config((("latent", "fsdp"),))
+  mesh = parallel.make_mesh(devices=jax.devices()[:1])
+  boxed = {"phi": nn.Partitioned(jax.ShapeDtypeStruct((3, 3, 8, 8), "float32"), (None, None, "latent", "latent"))}
+  assert parallel.logical_shardings(mesh, boxed, rules)["phi"].spec == P(None, None, "fsdp", None)
