@@ -97,9 +97,8 @@ def export(workdir: str, out: str) -> int:
   example = {"image": np.zeros((1, r, r, 3), np.float32), "label": np.zeros((1,), np.int32)}
   if hasattr(task, "example_batch"):
     example = task.example_batch(1)
-  mesh = parallel.make_mesh()
-  abstract = jax.eval_shape(task.init_state, jax.random.key(0), example)
-  shardings = loop.fsdp_shardings(mesh, abstract)
+  mesh, rules = parallel.mesh_from_config({"rules": config.get("mesh", {}).get("rules")})
+  abstract, shardings = loop.shardings_for(task, mesh, rules, jax.random.key(0), example)
   manager = checkpointing.make_manager(workdir, keep=1000, async_save=False)
   # Read-only: an unusable newer step is reported and left where it is (training moves it aside).
   restored = checkpointing.restore_latest(manager, checkpointing.abstract_with_shardings(abstract, shardings),
