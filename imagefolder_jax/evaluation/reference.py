@@ -186,6 +186,8 @@ def load_reference(path: str) -> ReferenceBatch:
   if IMAGES_KEY in keys:
     try:
       shape, _, dtype = _npy_header(path, IMAGES_KEY)
+    except ReferenceError:
+      raise
     except _READ_ERRORS as e:
       raise ReferenceError(f"{path}: {IMAGES_KEY} is unreadable ({type(e).__name__}: {e})") from e
     if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or shape[0] < 1:
