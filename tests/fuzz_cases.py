@@ -692,3 +692,11 @@ def write_workdir(workdir: str, config, steps=(1, 2), seed: int = 0, stage: str 
   manager.wait_until_finished()
   manager.close()
   return workdir
+
+
+def write_inception_ref(path: str, rng, count: int = 4) -> str:
+  """A valid reference of Inception's dimensions (pool_3 2048, spatial 2023) from random features."""
+  from imagefolder_jax.models.inception import POOL_FEATURES, SPATIAL_FEATURES
+  np.savez(path, pool_3=rng.standard_normal((count, POOL_FEATURES)).astype(np.float32),
+           spatial=rng.standard_normal((count, SPATIAL_FEATURES)).astype(np.float32))
+  return path
