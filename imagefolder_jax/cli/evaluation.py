@@ -201,9 +201,10 @@ def _run_eval_generator(args) -> None:
   # The samples' features come from the Inception network: a reference of other dimensions would
   # only fail after the whole sampling run.
   check_feature_dims(ref_batch, POOL_FEATURES, SPATIAL_FEATURES, against="the Inception network")
-  net = _inception(args)
-  # Checked against the generator's own init (missing, mis-shaped, NaN arrays; no generator).
+  # Checked against the generator's own init (missing, mis-shaped, NaN arrays; no generator), before
+  # the Inception network is loaded (or converted on first use).
   gen = load_model(Generator, args.bundle, mesh=make_mesh())
+  net = _inception(args)
   run = SampleRun(num_samples=args.num_samples, seed=args.seed, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
                   temperature=args.temperature, classes=_parse_classes(args.classes), shard_size=args.shard_size)
   samples = generate_samples(gen, net, run, args.work_dir, bundle=args.bundle, batch_size=args.batch_size)
