@@ -1,6 +1,6 @@
 """The big fuzz run: N seeded odd inputs through every verb that reads them, in one process.
 
-  JAX_PLATFORMS=cpu python bench/fuzz_cli.py --cases 1000 --seed 0 --workdir /tmp/fuzz
+  JAX_PLATFORMS=cpu python bench/fuzz_cli.py --cases 1000 --seed 0 --workdir /tmp/fuzz [--workers 3]
 
 Case i draws (verb family, damage kind) from `numpy.random.default_rng((seed, i))`:
   images    -> `reconstruct` (a random mix of 1-6 odd/corrupt images, tests/fuzz_cases.IMAGE_KINDS)
@@ -31,9 +31,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import logging
 import os
 import shutil
+import subprocess
 import sys
 import time
 
@@ -226,6 +228,32 @@ def _share_pristine(model_cls, bundle: str) -> None:
   model_cls.load = classmethod(shared_load)
 
 
+def _share_pristine_checks(bundle: str) -> None:
+  """The undamaged bundle's variable check (an abstract init per model) and `load_bundle` (the
+  generator task reads the frozen tokenizer with it) run once; damaged copies are checked afresh."""
+  from imagefolder_jax import checkpoint
+  from imagefolder_jax.cli import common
+  from imagefolder_jax.train import generator_task
+  pristine = os.path.abspath(bundle)
+  check, load, checked, loaded = common._check_model_variables, checkpoint.load_bundle, set(), {}
+
+  def shared_check(model, directory):
+    if os.path.abspath(directory) != pristine:
+      return check(model, directory)
+    if id(model) not in checked:   # the shared model objects (see _share_pristine) live all run
+      check(model, directory)
+      checked.add(id(model))
+
+  def shared_load(directory):
+    if os.path.abspath(directory) != pristine:
+      return load(directory)
+    if "v" not in loaded:
+      loaded["v"] = load(directory)
+    return loaded["v"]
+  common._check_model_variables = shared_check
+  generator_task.load_bundle = shared_load
+
+
 def _assets(workdir: str, bundle: str) -> dict:
   """Undamaged inputs the cases copy and damage: a training workdir, pretokenized codes, the FID
   Inception bundle (converted once, loaded once: `InceptionFeatures.load` is memoised), a 2048-D
@@ -250,9 +278,10 @@ def _assets(workdir: str, bundle: str) -> dict:
   from imagefolder_jax import api, generation
   for model_cls in (api.Tokenizer, generation.Generator):
     _share_pristine(model_cls, bundle)
+  _share_pristine_checks(bundle)
   # Compiles that still happen per case (a fresh model object) come from the persistent cache.
   import jax
-  jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
+  jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.dirname(workdir), "jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   # Exportable to the official layout (256 px, patch 16); filled, not trained (see write_workdir).
   config = load_config(os.path.join(ROOT, "configs", "tokenizer_tiny.py:nogan"),
@@ -268,37 +297,7 @@ def _assets(workdir: str, bundle: str) -> dict:
   return assets
 
 
-def main_fuzz() -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--cases", type=int, default=1000)
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--workdir", default="/tmp/imagefolder_fuzz")
-  parser.add_argument("--keep", action="store_true", help="keep every case directory")
-  args = parser.parse_args()
-  # Before main() configures logging: our handler follows each case's redirected stderr.
-  logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[_CurrentStderr()])
-  shutil.rmtree(args.workdir, ignore_errors=True)
-  t_setup = time.perf_counter()
-  bundle = os.path.join(args.workdir, "parity_bundle")
-  assert main(["convert-official", "--tokenizer", os.path.join(PARITY, "tokenizer.pt"), "--generator",
-               os.path.join(PARITY, "generator.pt"), "--config", os.path.join(PARITY, "config.json"),
-               "--out", bundle]) == 0
-  assets = _assets(args.workdir, bundle)
-  print(f"setup (parity bundle, Inception bundle, workdir, codes) {time.perf_counter() - t_setup:.0f} s", flush=True)
-  results, t0 = [], time.perf_counter()
-  for i in range(args.cases):
-    rng = np.random.default_rng((args.seed, i))
-    family = "folder" if i % 10 == 9 else str(rng.choice(FAMILIES[:-1]))
-    case_dir = os.path.join(args.workdir, f"case{i:05d}")
-    t_case = time.perf_counter()
-    r = run_case(family, rng, case_dir, bundle, assets)
-    r["seconds"] = time.perf_counter() - t_case
-    results.append(r)
-    bad = r["crash"] or r["multi_line"] or r["half_written"] or r["wrong"]
-    if bad:
-      print(f"case {i} {family} {r['kind']}: code={r['code']} {dict((k, r[k]) for k in ('crash', 'multi_line', 'half_written', 'wrong'))} {r['err']!r}")
-    elif not args.keep:
-      shutil.rmtree(case_dir, ignore_errors=True)
+def _summary(results, wall: float) -> None:
   for family in FAMILIES:
     rs = [r for r in results if r["family"] == family]
     print(f"{family:10s} cases={len(rs):4d} ok={sum(r['code'] == 0 for r in rs):4d} "
@@ -308,7 +307,69 @@ def main_fuzz() -> int:
           f"time={sum(r['seconds'] for r in rs):.0f}s")
   print(f"total cases={len(results)} crashes={sum(r['crash'] for r in results)} "
         f"multi-line={sum(r['multi_line'] for r in results)} half-written={sum(r['half_written'] for r in results)} "
-        f"wrong={sum(r['wrong'] for r in results)} in {time.perf_counter() - t0:.0f} s")
+        f"wrong={sum(r['wrong'] for r in results)} in {wall:.0f} s")
+
+
+def _run_shard(args, shard: int) -> None:
+  """Cases i with i % workers == shard, in this process; results as JSON lines in the workdir."""
+  workdir = os.path.join(args.workdir, f"worker{shard}")
+  # Before main() configures logging: our handler follows each case's redirected stderr.
+  logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[_CurrentStderr()])
+  bundle = os.path.join(workdir, "parity_bundle")
+  assert main(["convert-official", "--tokenizer", os.path.join(PARITY, "tokenizer.pt"), "--generator",
+               os.path.join(PARITY, "generator.pt"), "--config", os.path.join(PARITY, "config.json"),
+               "--out", bundle]) == 0
+  assets = _assets(workdir, bundle)
+  with open(os.path.join(workdir, "results.jsonl"), "w") as log:
+    for i in range(shard, args.cases, args.workers):
+      rng = np.random.default_rng((args.seed, i))
+      family = "folder" if i % 10 == 9 else str(rng.choice(FAMILIES[:-1]))
+      case_dir = os.path.join(workdir, f"case{i:05d}")
+      t_case = time.perf_counter()
+      r = run_case(family, rng, case_dir, bundle, assets)
+      r.update(seconds=time.perf_counter() - t_case, index=i, code=r["code"] if isinstance(r["code"], int) else str(r["code"]))
+      log.write(json.dumps(r) + "\n")
+      log.flush()
+      if not (r["crash"] or r["multi_line"] or r["half_written"] or r["wrong"] or args.keep):
+        shutil.rmtree(case_dir, ignore_errors=True)
+
+
+def main_fuzz() -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--cases", type=int, default=1000)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--workdir", default="/tmp/imagefolder_fuzz")
+  parser.add_argument("--workers", type=int, default=1,
+                      help="processes sharing the cases (case i runs in worker i %% workers; same results)")
+  parser.add_argument("--keep", action="store_true", help="keep every case directory")
+  parser.add_argument("--shard", type=int, help=argparse.SUPPRESS)  # internal: one worker's share
+  args = parser.parse_args()
+  if args.shard is not None:
+    _run_shard(args, args.shard)
+    return 0
+  shutil.rmtree(args.workdir, ignore_errors=True)
+  os.makedirs(args.workdir)
+  t0 = time.perf_counter()
+  argv = [sys.executable, os.path.abspath(__file__), "--cases", str(args.cases), "--seed", str(args.seed),
+          "--workdir", args.workdir, "--workers", str(args.workers)] + (["--keep"] if args.keep else [])
+  procs = [subprocess.Popen(argv + ["--shard", str(k)], stdout=subprocess.DEVNULL,
+                            stderr=open(os.path.join(args.workdir, f"worker{k}.log"), "w")) for k in range(args.workers)]
+  codes = [p.wait() for p in procs]
+  results = []
+  for k in range(args.workers):
+    path = os.path.join(args.workdir, f"worker{k}", "results.jsonl")
+    if os.path.exists(path):
+      with open(path) as f:
+        results += [json.loads(line) for line in f]
+  results.sort(key=lambda r: r["index"])
+  for r in results:
+    if r["crash"] or r["multi_line"] or r["half_written"] or r["wrong"]:
+      print(f"case {r['index']} {r['family']} {r['kind']}: code={r['code']} "
+            f"{dict((k, r[k]) for k in ('crash', 'multi_line', 'half_written', 'wrong'))} {r['err']!r}")
+  _summary(results, time.perf_counter() - t0)
+  if any(codes) or len(results) != args.cases:
+    print(f"workers exited {codes}; {len(results)} of {args.cases} cases ran (see {args.workdir}/worker*.log)")
+    return 1
   return 0
 
 
