@@ -1,4 +1,5 @@
-"""Seeded generators of odd and corrupt inputs: image files, damaged bundles, damaged official checkpoints.
+"""Seeded generators of odd and corrupt inputs: image files, damaged bundles, damaged official checkpoints,
+ADM .npz files, training workdirs, pre-tokenized codes and TorchScript files.
 
 Shared by `tests/test_reliability.py` (a representative subset) and `bench/fuzz_cli.py` (1,000 cases).
 Every generator takes a `numpy.random.Generator`, so a case is reproduced from (seed, index).
