@@ -199,17 +199,21 @@ def run_case(family: str, rng, case_dir: str, bundle: str, assets: dict) -> dict
   if family == "bundle" and code != 0 and "--classes" in err and kind != "tokenizer_only":
     result["wrong"] = not _same_variables(bundle, os.path.join(case_dir, "bundle"))
   if family == "official" and code == 0:
-    result["wrong"] = kind not in fuzz_cases.OFFICIAL_MAY_SURVIVE
+    result["wrong"] = kind not in fuzz_cases.OFFICIAL_MAY_SURVIVE or (
+        kind in fuzz_cases.OFFICIAL_SAME_VARIABLES and not _same_variables(bundle, out, models=("tokenizer",)))
   if family == "bundle" and code == 0:
     result["wrong"] = not _same_variables(bundle, os.path.join(case_dir, "bundle"))
   return result
 
 
-def _same_variables(a, b) -> bool:
+def _same_variables(a, b, models=None) -> bool:
+  """Bundles a and b hold equal arrays (of `models` only, when given)."""
   import jax
   from imagefolder_jax.checkpoint import load_bundle
   try:
     (_, va), (_, vb) = load_bundle(a), load_bundle(b)
+    if models is not None:
+      va, vb = ({m: v[m] for m in models} for v in (va, vb))
   except Exception:  # noqa: BLE001
     return False
   return jax.tree.structure(va) == jax.tree.structure(vb) and all(

@@ -351,9 +351,11 @@ OFFICIAL_DAMAGE: dict[str, Callable] = {
     "flipped_bytes": _raw_edit("flip"),
     "pickled_object": _pickled_code,
 }
-# Damage that a converter may accept: unused extra tensors; flipped bytes inside tensor data that
-# leave every tensor finite.
-OFFICIAL_MAY_SURVIVE = frozenset({"extra_key", "flipped_bytes"})
+# Damage that a converter may accept: unused extra tensors; a missing tensor the converter derives
+# instead of reading (the level buffers `*.lvl1LC`); flipped bytes inside tensor data that leave
+# every tensor finite. The first two must convert to the same variables as the undamaged file.
+OFFICIAL_MAY_SURVIVE = frozenset({"extra_key", "missing_key", "flipped_bytes"})
+OFFICIAL_SAME_VARIABLES = frozenset({"extra_key", "missing_key"})
 
 
 # ----------------------------------------------------------------------------- ADM .npz files (fid, fid-stats, eval-generator --ref)

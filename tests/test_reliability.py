@@ -233,6 +233,13 @@ def test_damaged_official_checkpoints(kind, tmp_path, capsys):
   code = main(["convert-official", "--tokenizer", bad, "--config", os.path.join(PARITY, "config.json"), "--out", out])
   if code == 0:
     assert kind in fuzz_cases.OFFICIAL_MAY_SURVIVE
+    if kind in fuzz_cases.OFFICIAL_SAME_VARIABLES:
+      from imagefolder_jax.checkpoint import load_bundle
+      good = str(tmp_path / "good")
+      assert main(["convert-official", "--tokenizer", src, "--config", os.path.join(PARITY, "config.json"),
+                   "--out", good]) == 0
+      for x, y in zip(jax.tree.leaves(load_bundle(good)[1]), jax.tree.leaves(load_bundle(out)[1])):
+        np.testing.assert_array_equal(x, y)
     return
   assert code == 2
   line = _one_error(capsys)
@@ -469,7 +476,8 @@ def test_damaged_bundle_export_official(kind, parity_bundle, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("kind,flag", [("jpeg", "--torchscript"), ("zip_not_torchscript", "--logits"),
-                                       ("pickled_object", "--logits"), ("empty", "--torchscript")])
+                                       ("pickled_object", "--logits"), ("empty", "--torchscript"),
+                                       ("flipped_bytes", "--logits")])
 def test_damaged_torchscript_convert_inception(kind, flag, tmp_path, capsys):
   pytest.importorskip("torch")
   from imagefolder_jax.convert.inception import default_torchscript_path
@@ -484,4 +492,6 @@ def test_damaged_torchscript_convert_inception(kind, flag, tmp_path, capsys):
   assert bad in line, line
   if kind == "jpeg":
     assert "(it is a JPEG image)" in line
+  if kind == "flipped_bytes":  # still a TorchScript archive (torch warns, then refuses: one line here)
+    assert "a TorchScript archive, not a state dict" in line
   assert not os.path.exists(out)
