@@ -1,4 +1,5 @@
-"""Seeded generators of odd and corrupt inputs: image files, damaged bundles, damaged official checkpoints.
+"""Seeded generators of odd and corrupt inputs: image files, damaged bundles, damaged official checkpoints,
+ADM .npz files, training workdirs, pre-tokenized codes and TorchScript files.
 
 Shared by `tests/test_reliability.py` (a representative subset) and `bench/fuzz_cli.py` (1,000 cases).
 Every generator takes a `numpy.random.Generator`, so a case is reproduced from (seed, index).
@@ -350,6 +351,355 @@ OFFICIAL_DAMAGE: dict[str, Callable] = {
     "flipped_bytes": _raw_edit("flip"),
     "pickled_object": _pickled_code,
 }
-# Damage that a converter may accept: unused extra tensors; flipped bytes inside tensor data that
-# leave every tensor finite.
-OFFICIAL_MAY_SURVIVE = frozenset({"extra_key", "flipped_bytes"})
+# Damage that a converter may accept: unused extra tensors; a missing tensor the converter derives
+# instead of reading (the level buffers `*.lvl1LC`); flipped bytes inside tensor data that leave
+# every tensor finite. The first two must convert to the same variables as the undamaged file.
+OFFICIAL_MAY_SURVIVE = frozenset({"extra_key", "missing_key", "flipped_bytes"})
+OFFICIAL_SAME_VARIABLES = frozenset({"extra_key", "missing_key"})
+
+
+# ----------------------------------------------------------------------------- ADM .npz files (fid, fid-stats, eval-generator --ref)
+def _features(rng, n=12, d=8):
+  return rng.standard_normal((n, d)).astype(np.float32)
+
+
+def _good_npz_arrays(rng) -> dict:
+  """A small, valid fid-stats-like file: statistics and features of pool_3 (D=8) and spatial (D=6)."""
+  pool, spatial = _features(rng), _features(rng, d=6)
+  return {"mu": pool.mean(0).astype(np.float64), "sigma": np.cov(pool, rowvar=False),
+          "mu_s": spatial.mean(0).astype(np.float64), "sigma_s": np.cov(spatial, rowvar=False),
+          "pool_3": pool, "spatial": spatial}
+
+
+def write_good_npz(path: str, rng) -> str:
+  np.savez(path, **_good_npz_arrays(rng))
+  return path
+
+
+def _npz_arrays(edit):
+  def make(path, rng):
+    arrays = _good_npz_arrays(rng)
+    edit(arrays, rng)
+    np.savez(path, **arrays)
+  return make
+
+
+def _drop(*keys):
+  def edit(arrays, rng):
+    for k in keys:
+      arrays.pop(k)
+  return edit
+
+
+def _set(key, value_fn):
+  def edit(arrays, rng):
+    arrays[key] = value_fn(arrays, rng)
+  return edit
+
+
+def _nonfinite(key):
+  def edit(arrays, rng):
+    x = np.array(arrays[key], copy=True)
+    x.flat[int(rng.integers(0, x.size))] = [np.nan, np.inf, -np.inf][int(rng.integers(0, 3))]
+    arrays[key] = x
+  return edit
+
+
+def _pickled_npz(path, rng):
+  arrays = _good_npz_arrays(rng)
+  arrays["mu"] = np.array([{"not": "numbers"}, None], dtype=object)
+  np.savez(path, **arrays)   # np.savez pickles object arrays; we never unpickle them
+
+
+def _raw_npz(how):
+  def make(path, rng):
+    if how in ("truncate", "flip"):
+      write_good_npz(path, rng)
+      if how == "truncate":
+        truncate_file(path, rng)
+      else:
+        flip_bytes(path, rng, count=32)
+      return
+    data = {"jpeg": lambda: _rgb_jpeg(rng), "empty": lambda: b"", "text": lambda: b"mu,sigma\n1,2\n",
+            "garbage": lambda: rng.integers(0, 256, 4096).astype(np.uint8).tobytes()}[how]()
+    with open(path, "wb") as f:
+      f.write(data)
+  return make
+
+
+def _npy_not_npz(path, rng):
+  with open(path, "wb") as f:
+    np.save(f, _features(rng))
+
+
+def _images_npz(edit):
+  def make(path, rng):
+    images = rng.integers(0, 256, (3, 16, 16, 3)).astype(np.uint8)
+    arrays = {"arr_0": images}
+    edit(arrays, rng)
+    np.savez(path, **arrays)
+  return make
+
+
+def _truncated_images(path, rng):
+  """arr_0 whose data ends early: the zip member is rewritten with a short .npy payload."""
+  images = rng.integers(0, 256, (3, 16, 16, 3)).astype(np.uint8)
+  buffer = io.BytesIO()
+  np.lib.format.write_array(buffer, images)
+  data = buffer.getvalue()
+  import zipfile
+  with zipfile.ZipFile(path, "w") as z:
+    z.writestr("arr_0.npy", data[:len(data) - int(rng.integers(1, images.size))])
+
+
+# name -> make(path, rng): each writes an .npz (or something posing as one) that `fid`, `fid-stats`
+# and `eval-generator --ref` must refuse in one line.
+NPZ_DAMAGE: dict[str, Callable] = {
+    "no_keys": _npz_arrays(lambda a, rng: [a.pop(k) for k in list(a)] and a.update(other=np.zeros(3))),
+    "labels_only": _npz_arrays(lambda a, rng: [a.pop(k) for k in list(a)] and a.update(labels=np.arange(4))),
+    "mu_without_sigma": _npz_arrays(_drop("sigma", "pool_3")),
+    "sigma_s_without_mu_s": _npz_arrays(_drop("mu_s", "spatial")),
+    "mu_2d": _npz_arrays(_set("mu", lambda a, rng: a["mu"][None])),
+    "sigma_not_square": _npz_arrays(_set("sigma", lambda a, rng: a["sigma"][:, :-1])),
+    "sigma_1d": _npz_arrays(_set("sigma", lambda a, rng: np.diag(a["sigma"]))),
+    "mu_sigma_disagree": _npz_arrays(_set("mu", lambda a, rng: a["mu"][:-1])),
+    "pool_3_1d": _npz_arrays(_set("pool_3", lambda a, rng: a["pool_3"][0])),
+    "pool_3_other_dim": _npz_arrays(_set("pool_3", lambda a, rng: a["pool_3"][:, :-2])),
+    "one_feature_row": _npz_arrays(lambda a, rng: [a.pop(k) for k in ("mu", "sigma")] and None
+                                   or a.update(pool_3=a["pool_3"][:1])),
+    "string_mu": _npz_arrays(_set("mu", lambda a, rng: np.array(["0.1"] * 8))),
+    "complex_sigma": _npz_arrays(_set("sigma", lambda a, rng: a["sigma"] * (1 + 1j))),
+    "nan_mu": _npz_arrays(_nonfinite("mu")),
+    "nan_sigma": _npz_arrays(_nonfinite("sigma")),
+    "nan_sigma_s": _npz_arrays(_nonfinite("sigma_s")),
+    "nan_pool_3": _npz_arrays(_nonfinite("pool_3")),
+    "pickled_object": _pickled_npz,
+    "truncated": _raw_npz("truncate"),
+    "flipped_bytes": _raw_npz("flip"),
+    "jpeg": _raw_npz("jpeg"),
+    "empty": _raw_npz("empty"),
+    "text": _raw_npz("text"),
+    "garbage": _raw_npz("garbage"),
+    "npy_not_npz": _npy_not_npz,
+    "images_float": _images_npz(lambda a, rng: a.update(arr_0=a["arr_0"].astype(np.float32))),
+    "images_gray": _images_npz(lambda a, rng: a.update(arr_0=a["arr_0"][..., 0])),
+    "images_rgba": _images_npz(lambda a, rng: a.update(arr_0=np.concatenate([a["arr_0"]] * 2, -1)[..., :4])),
+    "images_empty": _images_npz(lambda a, rng: a.update(arr_0=a["arr_0"][:0])),
+    "images_truncated": _truncated_images,
+}
+# Flipped bytes may land in a zip's slack (names, padding) or flip a float to another finite value;
+# such a file may still be read (then it must hold finite statistics of the right shapes).
+NPZ_MAY_SURVIVE = frozenset({"flipped_bytes"})
+# Kinds with images only (`fid-stats --source npz:FILE` reads these; the others hold no arr_0).
+NPZ_IMAGE_KINDS = ("images_float", "images_gray", "images_rgba", "images_empty", "images_truncated",
+                   "pickled_object", "truncated", "jpeg", "empty", "garbage", "npy_not_npz", "no_keys")
+
+
+# ----------------------------------------------------------------------------- training workdirs (export-official --workdir)
+def _step_dirs(workdir):
+  root = os.path.join(workdir, "checkpoints")
+  return sorted((os.path.join(root, s) for s in os.listdir(root) if s.isdigit()), key=lambda p: int(os.path.basename(p)))
+
+
+def _truncate_step(which):
+  def edit(workdir, rng):
+    steps = _step_dirs(workdir)
+    for step in (steps[-1:] if which == "newest" else steps):
+      files = [f for f in _files_under(os.path.join(step, "state")) if f"{os.sep}d{os.sep}" in f]
+      truncate_file(max(files, key=os.path.getsize), rng)
+  return edit
+
+
+def _workdir_config(text_fn):
+  def edit(workdir, rng):
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(text_fn(workdir, rng))
+  return edit
+
+
+def _config_field(edit_config):
+  def edit(workdir, rng):
+    with open(os.path.join(workdir, "config.json")) as f:
+      saved = json.load(f)
+    edit_config(saved, rng)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(saved, f)
+  return edit
+
+
+def _no_commit_marker(workdir, rng):
+  os.remove(os.path.join(_step_dirs(workdir)[-1], "commit_success.txt"))
+
+
+# name -> edit(workdir, rng). WORKDIR_FALLS_BACK: the newest step is damaged, an older one is fine:
+# export must succeed from the older step (and say which); the others must be refused in one line.
+WORKDIR_DAMAGE: dict[str, Callable] = {
+    "truncate_newest": _truncate_step("newest"),
+    "newest_without_commit_marker": _no_commit_marker,
+    "truncate_all": _truncate_step("all"),
+    "no_checkpoints": lambda w, rng: shutil.rmtree(os.path.join(w, "checkpoints")),
+    "no_config_json": lambda w, rng: os.remove(os.path.join(w, "config.json")),
+    "garbage_config_json": _workdir_config(lambda w, rng: "{not json"),
+    "config_json_list": _workdir_config(lambda w, rng: "[1, 2]"),
+    "config_json_without_config": _workdir_config(lambda w, rng: json.dumps({"stage": "tokenizer"})),
+    "unknown_stage": _config_field(lambda s, rng: s.update(stage="discriminator")),
+    "other_architecture": _config_field(lambda s, rng: s["config"]["model"]["vit"].update(
+        width=2 * s["config"]["model"]["vit"]["width"])),
+    "bad_model_value": _config_field(lambda s, rng: s["config"]["model"]["vit"].update(depth="two")),
+}
+WORKDIR_FALLS_BACK = frozenset({"truncate_newest", "newest_without_commit_marker"})
+
+
+# ----------------------------------------------------------------------------- pre-tokenized codes (train-generator codes:DIR)
+def _rewrite_records(edit_record):
+  """Rewrites every record of a codes directory through `edit_record(codes, label, rng) -> bytes`."""
+  def edit(directory, rng):
+    from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+    from imagefolder_jax.data.codes import RECORDS
+    path = os.path.join(directory, RECORDS)
+    reader = ArrayRecordReader(path)
+    records = [reader.read() for _ in range(reader.num_records())]
+    reader.close()
+    writer = ArrayRecordWriter(path, "group_size:1")
+    for data in records:
+      with np.load(io.BytesIO(data)) as z:
+        writer.write(edit_record(np.array(z["codes"]), np.array(z["label"]), rng))
+    writer.close()
+  return edit
+
+
+def _record(codes, label=None, **extra) -> bytes:
+  buffer = io.BytesIO()
+  arrays = dict(codes=codes, **extra)
+  if label is not None:
+    arrays["label"] = label
+  np.savez(buffer, **arrays)
+  return buffer.getvalue()
+
+
+def _codes_meta(edit_meta):
+  def edit(directory, rng):
+    path = os.path.join(directory, "codes.json")
+    with open(path) as f:
+      meta = json.load(f)
+    edit_meta(meta, rng)
+    with open(path, "w") as f:
+      json.dump(meta, f)
+  return edit
+
+
+def _codes_meta_text(text):
+  def edit(directory, rng):
+    with open(os.path.join(directory, "codes.json"), "w") as f:
+      f.write(text)
+  return edit
+
+
+def _codes_records_raw(how):
+  def edit(directory, rng):
+    path = os.path.join(directory, "codes.array_record")
+    if how == "truncate":
+      truncate_file(path, rng)
+    elif how == "garbage":
+      with open(path, "wb") as f:
+        f.write(rng.integers(0, 256, int(rng.integers(1, 4096))).astype(np.uint8).tobytes())
+    elif how == "empty":
+      open(path, "wb").close()
+    elif how == "delete":
+      os.remove(path)
+  return edit
+
+
+# name -> edit(codes_dir, rng): a `pretokenize` output damaged; train-generator must refuse it in one
+# line before it trains (or creates its workdir).
+CODES_DAMAGE: dict[str, Callable] = {
+    "no_codes_json": lambda d, rng: os.remove(os.path.join(d, "codes.json")),
+    "garbage_codes_json": _codes_meta_text("{not json"),
+    "codes_json_list": _codes_meta_text("[1, 2, 3]"),
+    "other_scales": _codes_meta(lambda m, rng: m.update(scales=m["scales"][:-1])),
+    "other_codebook_size": _codes_meta(lambda m, rng: m.update(codebook_size=2 * m["codebook_size"])),
+    "scales_not_a_list": _codes_meta(lambda m, rng: m.update(scales="1,2,3")),
+    "num_records_mismatch": _codes_meta(lambda m, rng: m.update(num_records=m["num_records"] + 5)),
+    "no_records_file": _codes_records_raw("delete"),
+    "truncated_records": _codes_records_raw("truncate"),
+    "garbage_records": _codes_records_raw("garbage"),
+    "empty_records": _codes_records_raw("empty"),
+    "records_not_npz": _rewrite_records(lambda c, l, rng: b"not an npz record"),
+    "records_pickled": _rewrite_records(lambda c, l, rng: _record(np.array([None] * c.size, object), l)),
+    "records_missing_position": _rewrite_records(lambda c, l, rng: _record(c[:, :-1], l)),
+    "records_one_branch": _rewrite_records(lambda c, l, rng: _record(c[:1], l)),
+    "records_transposed": _rewrite_records(lambda c, l, rng: _record(c.T, l)),
+    "records_float": _rewrite_records(lambda c, l, rng: _record(c.astype(np.float32) + 0.5, l)),
+    "records_ids_too_large": _rewrite_records(lambda c, l, rng: _record(c.astype(np.int32) + 30000, l)),
+    "records_negative_ids": _rewrite_records(lambda c, l, rng: _record(-1 - c.astype(np.int32), l)),
+    "records_without_label": _rewrite_records(lambda c, l, rng: _record(c)),
+    "records_negative_label": _rewrite_records(lambda c, l, rng: _record(c, np.int32(-3))),
+    "records_label_too_large": _rewrite_records(lambda c, l, rng: _record(c, np.int32(100000))),
+}
+
+
+# ----------------------------------------------------------------------------- TorchScript (convert-inception)
+def _torchscript_damage(how):
+  def make(src, dst, rng):
+    if how == "state_dict":
+      import torch
+      torch.save({"conv.weight": torch.zeros(3, 3)}, dst)
+      return
+    if how == "zip_not_torchscript":
+      import zipfile
+      with zipfile.ZipFile(dst, "w") as z:
+        z.writestr("archive/data.pkl", b"\x80\x02}q\x00.")
+      return
+    _raw_edit(how)(src, dst, rng)
+  return make
+
+
+# name -> make(default_1.pt path, dst, rng): files `convert-inception --torchscript` (and --logits)
+# must refuse in one line.
+TORCHSCRIPT_DAMAGE: dict[str, Callable] = {
+    "truncated": _torchscript_damage("truncate"),
+    "flipped_bytes": _torchscript_damage("flip"),
+    "jpeg": _torchscript_damage("jpeg"),
+    "empty": _torchscript_damage("empty"),
+    "garbage": _torchscript_damage("garbage"),
+    "lfs_pointer_text": _torchscript_damage("text"),
+    "state_dict": _torchscript_damage("state_dict"),
+    "zip_not_torchscript": _torchscript_damage("zip_not_torchscript"),
+    "pickled_object": _pickled_code,
+}
+
+
+def write_workdir(workdir: str, config, steps=(1, 2), seed: int = 0, stage: str = "tokenizer") -> str:
+  """A training workdir as `train` leaves it (config.json, sealed checkpoints at `steps`) without
+  training: the state is the task's abstract state filled with small seeded values. Enough for
+  `export` / `export-official --workdir`, in seconds instead of a compile and a few steps."""
+  import jax
+  from imagefolder_jax.train import checkpointing, trainer
+  from imagefolder_jax.train.loop import config_fingerprint
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump({"stage": stage, "model": config_fingerprint(config),
+               "config": json.loads(config.to_json_best_effort())}, f, indent=1)
+  _, abstract = trainer._workdir_task(workdir, stage, config)
+  rng = np.random.default_rng(seed)
+
+  def fill(x):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.random.key(int(rng.integers(0, 2**31)))
+    if np.issubdtype(x.dtype, np.floating):
+      return (0.02 * rng.standard_normal(x.shape)).astype(x.dtype)
+    return np.zeros(x.shape, x.dtype)
+  manager = checkpointing.make_manager(workdir, keep=len(steps), async_save=False)
+  for step in steps:
+    checkpointing.save(manager, step, jax.tree.map(fill, abstract), {"data_iterators": ['{"step": %d}' % step]})
+  manager.wait_until_finished()
+  manager.close()
+  return workdir
+
+
+def write_inception_ref(path: str, rng, count: int = 4) -> str:
+  """A valid reference of Inception's dimensions (pool_3 2048, spatial 2023) from random features."""
+  from imagefolder_jax.models.inception import POOL_FEATURES, SPATIAL_FEATURES
+  np.savez(path, pool_3=rng.standard_normal((count, POOL_FEATURES)).astype(np.float32),
+           spatial=rng.standard_normal((count, SPATIAL_FEATURES)).astype(np.float32))
+  return path

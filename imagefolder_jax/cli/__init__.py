@@ -69,9 +69,14 @@ def _start_distributed(args) -> None:
     logging.getLogger().setLevel(logging.WARNING)
 
 
+# grain appends this banner to the message of an exception raised inside a data pipeline (a codes
+# record that fails its check mid-run); it says nothing about the input.
+_GRAIN_BANNER = "\n--------------------\nFor simplicity, Grain has removed"
+
+
 def one_line(message: object) -> str:
   """`message` as a single line: whitespace runs (newlines included) become one space."""
-  text = " ".join(str(message).split())
+  text = " ".join(str(message).split(_GRAIN_BANNER)[0].split())
   return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE - 3] + "..."
 
 

@@ -17,8 +17,8 @@ def psnr(a, b) -> float:
   return float(np.mean(10 * np.log10(1.0 / np.maximum(mse, 1e-12))))
 
 
-def load_model(cls, bundle: str, mesh=None):
-  """`cls.load(bundle)` with missing directories and bad bundles as one-line errors.
+def load_model(cls, bundle: str, **kwargs):
+  """`cls.load(bundle, **kwargs)` with missing directories and bad bundles as one-line errors.
 
   The loaded variables are checked against the model's own (abstract, never computed) init, so a
   bundle with a missing, mis-shaped or mis-typed array is refused here, before any work starts.
@@ -28,7 +28,7 @@ def load_model(cls, bundle: str, mesh=None):
     raise CliError(f"bundle directory not found: {bundle}" if not os.path.exists(bundle)
                    else f"--bundle must be a bundle directory, got a file: {bundle}")
   try:
-    model = cls.load(bundle, mesh=mesh)
+    model = cls.load(bundle, **kwargs)
     _check_model_variables(model, bundle)
   except BundleError as e:
     raise CliError(str(e)) from e

@@ -67,8 +67,7 @@ def _run_export_official(args) -> None:
     raise CliError("--teacher and --without-teacher exclude each other")
   teacher = args.teacher
   if args.bundle:
-    if not os.path.isdir(args.bundle):
-      raise CliError(f"bundle directory not found: {args.bundle}")
+    _check_bundle(args.bundle)
     paths = export_bundle(args.bundle, args.out, teacher=teacher, without_teacher=args.without_teacher)
     source = args.bundle
   else:
@@ -84,6 +83,22 @@ def _run_export_official(args) -> None:
       paths = export_bundle(bundle, args.out, teacher=teacher, without_teacher=args.without_teacher, step=step)
     source = f"{args.workdir} (step {step})"
   print(f"wrote {', '.join(os.path.basename(p) for p in paths)} to {args.out} from {source}")
+
+
+def _check_bundle(bundle: str) -> None:
+  """Refuses, in one line, a bundle whose arrays differ from its models' own init (missing, extra,
+  mis-shaped, mis-typed, NaN) or whose configs are unusable, before anything is written."""
+  from imagefolder_jax.checkpoint import BundleError, read_bundle_configs
+  from imagefolder_jax.cli.common import load_model
+  from imagefolder_jax.generation import Generator
+  from imagefolder_jax.api import Tokenizer
+  if not os.path.isdir(bundle):
+    load_model(Tokenizer, bundle)  # the one-line "not found" / "a file, not a directory" errors
+  try:
+    configs = read_bundle_configs(bundle)
+  except BundleError as e:
+    raise CliError(str(e)) from e
+  load_model(Generator if "generator" in configs else Tokenizer, bundle)
 
 
 VERBS = [_add_convert, _add_export_official]

@@ -124,10 +124,16 @@ def _add_fid(sub) -> None:
 
 
 def _run_fid(args) -> None:
-  from imagefolder_jax.evaluation.reference import load_reference
+  from imagefolder_jax.evaluation.reference import check_feature_dims, feature_dims, load_reference
   from imagefolder_jax.evaluation.scores import FeatureSet, adm_scores, npz_extractor
+  from imagefolder_jax.models.inception import POOL_FEATURES, SPATIAL_FEATURES
   refs = [load_reference(path) for path in (args.ref, args.samples)]
   need_net = any(r.has_images and (r.pool_3 is None) for r in refs)
+  # Refused before any feature is computed: statistics of different dimensions cannot be compared.
+  check_feature_dims(refs[1], *feature_dims(refs[0]), against=args.ref)
+  if need_net:
+    for r in refs:
+      check_feature_dims(r, POOL_FEATURES, SPATIAL_FEATURES, against="the Inception network")
   net = None
   if need_net or args.inception:
     net = _inception(args)
@@ -188,11 +194,17 @@ def _run_eval_generator(args) -> None:
   for value, flag in ((args.num_samples, "--num-samples"), (args.batch_size, "--batch-size"),
                       (args.shard_size, "--shard-size")):
     _positive(value, flag)
+  from imagefolder_jax.cli.common import load_model
+  from imagefolder_jax.evaluation.reference import check_feature_dims
+  from imagefolder_jax.models.inception import POOL_FEATURES, SPATIAL_FEATURES
   ref_batch = load_reference(args.ref)
+  # The samples' features come from the Inception network: a reference of other dimensions would
+  # only fail after the whole sampling run.
+  check_feature_dims(ref_batch, POOL_FEATURES, SPATIAL_FEATURES, against="the Inception network")
+  # Checked against the generator's own init (missing, mis-shaped, NaN arrays; no generator), before
+  # the Inception network is loaded (or converted on first use).
+  gen = load_model(Generator, args.bundle, mesh=make_mesh())
   net = _inception(args)
-  if not os.path.isdir(args.bundle):
-    raise CliError(f"bundle directory not found: {args.bundle}")
-  gen = Generator.load(args.bundle, mesh=make_mesh())   # BundleError (a ValueError) prints as one line
   run = SampleRun(num_samples=args.num_samples, seed=args.seed, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
                   temperature=args.temperature, classes=_parse_classes(args.classes), shard_size=args.shard_size)
   samples = generate_samples(gen, net, run, args.work_dir, bundle=args.bundle, batch_size=args.batch_size)

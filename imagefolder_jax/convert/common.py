@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Iterable, Optional
 
 import numpy as np
@@ -67,8 +68,14 @@ def load_torch_file(path: str) -> Any:
     raise ImportError("reading PyTorch checkpoints needs torch: pip install 'imagefolder-jax[test]' "
                       "or pip install torch") from e
   try:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    with warnings.catch_warnings():
+      # torch warns (a second stderr line) before refusing a TorchScript archive; the error says it.
+      warnings.simplefilter("ignore")
+      return torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # truncated zip, pickles of code (refused by weights_only), bad records...
+    if "with TorchScript archives" in str(e):
+      raise ConversionError(f"{path}: a TorchScript archive, not a state dict of tensors (torch.save of a "
+                            "state_dict)") from e
     if "Weights only load failed" in str(e):
       raise ConversionError(f"{path}: holds pickled Python objects besides tensors, which are never "
                             "unpickled (torch.load weights_only=True)") from e

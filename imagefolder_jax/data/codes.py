@@ -34,9 +34,36 @@ def record_index(data: bytes) -> int:
     return int(z["index"])
 
 
-def decode_record(data: bytes) -> dict:
-  with np.load(io.BytesIO(data)) as z:
-    return {"codes": z["codes"].astype(np.int32), "label": np.int32(z["label"])}
+class CodesError(ValueError):
+  """A pre-tokenized codes directory is unusable (names the directory, the file or the record)."""
+
+
+def decode_record(data: bytes, layout: Optional[dict] = None, where: str = "record") -> dict:
+  """One record -> {'codes': int32 as stored ((num_branches, positions), see `Codes.flat`), 'label': int32};
+  never unpickles.
+
+  layout: {'positions': P, 'num_branches': L, 'codebook_size': V[, 'num_classes': C]} to check the
+  record against (shape (L, P), integer ids in [0, V), an integer label in [0, C)); `CodesError` naming
+  `where` otherwise."""
+  if not data.startswith(b"PK\x03\x04"):  # np.savez output is a zip; np.load would guess "a pickle"
+    raise CodesError(f"{where} is not a codes record (not an .npz of codes and label: {data[:16]!r})")
+  try:
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+      codes, label = np.asarray(z["codes"]), np.asarray(z["label"])
+  except Exception as e:  # noqa: BLE001 - np.load raises ValueError, OSError, KeyError, BadZipFile, EOFError...
+    raise CodesError(f"{where} is not a codes record ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from e
+  if layout is not None:
+    shape = (layout["num_branches"], layout["positions"])
+    if codes.shape != shape or codes.dtype.kind not in "iu":
+      raise CodesError(f"{where}: codes are {codes.dtype}{list(codes.shape)}, expected integers of shape {shape}")
+    if codes.size and (codes.min() < 0 or codes.max() >= layout["codebook_size"]):
+      raise CodesError(f"{where}: token ids span [{codes.min()}, {codes.max()}], outside the codebook "
+                       f"[0, {layout['codebook_size']})")
+    classes = layout.get("num_classes")
+    if label.shape != () or label.dtype.kind not in "iu" or label < 0 or (classes is not None and label >= classes):
+      raise CodesError(f"{where}: label must be an integer in [0, {classes if classes is not None else 'inf'}), "
+                       f"got {label.dtype}{list(label.shape)} {label.tolist()!r}")
+  return {"codes": codes.astype(np.int32), "label": np.int32(label)}
 
 
 def write_codes(directory: str, batches: Iterable, meta: dict, encoded: bool = False) -> int:
@@ -75,17 +102,64 @@ def write_codes(directory: str, batches: Iterable, meta: dict, encoded: bool = F
   return count
 
 
-class CodesSource:
-  """Random-access source over a `pretokenize` output directory: records {'codes': (P, L), 'label'}."""
+def _read_meta(directory: str) -> dict:
+  path = os.path.join(directory, META)
+  try:
+    with open(path) as f:
+      meta = json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise CodesError(f"{path}: unreadable ({type(e).__name__}: {e})") from e
+  if not isinstance(meta, dict):
+    raise CodesError(f"{path}: expected a JSON object (as pretokenize writes), got {type(meta).__name__}")
+  scales, branches, size = meta.get("scales"), meta.get("num_branches"), meta.get("codebook_size")
+  if not (isinstance(scales, list) and scales and all(isinstance(x, int) and x >= 1 for x in scales)):
+    raise CodesError(f"{path}: scales must be a non-empty list of positive ints, got {scales!r}")
+  for name, value in (("num_branches", branches), ("codebook_size", size), ("num_records", meta.get("num_records"))):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      raise CodesError(f"{path}: {name} must be a positive int, got {value!r}")
+  return meta
 
-  def __init__(self, directory: str):
+
+class CodesSource:
+  """Random-access source over a `pretokenize` output directory: records {'codes': (P, L), 'label'}.
+
+  num_classes: labels must lie in [0, num_classes) (the generator's classes).
+  Opening checks what is cheap to check before training: the JSON sidecar (layout, record count),
+  that the ArrayRecord file opens and holds that many records, and that a few records spread over
+  the file decode to the sidecar's layout. Every record is checked again as it is read (`layout`)."""
+
+  # Records decoded and checked when the source is opened (first, last and evenly spaced between).
+  CHECKED_RECORDS = 8
+
+  def __init__(self, directory: str, num_classes: Optional[int] = None):
     path = os.path.join(directory, RECORDS)
     if not os.path.isfile(path) or not os.path.isfile(os.path.join(directory, META)):
       raise FileNotFoundError(f"{directory}: no pre-tokenized codes here (run `imagefolder-jax pretokenize`)")
-    with open(os.path.join(directory, META)) as f:
-      self.meta = json.load(f)
+    self.meta = _read_meta(directory)
     self._directory = directory
-    self._source = grain.ArrayRecordDataSource([path])
+    try:
+      self._source = grain.ArrayRecordDataSource([path])
+      count = len(self._source)
+    except Exception as e:  # noqa: BLE001 - array_record raises RuntimeError/ValueError from C++
+      raise CodesError(f"{path}: not a readable ArrayRecord file ({type(e).__name__}: "
+                       f"{' '.join(str(e).split())[:200]})") from e
+    if count != self.meta["num_records"]:
+      raise CodesError(f"{path} holds {count} records, {META} says {self.meta['num_records']} (an incomplete copy?)")
+    self.layout = {"positions": sum(s * s for s in self.meta["scales"]), "num_branches": self.meta["num_branches"],
+                   "codebook_size": self.meta["codebook_size"]}
+    if num_classes is not None:
+      self.layout["num_classes"] = num_classes
+    for index in sorted(set(np.linspace(0, count - 1, min(count, self.CHECKED_RECORDS)).astype(int).tolist())):
+      self.record(int(index))
+
+  def record(self, index: int) -> dict:
+    """Record `index` decoded and checked against the layout (`CodesError` naming it)."""
+    where = f"{os.path.join(self._directory, RECORDS)} record {index}"
+    try:
+      data = self._source[index]
+    except Exception as e:  # noqa: BLE001 - a truncated or corrupt chunk
+      raise CodesError(f"{where} is unreadable ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from e
+    return decode_record(data, self.layout, where)
 
   def __len__(self) -> int:
     return len(self._source)
@@ -98,8 +172,11 @@ class CodesSource:
 
 
 class _Decode(grain.MapTransform):
+  def __init__(self, layout: Optional[dict] = None, where: str = "record"):
+    self.layout, self.where = layout, where
+
   def map(self, element: bytes) -> dict:
-    return decode_record(element)
+    return decode_record(element, self.layout, self.where)
 
 
 def make_codes_loader(source: CodesSource, *, batch_size: int, train: bool, seed: int,
@@ -120,7 +197,7 @@ def make_codes_loader(source: CodesSource, *, batch_size: int, train: bool, seed
                                num_epochs=num_epochs if num_epochs is not None or train else 1,
                                start_position=start_position)
   return grain.DataLoader(data_source=source, sampler=sampler, shard_options=shard_options,
-                          operations=[_Decode(), grain.Batch(batch_size, drop_remainder=train)],
+                          operations=[_Decode(getattr(source, 'layout', None), f'a record of {source!r}'), grain.Batch(batch_size, drop_remainder=train)],
                           worker_count=worker_count)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import zipfile
+import zlib
 from typing import Iterator, Optional
 
 import numpy as np
@@ -80,19 +81,86 @@ def _read_header(f) -> tuple:
 
 
 def _npy_header(path: str, key: str) -> tuple:
-  """(shape, fortran_order, dtype) of `key` in an .npz without reading its data."""
+  """(shape, fortran_order, dtype) of `key` in an .npz without reading its data; `ReferenceError`
+  when the member is shorter or longer than its header says (a truncated or padded array)."""
   with zipfile.ZipFile(path) as z, z.open(f"{key}.npy") as f:
-    return _read_header(f)
+    shape, fortran, dtype = _read_header(f)
+    expected = f.tell() + int(np.prod(shape)) * np.dtype(dtype).itemsize
+    size = z.getinfo(f"{key}.npy").file_size
+  if size != expected:
+    raise ReferenceError(f"{path}: {key} holds {size} bytes, its header {dtype} {shape} needs {expected} "
+                         "(a truncated or damaged file)")
+  return shape, fortran, dtype
+
+
+# A zip archive (np.savez) starts with a local file header, or (no members) the end record.
+_ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06")
+# Everything a damaged zip member can raise while it is read: a bad CRC or header (BadZipFile), a
+# short stream (EOFError, zlib.error), a bad .npy header or payload (ValueError), I/O (OSError).
+_READ_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError)
+
+
+def _what_file_is(path: str) -> str:
+  from imagefolder_jax.convert.common import _what_file_is as what
+  with open(path, "rb") as f:
+    return what(f.read(16))
+
+
+def _read_array(data, path: str, key: str) -> np.ndarray:
+  """`data[key]` as a real-valued array, every failure a `ReferenceError` naming file and key."""
+  try:
+    x = data[key]
+  except _READ_ERRORS as e:
+    if "allow_pickle" in str(e):
+      raise ReferenceError(f"{path}: {key} holds pickled Python objects, not numbers (never unpickled)") from e
+    raise ReferenceError(f"{path}: {key} is unreadable ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from e
+  if x.dtype.kind not in "fiu":
+    raise ReferenceError(f"{path}: {key} must hold real numbers, got dtype {x.dtype}")
+  if x.dtype.kind == "f" and not np.all(np.isfinite(x)):
+    raise ReferenceError(f"{path}: {key} holds NaN/inf")
+  return x
+
+
+def _check_statistics(path: str, mean: str, cov: str, stats: FeatureStatistics) -> None:
+  d = stats.mu.shape[0] if stats.mu.ndim == 1 else None
+  if d is None or stats.sigma.shape != (d, d):
+    raise ReferenceError(f"{path}: {mean} must be (D,) and {cov} (D, D), got {stats.mu.shape} and "
+                         f"{stats.sigma.shape}")
+
+
+def _check_features(path: str, key: str, x: np.ndarray, stats: Optional[FeatureStatistics], mean: str) -> None:
+  if x.ndim != 2 or x.shape[0] < 1:
+    raise ReferenceError(f"{path}: {key} must be (N, D) features, got shape {x.shape}")
+  if stats is None and x.shape[0] < 2:
+    raise ReferenceError(f"{path}: {key} holds {x.shape[0]} feature row(s) and no {mean}; statistics need at least 2")
+  if stats is not None and x.shape[1] != stats.mu.shape[0]:
+    raise ReferenceError(f"{path}: {key} has D={x.shape[1]} but {mean} has D={stats.mu.shape[0]}")
 
 
 def load_reference(path: str) -> ReferenceBatch:
-  """Reads statistics and features (allow_pickle=False); images stay on disk."""
+  """Reads statistics and features (allow_pickle=False); images stay on disk.
+
+  Raises `ReferenceError` (one line naming the file and the key) for anything that is not a usable
+  ADM batch: not a zip of .npy arrays, a damaged member, pickled objects, non-real or non-finite
+  numbers, statistics or features of inconsistent shapes, an image array that is not
+  (N >= 1, H, W, 3) uint8, or none of images / statistics / features at all.
+  """
   if not os.path.isfile(path):
     raise FileNotFoundError(f"npz file not found: {path}")
   try:
+    what = _what_file_is(path)
+    with open(path, "rb") as f:
+      head = f.read(4)
+  except OSError as e:
+    raise ReferenceError(f"{path}: unreadable ({type(e).__name__}: {e})") from e
+  if head not in _ZIP_SIGNATURES:
+    raise ReferenceError(f"{path}: not an .npz file (a zip of .npy arrays): {what}")
+  try:
     data = np.load(path, allow_pickle=False)
-  except (ValueError, OSError, zipfile.BadZipFile) as e:
-    raise ReferenceError(f"{path}: not a readable .npz ({type(e).__name__}: {e})") from e
+  except _READ_ERRORS as e:
+    raise ReferenceError(f"{path}: not a readable .npz ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from e
+  if not isinstance(data, np.lib.npyio.NpzFile):  # pragma: no cover - the zip signature was checked
+    raise ReferenceError(f"{path}: not an .npz file")
   with data:
     keys = set(data.files)
     batch = ReferenceBatch(path=path)
@@ -101,23 +169,53 @@ def load_reference(path: str) -> ReferenceBatch:
         raise ReferenceError(f"{path}: holds {mean if mean in keys else cov!r} without "
                              f"{cov if mean in keys else mean!r}")
       if mean in keys:
-        setattr(batch, field, FeatureStatistics(np.asarray(data[mean], np.float64),
-                                                np.asarray(data[cov], np.float64)))
+        stats = FeatureStatistics(np.asarray(_read_array(data, path, mean), np.float64),
+                                  np.asarray(_read_array(data, path, cov), np.float64))
+        _check_statistics(path, mean, cov, stats)
+        setattr(batch, field, stats)
     if "pool_3" in keys:
-      batch.pool_3 = np.asarray(data["pool_3"], np.float32)
+      batch.pool_3 = np.asarray(_read_array(data, path, "pool_3"), np.float32)
+      _check_features(path, "pool_3", batch.pool_3, batch.pool, "mu")
     if "spatial" in keys:
-      batch.spatial_features = np.asarray(data["spatial"], np.float32)
+      batch.spatial_features = np.asarray(_read_array(data, path, "spatial"), np.float32)
+      _check_features(path, "spatial", batch.spatial_features, batch.spatial, "mu_s")
     if "labels" in keys:
-      batch.labels = np.asarray(data["labels"])
+      batch.labels = _read_array(data, path, "labels")
+      if batch.labels.ndim != 1 or batch.labels.dtype.kind not in "iu":
+        raise ReferenceError(f"{path}: labels must be (N,) integers, got {batch.labels.dtype} {batch.labels.shape}")
   if IMAGES_KEY in keys:
-    shape, _, dtype = _npy_header(path, IMAGES_KEY)
-    if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
-      raise ReferenceError(f"{path}: arr_0 must be (N, H, W, 3) uint8, got {dtype} {shape}")
+    try:
+      shape, _, dtype = _npy_header(path, IMAGES_KEY)
+    except ReferenceError:
+      raise
+    except _READ_ERRORS as e:
+      raise ReferenceError(f"{path}: {IMAGES_KEY} is unreadable ({type(e).__name__}: {e})") from e
+    if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or shape[0] < 1:
+      raise ReferenceError(f"{path}: arr_0 must be (N >= 1, H, W, 3) uint8, got {dtype} {shape}")
     batch.num_images, batch.image_shape = int(shape[0]), tuple(shape[1:])
   if not (batch.has_images or batch.pool is not None or batch.pool_3 is not None):
     raise ReferenceError(f"{path}: holds neither images (arr_0), statistics (mu, sigma) nor features "
                          f"(pool_3); keys: {sorted(keys)}")
   return batch
+
+
+def feature_dims(batch: ReferenceBatch) -> tuple[Optional[int], Optional[int]]:
+  """(pool D, spatial D) of what `batch` stores (statistics or features); None where it stores
+  images only (their features come from the Inception network)."""
+  pool = batch.pool.mu.shape[0] if batch.pool is not None else (
+      batch.pool_3.shape[1] if batch.pool_3 is not None else None)
+  spatial = batch.spatial.mu.shape[0] if batch.spatial is not None else (
+      batch.spatial_features.shape[1] if batch.spatial_features is not None else None)
+  return pool, spatial
+
+
+def check_feature_dims(batch: ReferenceBatch, pool: Optional[int], spatial: Optional[int], against: str) -> None:
+  """Refuses a batch whose stored feature dimensions differ from `pool` / `spatial` (those of
+  `against`: another file, or the Inception network); None skips that check."""
+  have = feature_dims(batch)
+  for name, mine, theirs in (("pool_3 (mu/sigma/pool_3)", have[0], pool), ("spatial (mu_s/sigma_s/spatial)", have[1], spatial)):
+    if mine is not None and theirs is not None and mine != theirs:
+      raise ReferenceError(f"{batch.path}: {name} features have D={mine}, {against} has D={theirs}")
 
 
 def iter_npz_images(path: str, batch_size: int) -> Iterator[np.ndarray]:

@@ -50,8 +50,8 @@ def train(stage: str, config: ml_collections.ConfigDict, workdir: str) -> dict:
     if stage != "generator":
       raise loop.ConfigError("data.source=codes:... (pre-tokenized) only trains the generator")
     from imagefolder_jax.data.codes import CodesSource, make_codes_loader
-    source = CodesSource(d.source[len("codes:"):])
     task = make_task(stage, config)
+    source = CodesSource(d.source[len("codes:"):], num_classes=task.model_config.num_classes)
     task.check_codes(source.meta)
     loader_factory = lambda rows, start: make_codes_loader(
         source, batch_size=per_process, train=True, seed=config.seed, shard_index=jax.process_index(),
@@ -79,26 +79,47 @@ def train(stage: str, config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def load_workdir_config(workdir: str) -> tuple[str, ml_collections.ConfigDict]:
+  """(stage, config) a run recorded in `workdir/config.json`; `ConfigError` (one line naming the
+  file) when it is unreadable or not what `train` writes."""
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{workdir}: no training run here (missing config.json)")
-  with open(path) as f:
-    saved = json.load(f)
-  config = ml_collections.ConfigDict(saved["config"])
-  return saved.get("stage", "tokenizer"), config
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise loop.ConfigError(f"{path}: unreadable ({type(e).__name__}: {e})") from e
+  if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+    found = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+    raise loop.ConfigError(f"{path}: expected an object with the run's 'config' (as train writes), got {found}")
+  stage = saved.get("stage", "tokenizer")
+  if stage not in STAGES:
+    raise loop.ConfigError(f"{path}: stage must be one of {STAGES}, got {stage!r}")
+  return stage, ml_collections.ConfigDict(saved["config"])
+
+
+def _workdir_task(workdir: str, stage: str, config: ml_collections.ConfigDict, mesh, rules):
+  """(task, abstract train state, its shardings) of a recorded run; config fields of the wrong type
+  or shape are a `ConfigError`."""
+  try:
+    task = make_task(stage, config, load_frozen=False)
+    r = task.resolution
+    example = {"image": np.zeros((1, r, r, 3), np.float32), "label": np.zeros((1,), np.int32)}
+    if hasattr(task, "example_batch"):
+      example = task.example_batch(1)
+    abstract, shardings = loop.shardings_for(task, mesh, rules, jax.random.key(0), example)
+    return task, abstract, shardings
+  except (TypeError, KeyError, AttributeError) as e:
+    raise loop.ConfigError(f"{os.path.join(workdir, 'config.json')}: unusable config "
+                           f"({type(e).__name__}: {' '.join(str(e).split())[:300]})") from e
 
 
 def export(workdir: str, out: str) -> int:
   """Writes the bundle of the latest checkpoint in `workdir` (EMA weights). Returns its step."""
   from imagefolder_jax.checkpoint import save_bundle
   stage, config = load_workdir_config(workdir)
-  task = make_task(stage, config, load_frozen=False)
-  r = task.resolution
-  example = {"image": np.zeros((1, r, r, 3), np.float32), "label": np.zeros((1,), np.int32)}
-  if hasattr(task, "example_batch"):
-    example = task.example_batch(1)
   mesh, rules = parallel.mesh_from_config({"rules": config.get("mesh", {}).get("rules")})
-  abstract, shardings = loop.shardings_for(task, mesh, rules, jax.random.key(0), example)
+  task, abstract, shardings = _workdir_task(workdir, stage, config, mesh, rules)
   manager = checkpointing.make_manager(workdir, keep=1000, async_save=False)
   # Read-only: an unusable newer step is reported and left where it is (training moves it aside).
   restored = checkpointing.restore_latest(manager, checkpointing.abstract_with_shardings(abstract, shardings),
