@@ -70,6 +70,9 @@ def _add_sample(sub) -> None:
   p.add_argument("--top-p", type=float, default=0.95, help="nucleus mass in (0, 1] (1 = off)")
   p.add_argument("--temperature", type=float, default=1.0)
   p.add_argument("--batch-size", type=int, default=16)
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                 help="generator compute dtype (default: the bundle's); bfloat16 keeps the head, "
+                      "filtering and the tokenizer in float32")
   p.add_argument("--reference", help="image whose tokens of the --force branch every sample keeps")
   p.add_argument("--force", choices=tuple(SAMPLE_FORCE_BRANCHES),
                  help="branch of --reference to keep: detail (branch 0, default) or semantic (branch 1)")
@@ -127,7 +130,7 @@ def _run_sample(args) -> None:
     if force_codes is not None:
       force = {branch: [np.repeat(np.asarray(s), batch, axis=0) for s in force_codes.ids[branch]]}
     out = gen.sample(padded, seed=args.seed + i, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
-                     temperature=args.temperature, force=force)
+                     temperature=args.temperature, force=force, dtype=args.dtype)
     images.append(np.asarray(out.images)[:len(chunk)])
     flats.append(out.codes.flat()[:len(chunk)])
   images = np.concatenate(images)
