@@ -66,17 +66,17 @@ def test_bf16_logits_and_same_context_draws_match_float32(fixture_generator, sam
   same = float((np.asarray(draw(uniforms, jnp.asarray(a, jnp.float32)))
                 == np.asarray(draw(uniforms, jnp.asarray(b, jnp.float32)))).mean())
   print(f"same-context agreement {same:.3f}, logits rel L2 {np.linalg.norm(b - a) / np.linalg.norm(a):.2e}")
-  assert same >= 0.4, same  # 61% measured on random ids (bench_bf16.py --teacher-forced); chance ~0.1%
+  assert same >= 0.4, same  # 58% measured here, 61% on random ids (bench_bf16.py); chance ~0.1%
 
 
 def test_bf16_sampler_agrees_above_chance(fixture_generator, samples):
   f32, bf16 = samples
   a, b = f32.codes.flat(), bf16.codes.flat()
-  assert a.shape == b.shape == (4, 286, 2)
+  assert a.shape == b.shape == (4, 2, 286)  # (B, P, L)
   # Chance agreement of two top-750 draws is ~1/750; free running, bf16 agrees on 5.9% of the
   # fixture's tokens at batch 4 (most of scale 0 and the next scales, few after the first flip).
   assert float((a == b).mean()) >= 0.02
-  assert float((a[:, 0] == b[:, 0]).mean()) >= 0.25  # scale 0: 5 of 8 tokens measured
+  assert float((a[:, :, 0] == b[:, :, 0]).mean()) >= 0.25  # scale 0: 5 of 8 tokens measured
   assert np.abs(np.asarray(bf16.images)).max() <= 1.0
   # The float32 sampler is unchanged by the bf16 one compiled beside it.
   np.testing.assert_array_equal(fixture_generator.sample(LABELS, seed=3).codes.flat(), a)
