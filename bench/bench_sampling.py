@@ -7,12 +7,14 @@ whole batch (cfg 3.25, top-k 750, top-p 0.95, KV cache, tokenizer decode include
 analytic FLOPs per image and achieved FLOP/s; plus the FLOP/s of a large matmul measured in the
 same run, as the machine's attainable reference. Prints a markdown table.
 
-Sizes: 'tiny' = the parity fixture (VAR d2 / width 128, ViT width 64 depth 2); 'd17' = the released
+Sizes: 'tiny' = the parity fixture (VAR d2 / width 128, ViT width 64 depth 2); 'small' = the same
+tokenizer under VAR d4 / width 256; 'd17' = the released
 model (VAR d17 / width 1088, ViT-B tokenizer).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -29,6 +31,9 @@ SIZES = {
     "tiny": (TokenizerConfig(vit=ViTConfig(width=64, depth=2, num_heads=2),
                              quantizer=QuantizerConfig(codebook_update="gradient")),
              dict(depth=2)),
+    "small": (TokenizerConfig(vit=ViTConfig(width=64, depth=2, num_heads=2),
+                              quantizer=QuantizerConfig(codebook_update="gradient")),
+              dict(depth=4)),
     "d17": (TokenizerConfig(quantizer=QuantizerConfig(codebook_update="gradient")), dict(depth=17)),
 }
 
@@ -59,6 +64,19 @@ def decoder_flops(t: TokenizerConfig) -> float:
   block = 2 * tokens * (4 * w * w + 2 * w * hidden) + 2 * 2 * tokens * tokens * w
   return (v.depth * block + 2 * t.latent_grid ** 2 * t.num_branches * t.quantizer.latent_dim * w
           + 2 * n_img * w * v.patch_size ** 2 * 3)
+
+
+def cpu_name() -> str:
+  """The CPU's model name (what `lscpu | grep 'Model name'` shows)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  import platform
+  return platform.processor() or platform.machine()
 
 
 def matmul_flops_per_s(dtype, n: int = 4096, reps: int = 5) -> float:
@@ -114,11 +132,13 @@ def bench(size: str, batches, dtype: str, reps: int):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--sizes", default="tiny", help="comma-separated: tiny, d17")
+  parser.add_argument("--sizes", default="tiny", help="comma-separated: tiny, small, d17")
   parser.add_argument("--batches", default="1,16,64", help="comma-separated batch sizes")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                       help="generator compute dtype (the tokenizer's quantizer stays float32)")
   parser.add_argument("--reps", type=int, default=3, help="timed repetitions per batch (median reported)")
+  parser.add_argument("--breakdown", action="store_true",
+                      help="also time every stage apart (bench/stage_breakdown.py) and print a table")
   args = parser.parse_args(argv)
   sizes = [s for s in args.sizes.split(",") if s]
   for s in sizes:
@@ -126,7 +146,8 @@ def main(argv=None):
       parser.error(f"unknown size {s!r}; choose from {sorted(SIZES)}")
   batches = [int(b) for b in args.batches.split(",") if b]
   peak = matmul_flops_per_s(jnp.dtype(args.dtype))
-  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}, "
+  print(f"CPU: {cpu_name()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; "
+        f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}, "
         f"dtype {args.dtype}; 4096^2 matmul: {peak / 1e12:.3f} TFLOP/s\n")
   print("| size | batch | compile s | batch s | images/s | GFLOP/image | TFLOP/s | % of matmul |")
   print("|---|---|---|---|---|---|---|---|")
@@ -135,6 +156,17 @@ def main(argv=None):
       print(f"| {r['size']} | {r['batch']} | {r['compile_s']:.1f} | {r['seconds']:.3f} | {r['images_per_s']:.2f} "
             f"| {r['gflop_per_image']:.1f} | {r['tflop_per_s']:.3f} | {100 * r['tflop_per_s'] * 1e12 / peak:.0f}% |",
             flush=True)
+  if args.breakdown:
+    import stage_breakdown
+    print("\nper stage, ms per batch (each stage its own jitted program, summed over scales):\n")
+    print("| size | batch | " + " | ".join(stage_breakdown.STAGES) + " |")
+    print("|---|---|" + "---|" * len(stage_breakdown.STAGES))
+    for size in sizes:
+      tok, gen, tok_vars, gen_vars = build(size, args.dtype)
+      for batch in batches:
+        st = stage_breakdown.ours(gen, tok, gen_vars, tok_vars, batch, reps=args.reps)
+        print(f"| {size} | {batch} | " + " | ".join(f"{1e3 * st[k]:.1f}" for k in stage_breakdown.STAGES) + " |",
+              flush=True)
   print("\nbatch-1 latency = 'batch s' of the batch-1 row; cfg 3.25 doubles the generator batch.")
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -30,7 +29,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch_reference as ref  # noqa: E402
-from bench_sampling import decoder_flops, generator_flops, matmul_flops_per_s  # noqa: E402
+import stage_breakdown  # noqa: E402
+from bench_sampling import cpu_name, decoder_flops, generator_flops, matmul_flops_per_s  # noqa: E402
 
 from imagefolder_jax.convert.common import StateDict  # noqa: E402
 from imagefolder_jax.convert.official import infer_tokenizer_config, tokenizer_variables  # noqa: E402
@@ -41,6 +41,8 @@ from imagefolder_jax.sampling import SamplerSettings, make_sampler  # noqa: E402
 
 SHAPES = {
     "tiny": ref.OfficialShape(var_depth=2, vit_width=64, vit_depth=2, vit_heads=2),
+    # What people iterate with: the tiny tokenizer under a VAR of depth 4 (width 256, 4 heads).
+    "small": ref.OfficialShape(var_depth=4, vit_width=64, vit_depth=2, vit_heads=2),
     "d17": ref.OfficialShape(),
 }
 CFG, TOP_K, TOP_P = 3.25, 750, 0.95
@@ -94,7 +96,7 @@ def check_same_function(shape, var, tok, gen, jtok, gen_vars, tok_vars, labels: 
   return logit_error, float(np.abs(images - official["images"].numpy()).max())
 
 
-def bench_size(name: str, batches, reps: int, check: bool, peak: float) -> list[dict]:
+def bench_size(name: str, batches, reps: int, check: bool, peak: float, breakdown: bool = False) -> list[dict]:
   shape = SHAPES[name]
   var, tok = ref.build(shape, seed=0)
   gen, jtok, gen_vars, tok_vars = convert(shape, var, tok)
@@ -130,14 +132,44 @@ def bench_size(name: str, batches, reps: int, check: bool, peak: float) -> list[
     print(f"| {name} | {batch} | {official_s:.3f} | {ours_s:.3f} | {r['speedup']:.2f}x | {compile_s:.1f} "
           f"| {r['official_tflops']:.3f} ({100 * r['official_tflops'] * 1e12 / peak:.0f}%) "
           f"| {r['ours_tflops']:.3f} ({100 * r['ours_tflops'] * 1e12 / peak:.0f}%) |", flush=True)
+    if breakdown:
+      r["official_stages"], r["official_whole"] = stage_breakdown.official(
+          ref, var, tok, torch_labels, cfg=CFG, top_k=TOP_K, top_p=TOP_P)
+      r["ours_stages"] = stage_breakdown.ours(gen, jtok, gen_vars, tok_vars, batch, cfg=CFG, top_k=TOP_K,
+                                              top_p=TOP_P, reps=3)
   return rows
+
+
+OFFICIAL_STAGES = ("blocks", "head", "filter", "draw", "f_hat update", "downsample", "decode", "other")
+
+
+def print_breakdown(rows) -> None:
+  """Stage table: official (one instrumented eager call) and ours (stages jitted apart, the
+  'other' column = whole program - sum of the stages: negative where fusing them in one program
+  saves time)."""
+  print("\nper stage, ms per batch (official: one instrumented call; ours: each stage its own jitted program, "
+        "summed over scales; 'other' = whole - stages):\n")
+  print("| size | batch | sampler | whole | " + " | ".join(OFFICIAL_STAGES) + " |")
+  print("|---|---|---|---|" + "---|" * len(OFFICIAL_STAGES))
+  for r in rows:
+    o = r["official_stages"]
+    print(f"| {r['size']} | {r['batch']} | official | {1e3 * r['official_whole']:.1f} | "
+          + " | ".join(f"{1e3 * o.get(k, 0.0):.1f}" for k in OFFICIAL_STAGES) + " |")
+    u = dict(r["ours_stages"])
+    whole = r["ours_s"]
+    cells = [u["blocks"], u["head"], u["filter+draw"], None, u["f_hat update"], u["downsample"], u["decode"],
+             whole - sum(u.values())]
+    print(f"| {r['size']} | {r['batch']} | ours | {1e3 * whole:.1f} | "
+          + " | ".join("(with filter)" if v is None else f"{1e3 * v:.1f}" for v in cells) + " |", flush=True)
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--sizes", default="tiny", help="comma-separated: tiny, d17")
+  parser.add_argument("--sizes", default="tiny", help="comma-separated: tiny, small, d17")
   parser.add_argument("--batches", default="1,4", help="comma-separated batch sizes")
   parser.add_argument("--reps", type=int, default=5, help="timed repetitions per batch (median reported)")
+  parser.add_argument("--breakdown", action="store_true",
+                      help="also print the per-stage time of both samplers (bench/stage_breakdown.py)")
   parser.add_argument("--no-check", dest="check", action="store_false",
                       help="skip the same-weights, same-draws equality check")
   args = parser.parse_args(argv)
@@ -152,14 +184,17 @@ def main(argv=None):
   if not batches or min(batches) < 1 or args.reps < 1:
     parser.error("batches and --reps must be >= 1")
   peak = matmul_flops_per_s(jnp.float32)
-  print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__} "
+  print(f"CPU: {cpu_name()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), jax {jax.__version__} ({jax.devices()[0].device_kind}); float32; "
         f"4096^2 matmul {peak / 1e12:.3f} TFLOP/s\n")
   print("| size | batch | official s | ours s | speed-up | our compile s | official TFLOP/s (% matmul) "
         "| ours TFLOP/s (% matmul) |")
   print("|---|---|---|---|---|---|---|---|")
+  rows = []
   for size in sizes:
-    bench_size(size, batches, args.reps, args.check, peak)
+    rows += bench_size(size, batches, args.reps, args.check, peak, args.breakdown)
+  if args.breakdown:
+    print_breakdown(rows)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import numpy as np
 
 from imagefolder_jax.api import Codes, Tokenizer
 from imagefolder_jax.checkpoint import BundleError, load_bundle, save_bundle
-from imagefolder_jax.models.generator import GeneratorConfig, NextScaleGenerator
+from imagefolder_jax.models.generator import DTYPES, GeneratorConfig, NextScaleGenerator
 from imagefolder_jax.models.tokenizer import ImageFolderTokenizer, TokenizerConfig
 from imagefolder_jax.parallel import BATCH_AXES, Mesh, put_global, replicated, shard_batch
 from imagefolder_jax.sampling import SamplerSettings, check_compatible, make_sampler
@@ -57,7 +57,7 @@ class Generator:
     check_compatible(self.module, tokenizer.module)
     self.variables = (put_global(variables, jax.tree.map(lambda _: replicated(mesh), variables))
                       if mesh is not None else variables)
-    self._samplers: dict[SamplerSettings, Any] = {}
+    self._samplers: dict[tuple[SamplerSettings, str], Any] = {}
 
   # ------------------------------------------------------------------------------- loading
   @classmethod
@@ -147,14 +147,19 @@ class Generator:
     return shard_batch(self.mesh, tree) if self.mesh is not None else tree
 
   # ------------------------------------------------------------------------------- compute
-  def _sampler(self, settings: SamplerSettings):
-    if settings not in self._samplers:
-      self._samplers[settings] = make_sampler(self.module, self.tokenizer.module, settings, mesh=self.mesh,
-                                              precision=self.precision)
-    return self._samplers[settings]
+  def _sampler(self, settings: SamplerSettings, dtype: str):
+    if (settings, dtype) not in self._samplers:
+      # Only the generator's compute dtype changes (its parameters stay float32; the head, the
+      # filtering, the draws and the tokenizer's quantization and decode stay float32).
+      module = self.module if dtype == self.config.dtype else NextScaleGenerator(
+          dataclasses.replace(self.config, dtype=dtype))
+      self._samplers[settings, dtype] = make_sampler(module, self.tokenizer.module, settings, mesh=self.mesh,
+                                                     precision=self.precision)
+    return self._samplers[settings, dtype]
 
   def sample(self, labels, seed: int = 0, cfg: float = 3.25, top_k: int = 750, top_p: float = 0.95,
-             temperature: float = 1.0, force: Optional[Force] = None, indices=None) -> Samples:
+             temperature: float = 1.0, force: Optional[Force] = None, indices=None,
+             dtype: Optional[str] = None) -> Samples:
     """Class-conditional samples (paper settings by default).
 
     Args:
@@ -169,6 +174,10 @@ class Generator:
       indices: optional (B,) ints, the samples' numbers within a larger run (default 0..B-1). Sample
         number i depends only on (seed, i, settings): split a run into batches by passing each
         batch's global numbers, and it gives the same images at any batch size or device count.
+      dtype: the generator's compute dtype for this call ('float32', 'bfloat16', 'float16'; None =
+        the config's). 'bfloat16' runs the transformer's matmuls in bf16 (the backend accumulates
+        in float32), the head, filtering, draws and the tokenizer in float32; the draws use the
+        same uniforms, so most ids equal the float32 sampler's (README "bf16 sampling").
 
     Returns Samples(codes, images (B, H, W, 3) float32 in [-1, 1], labels).
     """
@@ -183,12 +192,15 @@ class Generator:
       raise ValueError(f"cfg must be >= 0, got {cfg!r}")
     if not float(temperature) > 0.0 or not np.isfinite(float(temperature)):
       raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    dtype = self.config.dtype if dtype is None else dtype
+    if dtype not in DTYPES:
+      raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     forced = self._force(force, labels.size)
     indices = np.arange(labels.size) if indices is None else np.asarray(indices)
     if indices.shape != labels.shape or not np.issubdtype(indices.dtype, np.integer) or (indices < 0).any():
       raise ValueError(f"indices must be {labels.size} non-negative ints (one per label), got {indices!r:.80}")
     settings = SamplerSettings(top_k=int(top_k), top_p=float(top_p), guidance=float(cfg) > 0)
-    out = self._sampler(settings)(self.variables, self.tokenizer.variables, self._place(labels),
+    out = self._sampler(settings, dtype)(self.variables, self.tokenizer.variables, self._place(labels),
                                   jax.random.key(int(seed)), jnp.float32(cfg), jnp.float32(temperature),
                                   self._place(forced), self._place(indices.astype(np.int32)))
     return Samples(codes=Codes(ids=out["ids"]), images=out["images"], labels=labels)

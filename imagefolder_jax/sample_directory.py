@@ -42,6 +42,7 @@ class DirectoryRun:
   top_p: float = 0.95
   temperature: float = 1.0
   shard_size: int = 1000
+  dtype: Optional[str] = None   # generator compute dtype (Generator.sample's dtype)
 
 
 def shard_path(out_dir: str, start: int, end: int) -> str:
@@ -111,7 +112,8 @@ def sample_to_directory(generator, run: DirectoryRun, out_dir: str, *, batch_siz
       keep = numbers < end
       batch_labels = labels[np.minimum(numbers, end - 1)]   # rows past the shard's end: drawn, dropped
       out = generator.sample(batch_labels, seed=run.seed, cfg=run.cfg, top_k=run.top_k, top_p=run.top_p,
-                             temperature=run.temperature, force=force, indices=numbers)
+                             temperature=run.temperature, force=force, indices=numbers,
+                             dtype=run.dtype)
       images = to_uint8(parallel.to_host(out.images))[keep]
       for number, label, image in zip(numbers[keep], batch_labels[keep], images):
         Image.fromarray(image).save(image_path(out_dir, int(number), int(label)))

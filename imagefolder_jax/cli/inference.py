@@ -84,6 +84,9 @@ def _add_sample(sub) -> None:
                  help="samples per sampler call (--out: over all devices; --out-dir: per process), rounded up to "
                       "a multiple of the devices")
   p.add_argument("--shard-size", type=int, default=1000, help="--out-dir: samples per .npz shard")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                 help="generator compute dtype (default: the bundle's); bfloat16 keeps the head, "
+                      "filtering and the tokenizer in float32")
   p.add_argument("--reference", help="image whose tokens of the --force branch every sample keeps")
   p.add_argument("--force", choices=tuple(SAMPLE_FORCE_BRANCHES),
                  help="branch of --reference to keep: detail (branch 0, default) or semantic (branch 1)")
@@ -153,7 +156,8 @@ def _run_sample(args) -> None:
     reference = load_image_file(args.reference, gen.tokenizer.resolution)[None]
     force_codes = gen.tokenizer.encode(np.repeat(reference, shards, axis=0))
     force = {branch: [np.repeat(parallel.to_host(s)[:1], batch, axis=0) for s in force_codes.ids[branch]]}
-  settings = dict(seed=args.seed, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature)
+  settings = dict(seed=args.seed, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
+                  dtype=args.dtype)
   if args.out_dir:
     from imagefolder_jax.sample_directory import DirectoryRun, sample_to_directory
     run = DirectoryRun(labels=tuple(int(c) for c in all_labels), shard_size=args.shard_size, **settings)
