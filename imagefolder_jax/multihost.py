@@ -107,10 +107,6 @@ def initialize_distributed(coordinator: Optional[str] = None, num_processes: Opt
 
 
 def _jax_options(options: dict) -> dict:
-  # A recoverable service does not broadcast one task's death to the others as a fatal error (jax's
-  # client would abort them with a stack dump); the survivors notice it themselves at the next
-  # collective or through the watchdog, and leave with one line and EXIT_PEER_LOST.
-  jax.config.update("jax_enable_recoverability", True)
   out = dict(options)
   timeout = options["heartbeat_timeout_seconds"]
   out["heartbeat_timeout_seconds"] = timeout + max(timeout, 10)
