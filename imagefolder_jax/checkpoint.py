@@ -15,7 +15,8 @@ import json
 import logging
 import os
 import sys
-from typing import Any
+import zlib
+from typing import Any, Optional
 
 import jax
 import numpy as np
@@ -23,6 +24,7 @@ import numpy as np
 BUNDLE_FORMAT = 1
 BUNDLE_JSON = "bundle.json"
 VARIABLES_DIR = "variables"
+_CRC_CHUNK = 1 << 22
 
 
 class BundleError(ValueError):
@@ -44,14 +46,23 @@ def save_bundle(directory: str, configs: dict[str, dict], variables: dict[str, A
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(target, variables, force=True)
   checkpointer.wait_until_finished()
-  if jax.process_index() == 0:
-    with open(os.path.join(directory, BUNDLE_JSON), "w") as f:
-      json.dump({"format": BUNDLE_FORMAT, "configs": configs}, f, indent=1)
   from imagefolder_jax.parallel import sync
+  sync(f"bundle variables {directory}")  # every process's files are on disk before they are summed
+  if jax.process_index() == 0:
+    meta = {"format": BUNDLE_FORMAT, "configs": configs,
+            "files": {k: list(v) for k, v in sorted(file_record(target).items())}}
+    tmp = os.path.join(directory, BUNDLE_JSON + ".tmp")
+    with open(tmp, "w") as f:
+      json.dump(meta, f, indent=1)
+    os.replace(tmp, os.path.join(directory, BUNDLE_JSON))
   sync(f"bundle {directory}")
 
 
 def read_bundle_configs(directory: str) -> dict[str, dict]:
+  return _read_bundle_json(directory)["configs"]
+
+
+def _read_bundle_json(directory: str) -> dict:
   path = os.path.join(directory, BUNDLE_JSON)
   if not os.path.isfile(path):
     raise BundleError(f"{directory}: not an imagefolder-jax bundle (no {BUNDLE_JSON}); "
@@ -68,7 +79,13 @@ def read_bundle_configs(directory: str) -> dict[str, dict]:
   configs = meta.get("configs")
   if not isinstance(configs, dict) or not all(isinstance(c, dict) for c in configs.values()):
     raise BundleError(f"{path}: 'configs' must map model names to config objects")
-  return configs
+  files = meta.get("files")
+  if files is not None:
+    try:
+      meta["files"] = {str(k): (int(v[0]), int(v[1])) for k, v in files.items()}
+    except (AttributeError, TypeError, ValueError, IndexError) as e:
+      raise BundleError(f"{path}: 'files' must map file names to [bytes, crc32] ({exception_summary(e)})") from e
+  return meta
 
 
 def load_bundle(directory: str) -> tuple[dict[str, dict], dict[str, Any]]:
@@ -78,10 +95,15 @@ def load_bundle(directory: str) -> tuple[dict[str, dict], dict[str, Any]]:
   and variables name different models, or when an array holds NaN/inf (weights never do).
   """
   import orbax.checkpoint as ocp
-  configs = read_bundle_configs(directory)
+  meta = _read_bundle_json(directory)
+  configs = meta["configs"]
   target = os.path.join(os.path.abspath(directory), VARIABLES_DIR)
   if not os.path.isdir(target):
     raise BundleError(f"{directory}: no {VARIABLES_DIR}/ directory (an incomplete copy?)")
+  if meta.get("files") is not None:
+    problem = record_problem(target, meta["files"], checksums=True)
+    if problem is not None:
+      raise BundleError(f"{directory}: {VARIABLES_DIR}/{problem}")
   try:
     with quiet_orbax():
       variables = ocp.StandardCheckpointer().restore(target)
@@ -114,6 +136,43 @@ def check_variables(source: str, variables: Any, expected: Any) -> None:
   extra = sorted(set(have) - set(want))
   if extra:
     raise BundleError(f"{source}: unexpected array {extra[0]} ({len(extra)} in all)")
+
+
+# ----------------------------------------------------------------------------- integrity records
+def file_record(path: str, exclude: tuple[str, ...] = ()) -> dict[str, tuple[int, int]]:
+  """{path relative to `path`: (bytes, CRC32)} of every file under directory `path`, except the
+  relative paths in `exclude`."""
+  out = {}
+  for root, _, names in os.walk(path):
+    for name in names:
+      full = os.path.join(root, name)
+      rel = os.path.relpath(full, path)
+      if rel not in exclude:
+        out[rel] = (os.path.getsize(full), crc32(full))
+  return out
+
+
+def crc32(path: str) -> int:
+  crc = 0
+  with open(path, "rb") as f:
+    while chunk := f.read(_CRC_CHUNK):
+      crc = zlib.crc32(chunk, crc)
+  return crc
+
+
+def record_problem(path: str, files: dict[str, tuple[int, int]], checksums: bool) -> Optional[str]:
+  """Why directory `path` does not match its integrity record `files` (see `file_record`), as
+  "file REL ..." text, or None. Sizes are always compared; CRC32s when `checksums`."""
+  for rel, (size, crc) in files.items():
+    full = os.path.join(path, rel)
+    if not os.path.isfile(full):
+      return f"{rel} is missing"
+    actual = os.path.getsize(full)
+    if actual != size:
+      return f"{rel} has {actual} bytes, {size} were written"
+    if checksums and crc32(full) != crc:
+      return f"{rel} fails its CRC32 check (damaged since it was written)"
+  return None
 
 
 def exception_summary(e: BaseException, limit: int = 240) -> str:

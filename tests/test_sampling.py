@@ -40,7 +40,9 @@ def random_variables(module, *args, scale: float, seed: int):
   """Variables of `module` with N(0, scale^2) entries (peaked logits; the official init is near-uniform)."""
   shapes = nn.unbox(jax.eval_shape(module.init, jax.random.key(0), *args))
   rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda x: (scale * rng.standard_normal(x.shape)).astype(np.float32), shapes)
+  # Integer state (codebook usage step counters) keeps its dtype: bundles check dtypes on load.
+  return jax.tree.map(lambda x: (scale * rng.standard_normal(x.shape)).astype(np.float32)
+                      if jnp.issubdtype(x.dtype, jnp.floating) else np.zeros(x.shape, x.dtype), shapes)
 
 
 @pytest.fixture(scope="module")

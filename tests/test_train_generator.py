@@ -19,7 +19,6 @@ CONFIGS = os.path.join(ROOT, "configs")
 def tokenizer_bundle(tmp_path_factory):
   """A tiny random-weight tokenizer bundle (training is not needed to test the generator stage)."""
   from imagefolder_jax.train.tokenizer_task import TokenizerTask
-  import flax.linen as nn
   task = TokenizerTask(load_config(os.path.join(CONFIGS, "tokenizer_tiny.py"), ["--config.loss.lpips=0.0",
                                    "--config.loss.semantic=0.0", "--config.loss.gan=0.0"]), load_frozen=False)
   batch = {"image": np.zeros((1, 32, 32, 3), np.float32), "label": np.zeros((1,), np.int32)}

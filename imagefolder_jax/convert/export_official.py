@@ -20,7 +20,6 @@ naming the option (see `check_tokenizer` / `check_generator`).
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, Optional
 
 import numpy as np

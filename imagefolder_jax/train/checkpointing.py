@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import time
-import zlib
 from typing import Any, Optional
 
 import jax
@@ -33,6 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from imagefolder_jax.checkpoint import _dotted, exception_summary as _one_line, quiet_orbax as _quiet_orbax
+from imagefolder_jax.checkpoint import file_record, record_problem
 
 log = logging.getLogger("imagefolder_jax.train")
 
@@ -45,7 +45,6 @@ DAMAGED_DIR = "checkpoints.damaged"
 # Test hook (only tests set it): "STEP:MARKER" blocks the asynchronous writer of step STEP forever,
 # after touching MARKER, so a test can SIGKILL the process while that save is in flight.
 BLOCK_SAVE_ENV = "IMAGEFOLDER_JAX_TEST_BLOCK_SAVE"
-_CRC_CHUNK = 1 << 22
 # Not covered by the integrity record: the record itself, and orbax's step metadata (timestamps;
 # orbax may rewrite it, and restores without it).
 _UNSEALED_FILES = (INTEGRITY_FILE, "_CHECKPOINT_METADATA")
@@ -240,26 +239,6 @@ def _step_dirs(directory: str) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- integrity
-def _files(path: str) -> dict[str, tuple[int, int]]:
-  """{relative path: (size, crc32)} of every file under `path` except the integrity record."""
-  out = {}
-  for root, _, names in os.walk(path):
-    for name in names:
-      full = os.path.join(root, name)
-      rel = os.path.relpath(full, path)
-      if rel not in _UNSEALED_FILES:
-        out[rel] = (os.path.getsize(full), _crc32(full))
-  return out
-
-
-def _crc32(path: str) -> int:
-  crc = 0
-  with open(path, "rb") as f:
-    while chunk := f.read(_CRC_CHUNK):
-      crc = zlib.crc32(chunk, crc)
-  return crc
-
-
 def _seal(manager: ocp.CheckpointManager, step: int, saved: dict[str, tuple]) -> None:
   """Verifies a finished save against what was saved; writes the integrity record (process 0)."""
   path = os.path.join(os.fspath(manager.directory), str(step))
@@ -280,7 +259,7 @@ def _seal(manager: ocp.CheckpointManager, step: int, saved: dict[str, tuple]) ->
     return
   if jax.process_index() == 0:
     record = {"format": INTEGRITY_FORMAT, "step": step, "arrays": len(saved),
-              "files": {k: list(v) for k, v in sorted(_files(path).items())}}
+              "files": {k: list(v) for k, v in sorted(file_record(path, _UNSEALED_FILES).items())}}
     tmp = os.path.join(path, INTEGRITY_FILE + ".tmp")
     with open(tmp, "w") as f:
       json.dump(record, f)
@@ -300,16 +279,8 @@ def _check_files(path: str, checksums: bool) -> Optional[str]:
     files = {k: (int(v[0]), int(v[1])) for k, v in record["files"].items()}
   except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
     return f"its {INTEGRITY_FILE} is unreadable ({_one_line(e)})"
-  for rel, (size, crc) in files.items():
-    full = os.path.join(path, rel)
-    if not os.path.isfile(full):
-      return f"file {rel} is missing"
-    actual = os.path.getsize(full)
-    if actual != size:
-      return f"file {rel} has {actual} bytes, {size} were written"
-    if checksums and _crc32(full) != crc:
-      return f"file {rel} fails its CRC32 check"
-  return None
+  problem = record_problem(path, files, checksums)
+  return None if problem is None else f"file {problem}"
 
 
 # ----------------------------------------------------------------------------- array specs

@@ -10,9 +10,7 @@ Frozen networks (LPIPS-VGG, DINOv2 teacher) are passed beside the state, not che
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
-from typing import Any, Optional
 
 import flax.linen as nn
 import jax
