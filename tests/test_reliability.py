@@ -276,6 +276,8 @@ def test_damaged_bundles(kind, parity_bundle, tmp_path, capsys):
   code = main(["sample", "--bundle", bundle, "--classes", "99999", "--reference", image, "--out", out])
   assert code == 2
   line = _one_error(capsys)
+  if kind.endswith(("variable_file", "variable_bytes")):  # the integrity record names the file
+    assert "variables/" in line and ("CRC32" in line or "bytes" in line or "missing" in line), line
   if "--classes" in line:  # the bundle loaded: only right if the damage hit bytes nothing reads
     _assert_same_variables(parity_bundle, bundle)
     return
