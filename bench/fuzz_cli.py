@@ -63,9 +63,9 @@ def _run(argv) -> tuple[object, str, str]:
 
 
 # Lines a case may print besides its one error line: one per skipped input, one per unusable
-# checkpoint step passed over (the fallback's log line).
+# checkpoint step passed over (the fallback's log line), one when FID statistics are singular.
 ALLOWED = (": skipping ", "skipping unreadable image", "further skipped images are counted",
-           "is unusable (")
+           "is unusable (", "FID: the covariance product is singular", "FID: singular covariance product")
 
 
 class _CurrentStderr(logging.StreamHandler):

@@ -6,10 +6,14 @@ statistics and the distance stay in NumPy float64; only the features come from t
 from __future__ import annotations
 
 import dataclasses
+import logging
 import warnings
 
 import numpy as np
 from scipy import linalg
+
+
+log = logging.getLogger("imagefolder_jax.evaluation")
 
 
 class FIDError(ValueError):
@@ -43,14 +47,28 @@ def frechet_distance(a: FeatureStatistics, b: FeatureStatistics, eps: float = 1e
   if mu1.shape != mu2.shape or s1.shape != s2.shape:
     raise FIDError(f"statistics differ in dimension: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}")
   diff = mu1 - mu2
-  # ADM passes disp=False (deprecated in SciPy 1.16); the plain call returns the same matrix.
-  covmean = linalg.sqrtm(s1.dot(s2))
+  covmean = _sqrtm(s1.dot(s2))
   if not np.isfinite(covmean).all():
-    warnings.warn(f"FID: singular covariance product; adding {eps} to the diagonals")
+    log.warning("FID: singular covariance product; adding %g to the diagonals", eps)
     offset = np.eye(s1.shape[0]) * eps
-    covmean = linalg.sqrtm((s1 + offset).dot(s2 + offset))
+    covmean = _sqrtm((s1 + offset).dot(s2 + offset))
   if np.iscomplexobj(covmean):
     if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
       raise FIDError(f"FID: sqrtm has an imaginary component of {np.max(np.abs(covmean.imag)):.3g}")
     covmean = covmean.real
   return float(diff.dot(diff) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def _sqrtm(m: np.ndarray) -> np.ndarray:
+  """SciPy's sqrtm, with its singular-matrix warning said in one log line (ADM passes disp=False,
+  deprecated in SciPy 1.16; the plain call returns the same matrix)."""
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always", linalg.LinAlgWarning)
+    out = linalg.sqrtm(m)
+  for w in caught:
+    if not issubclass(w.category, linalg.LinAlgWarning):
+      warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+  if any(issubclass(w.category, linalg.LinAlgWarning) for w in caught):
+    log.warning("FID: the covariance product is singular (fewer images than feature dimensions?); "
+                "its square root may be inaccurate")
+  return out
