@@ -44,6 +44,11 @@ def _ok(r: subprocess.CompletedProcess) -> None:
   assert r.returncode == 0, (r.returncode, r.stderr[-3000:])
 
 
+def _said(r: subprocess.CompletedProcess, *texts: str) -> None:
+  missing = [t for t in texts if t not in r.stderr]
+  assert not missing, (missing, r.returncode, r.stderr[-6000:])
+
+
 def _relative_l2(a, b) -> float:
   la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
   pairs = [(np.asarray(x, np.float64), np.asarray(y, np.float64)) for x, y in zip(la, lb)
@@ -94,15 +99,16 @@ def test_tokenizer_training_killed_and_resumed_on_other_process_counts(tmp_path,
   multi = str(tmp_path / "multi")
   r = _local(2, TOKENIZER + ["--workdir", multi, "--config.train.fail_at_step=3"])
   assert r.returncode in KILLED, (r.returncode, r.stderr[-3000:])
+  _said(r, "step 3/7")
   r = _local(2, TOKENIZER + ["--workdir", multi, "--config.train.fail_at_step=5"])
   assert r.returncode in KILLED, (r.returncode, r.stderr[-3000:])
-  assert "resumed from step 2" in r.stderr and "iterator state restored" in r.stderr
+  _said(r, "resumed from step 2", "iterator state restored", "step 5/7")
   # Only process 0 logs progress lines.
   assert not any(line.startswith("[1] step") for line in r.stderr.splitlines())
   assert not os.path.exists(os.path.join(multi, "bundle"))
   r = _one(TOKENIZER + ["--workdir", multi], devices=4)
   _ok(r)
-  assert "resumed from step 4" in r.stderr and "re-sharded at position 32" in r.stderr
+  _said(r, "resumed from step 4", "re-sharded at position 32")
   _assert_same_run(tokenizer_one_process, multi, "tokenizer", steps=range(3, 8))
 
 

@@ -297,8 +297,12 @@ def _check_resume_config(config, workdir: str, task_name: str) -> None:
       raise checkpointing.CheckpointError(
           f"{workdir} holds a run with a different model architecture; use a new --workdir "
           "or the config it was trained with")
+  # Every process has read the old file before process 0 replaces it (atomically: a reader that is
+  # late anyway sees the old or the new file whole, never a truncated one).
+  parallel.sync("config.json read")
   if parallel.is_primary():
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:
       json.dump({"stage": task_name, "model": fingerprint,
                  "config": json.loads(config.to_json_best_effort())}, f, indent=1)
-  parallel.sync("config.json")  # nobody reads a half-written config.json
+    os.replace(path + ".tmp", path)
+  parallel.sync("config.json written")
