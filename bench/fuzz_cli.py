@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import io
 import json
 import logging
@@ -59,6 +60,7 @@ def _run(argv) -> tuple[object, str, str]:
       code = main(argv)
     except BaseException as e:  # noqa: BLE001 - a crash is what we count
       code = f"raised {type(e).__name__}: {e}"
+    gc.collect()  # what a case leaves for the garbage collector to report is that case's output
   return code, err.getvalue(), out.getvalue()
 
 

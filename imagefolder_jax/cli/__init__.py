@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import traceback
+import warnings
 from typing import Callable, Optional, Sequence
 
 from imagefolder_jax.cli.common import PROG, CliError
@@ -92,6 +93,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   # TensorFlow (imported by clu/tfds) prints C++ banners at import unless told otherwise.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+  # A failed orbax restore (a damaged bundle or checkpoint) leaves its per-array read coroutines
+  # unawaited; Python reports each at garbage collection, later than the one line that explains it.
+  warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
   from imagefolder_jax import multihost
   parser = build_parser()
   try:  # argparse exits on bad arguments and --help; in-process callers get the code back
