@@ -23,7 +23,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                 crops_per_class=64)
   c.train = dict(num_steps=350 * steps_per_epoch, log_every=100, checkpoint_every=2000, keep_checkpoints=3,
                  image_every=5000, async_checkpoints=True,
+                 remat="none",   # per-block rematerialisation: none / dots_saveable / full
+                 grad_accum=1,   # microbatches per step (generator only; same result as the large batch)
                  fail_at_step=-1,  # test hook: exit abruptly (as if killed) right after this step
                  fail_process=-1)  # ... on this process only (-1: all)
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  # Axis sizes inside a slice/node (data, fsdp, tensor) times across slices/nodes (dcn_*); `rules`
+  # ((logical, mesh axes), ...) override parallel.LOGICAL_RULES; frozen networks below
+  # frozen_replicate_below_mb are replicated, larger ones split over fsdp.
+  c.mesh = dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1, rules=(),
+                frozen_replicate_below_mb=512)
   return c

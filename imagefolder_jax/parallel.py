@@ -28,33 +28,71 @@ from imagefolder_jax.multihost import (  # noqa: F401
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
-# Logical axis -> mesh axis. FSDP shards the model width; tensor parallelism the FFN/heads/vocab.
-DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+# The one sharding table: logical axis name (on parameters, see `models/layers.py`, and on the
+# activations constrained with `layers.constrain`) -> mesh axes. Earlier rules win; a mesh axis is
+# used at most once per array (flax's `logical_to_mesh_axes`), and a dimension that its mesh axes do
+# not divide stays replicated (`fit_spec`). FSDP shards the model width, tensor parallelism the
+# FFN hidden width, the heads / fused qkv and the logit rows; the batch is split over data x fsdp.
+# Override from the config: `mesh.rules = (("mlp", None), ("embed", ("fsdp", "tensor")))` (pairs are
+# put in front of these, so they win).
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", BATCH_AXES),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("qkv", "tensor"),
     ("heads", "tensor"),
     ("vocab", "tensor"),
+    ("length", None),
+    ("head_dim", None),
     ("latent", None),
+    ("conv_in", None),
+    ("conv_out", None),
 )
 
+MESH_KEYS = ("data", "fsdp", "tensor", "dcn_data", "dcn_fsdp", "dcn_tensor")
+# Frozen networks (teacher, LPIPS, the generator's tokenizer) smaller than this are replicated;
+# larger ones are split over 'fsdp' (config: mesh.frozen_replicate_below_mb).
+FROZEN_REPLICATE_BELOW_MB = 512
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
-              devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+
+class MeshConfigError(ValueError):
+  """A mesh or sharding-rule setting is invalid."""
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *, dcn_data: int = 1, dcn_fsdp: int = 1,
+              dcn_tensor: int = 1, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
   """Builds a (data, fsdp, tensor) mesh; -1 in `data` takes the remaining devices.
 
+  data/fsdp/tensor are the axis sizes inside one slice or node (ICI / NVLink); dcn_* multiply them
+  across slices or nodes (DCN / the network): axis size = ici * dcn. With any dcn_* > 1 the devices
+  are laid out by `mesh_utils.create_hybrid_device_mesh` (slices by `slice_index`, else one process =
+  one granule), so that e.g. FSDP stays inside a node and data parallelism goes across, as maxtext
+  does. Otherwise devices keep their order (process by process), and `process_rows` gives each
+  process one contiguous block of the batch.
   Axes are Auto (GSPMD propagates shardings from jit in/out shardings and logical constraints).
   """
   devices = list(devices) if devices is not None else jax.devices()
   n = len(devices)
+  dcn = (dcn_data, dcn_fsdp, dcn_tensor)
+  if min(dcn) < 1 or min(fsdp, tensor) < 1 or (data < 1 and data != -1):
+    raise MeshConfigError(f"mesh sizes must be >= 1 (data may be -1): data={data} fsdp={fsdp} tensor={tensor} "
+                          f"dcn={dcn}")
+  per_slice = n // math.prod(dcn) if n % math.prod(dcn) == 0 else None
+  if per_slice is None:
+    raise MeshConfigError(f"{n} devices cannot be split into dcn_data x dcn_fsdp x dcn_tensor = {dcn}")
   if data == -1:
-    if n % (fsdp * tensor):
-      raise ValueError(f"{n} devices cannot be split into fsdp={fsdp} x tensor={tensor}")
-    data = n // (fsdp * tensor)
-  if data * fsdp * tensor != n:
-    raise ValueError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} != {n} devices")
-  array = np.asarray(devices).reshape(data, fsdp, tensor)
+    if per_slice % (fsdp * tensor):
+      raise MeshConfigError(f"{per_slice} devices per slice cannot be split into fsdp={fsdp} x tensor={tensor}")
+    data = per_slice // (fsdp * tensor)
+  if data * fsdp * tensor != per_slice:
+    raise MeshConfigError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} x dcn {dcn} != {n} devices")
+  if math.prod(dcn) > 1:
+    from jax.experimental import mesh_utils
+    by_slice = all(getattr(d, "slice_index", None) is not None for d in devices)
+    array = mesh_utils.create_hybrid_device_mesh((data, fsdp, tensor), dcn, devices,
+                                                 process_is_granule=not by_slice)
+  else:
+    array = np.asarray(devices).reshape(data, fsdp, tensor)
   return Mesh(array, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
 
@@ -62,6 +100,34 @@ def local_mesh() -> Mesh:
   """A data-parallel mesh over this process's own devices: for work that each process does on its
   own part of a job (sampling shards, pretokenizing records) without collectives across processes."""
   return make_mesh(devices=jax.local_devices())
+
+
+def rules_from_config(overrides: Any = None) -> tuple[tuple[str, Any], ...]:
+  """LOGICAL_RULES with `overrides` ((logical, mesh axes or None), ...) in front (they win)."""
+  if not overrides:
+    return LOGICAL_RULES
+  pairs = []
+  for item in overrides:
+    if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
+      raise MeshConfigError(f"mesh.rules entries must be (logical_name, mesh_axes), got {item!r}")
+    name, axes = item
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    bad = [a for a in names if a not in MESH_AXES]
+    if bad:
+      raise MeshConfigError(f"mesh.rules: {name!r} -> {axes!r} names unknown mesh axes {bad} (known: {MESH_AXES})")
+    pairs.append((name, axes if isinstance(axes, str) or axes is None else tuple(axes)))
+  return tuple(pairs) + LOGICAL_RULES
+
+
+def mesh_from_config(mesh_config: Any = None, devices: Optional[Sequence[jax.Device]] = None):
+  """config.mesh (data, fsdp, tensor, dcn_*, rules, frozen_replicate_below_mb) -> (Mesh, rules)."""
+  m = dict(mesh_config or {})
+  rules = rules_from_config(m.pop("rules", None))
+  m.pop("frozen_replicate_below_mb", None)
+  unknown = sorted(set(m) - set(MESH_KEYS))
+  if unknown:
+    raise MeshConfigError(f"unknown mesh settings {unknown} (known: {MESH_KEYS + ('rules', 'frozen_replicate_below_mb')})")
+  return make_mesh(**{k: int(v) for k, v in m.items()}, devices=devices), rules
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
@@ -73,26 +139,99 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def param_shardings(mesh: Mesh, boxed_variables: Any, rules=DEFAULT_RULES) -> Any:
-  """NamedShardings for a (possibly `nn.Partitioned`-boxed) variable tree; unboxed leaves replicate.
+def fit_spec(mesh_shape: dict, spec: Any, shape: Sequence[int]) -> P:
+  """A mesh PartitionSpec with every dimension its mesh axes do not divide left replicated."""
+  if not isinstance(spec, P):
+    return P()
+  axes = []
+  for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = (axis,) if isinstance(axis, str) else tuple(axis or ())
+    names = tuple(a for a in names if a in mesh_shape)
+    size = math.prod(mesh_shape[a] for a in names) if names else 1
+    axes.append((names[0] if len(names) == 1 else names) if names and dim % size == 0 else None)
+  return P(*axes)
 
-  A dimension is only sharded when its size is divisible by the mesh axes it maps to.
-  """
-  specs = nn.get_partition_spec(boxed_variables)
-  logical = nn.logical_to_mesh(specs, rules)
-  shapes = jax.tree.map(lambda x: x.shape, nn.unbox(boxed_variables))
 
-  def fit(spec, shape):
+def logical_shardings(mesh: Mesh, boxed: Any, rules=LOGICAL_RULES) -> Any:
+  """NamedShardings for an `nn.Partitioned`-boxed tree (arrays or ShapeDtypeStructs), by the rules;
+  unboxed leaves are replicated. The result has the unboxed tree's structure."""
+  def to_mesh(spec):
     if not isinstance(spec, P):
-      return NamedSharding(mesh, P())
-    axes = []
-    for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-      names = (axis,) if isinstance(axis, str) else (axis or ())
-      size = math.prod(mesh.shape[a] for a in names) if names else 1
-      axes.append(axis if names and dim % size == 0 else None)
-    return NamedSharding(mesh, P(*axes))
+      return None
+    # A logical name may label two dimensions (e.g. a latent->latent conv's ('latent', 'latent')):
+    # only the first is mapped, as one mesh axis cannot split two dimensions of one array.
+    names = [n if not (isinstance(n, str) and n in spec[:i]) else None for i, n in enumerate(spec)]
+    return nn.logical_to_mesh_axes(tuple(names), rules)
 
-  return jax.tree.map(fit, logical, shapes, is_leaf=lambda x: isinstance(x, P) or x is None)
+  specs = nn.get_partition_spec(boxed)
+  logical = jax.tree.map(to_mesh, specs, is_leaf=lambda x: isinstance(x, P) or x is None)
+  shapes = jax.tree.map(lambda x: x.shape, nn.unbox(boxed))
+  return jax.tree.map(lambda spec, shape: NamedSharding(mesh, fit_spec(dict(mesh.shape), spec, shape)),
+                      logical, shapes, is_leaf=lambda x: isinstance(x, P) or x is None)
+
+
+def _key_names(path) -> tuple:
+  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def state_shardings(mesh: Mesh, abstract_state: Any, logical: dict, rules=LOGICAL_RULES) -> Any:
+  """Shardings for a whole train state by the logical axes of the parameters it holds.
+
+  logical: {top-level state key: boxed (abstract) parameter tree}, e.g. {'params': p, 'ema_params': p,
+  'opt_state': p, 'disc': d}. Inside state[key], a leaf whose key path ends with a parameter's full
+  path (and has its shape) takes that parameter's sharding: so params, their EMA and every optimizer
+  moment (optax keeps them in parameter-shaped subtrees) follow the same rule. Everything else (the
+  step, rng, scalar counters, codebook statistics) is replicated.
+  """
+  table = {}
+  for key, boxed in logical.items():
+    shard_tree = logical_shardings(mesh, boxed, rules)
+    shapes = jax.tree.map(lambda x: tuple(x.shape), nn.unbox(boxed))
+    for path, sharding in jax.tree_util.tree_flatten_with_path(shard_tree)[0]:
+      table.setdefault(key, {})[_key_names(path)] = sharding
+    for path, shape in jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))[0]:
+      table[key][_key_names(path)] = (table[key][_key_names(path)], shape)
+  depth = {key: max(len(p) for p in entries) for key, entries in table.items()}
+
+  def one(path, leaf):
+    names = _key_names(path)
+    entries = table.get(names[0]) if names else None
+    if entries:
+      for n in range(min(depth[names[0]], len(names) - 1), 0, -1):
+        hit = entries.get(names[-n:])
+        if hit is not None and hit[1] == tuple(np.shape(leaf)):
+          return hit[0]
+    return NamedSharding(mesh, P())
+
+  return jax.tree_util.tree_map_with_path(one, abstract_state)
+
+
+def frozen_shardings(mesh: Mesh, tree: Any, replicate_below_mb: float = FROZEN_REPLICATE_BELOW_MB) -> Any:
+  """Frozen networks (no logical axes: they come from converters): each top-level network is
+  replicated when smaller than `replicate_below_mb`, else every leaf of it >= 1 MiB is split over
+  'fsdp' along its largest divisible dimension (a forward-only network costs one all-gather per use,
+  which pays only when replicas no longer fit)."""
+  n = mesh.shape["fsdp"]
+
+  def network(sub):
+    size = sum(int(np.prod(np.shape(x))) * np.dtype(getattr(x, "dtype", np.float32)).itemsize
+               for x in jax.tree.leaves(sub))
+    if n == 1 or size < replicate_below_mb * 2 ** 20:
+      return jax.tree.map(lambda _: NamedSharding(mesh, P()), sub)
+
+    def leaf(x):
+      shape = np.shape(x)
+      if int(np.prod(shape)) * 4 < 2 ** 20:
+        return NamedSharding(mesh, P())
+      for d in sorted(range(len(shape)), key=lambda d: -shape[d]):
+        if shape[d] % n == 0:
+          return NamedSharding(mesh, P(*[("fsdp" if i == d else None) for i in range(len(shape))]))
+      return NamedSharding(mesh, P())
+    return jax.tree.map(leaf, sub)
+
+  if not isinstance(tree, dict):
+    return network(tree)
+  return {k: network(v) for k, v in tree.items()}
 
 
 # ----------------------------------------------------------------------------- host <-> device

@@ -36,8 +36,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _verbs() -> list[Callable]:
-  from imagefolder_jax.cli import convert, evaluation, inference, training
-  return [*convert.VERBS, *inference.VERBS, *training.VERBS, *evaluation.VERBS]
+  from imagefolder_jax.cli import convert, evaluation, inference, planning, training
+  return [*convert.VERBS, *inference.VERBS, *training.VERBS, *evaluation.VERBS, *planning.VERBS]
 
 
 def build_parser() -> argparse.ArgumentParser:

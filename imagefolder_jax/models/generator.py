@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imagefolder_jax.models.layers import Dtype, Initializer, dense, layer_norm, partitioned
+from imagefolder_jax.models.layers import Dtype, Initializer, attention, constrain, dense, layer_norm, partitioned, \
+    remat_block
 from imagefolder_jax.ops.masks import block_causal_mask, scale_begin_ends, scale_of_position
 
 RELEASED_SCALES = (1, 1, 2, 3, 3, 4, 5, 6, 8, 11)
@@ -226,7 +227,7 @@ class SelfAttention(nn.Module):
     zeros = jnp.zeros_like(self.q_bias)
     qkv = self.mat_qkv(x) + jnp.concatenate([self.q_bias, zeros, self.v_bias]).astype(c.compute_dtype)
     qkv = qkv.reshape(b, l, 3, c.num_heads, c.head_dim)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q, k, v = (constrain(qkv[:, :, i], ("batch", "length", "heads", "head_dim")) for i in range(3))
     if c.attn_l2_norm:
       scale_mul = jnp.exp(jnp.minimum(self.scale_mul, c.max_scale_mul)).reshape(1, 1, c.num_heads, 1)
       q = (l2_normalize(q.astype(jnp.float32)) * scale_mul).astype(c.compute_dtype)
@@ -241,7 +242,7 @@ class SelfAttention(nn.Module):
       v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), begin, axis=1)
       new_cache = {"k": k_all, "v": v_all}
       k, v = k_all[:, :end].astype(c.compute_dtype), v_all[:, :end].astype(c.compute_dtype)
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=softmax_scale)
+    out = attention(q, k, v, mask=mask, scale=softmax_scale)
     return self.proj(out.reshape(b, l, c.width)), new_cache
 
 
@@ -254,7 +255,7 @@ class FFN(nn.Module):
     hidden = round(c.width * c.mlp_ratio)
     x = dense(hidden, ("embed", "mlp"), kernel_init=torch_trunc_normal(c.init_std), dtype=c.compute_dtype,
               name="fc1")(x)
-    x = nn.gelu(x, approximate=True)
+    x = constrain(nn.gelu(x, approximate=True), ("batch", "length", "mlp"))
     return dense(c.width, ("mlp", "embed"), kernel_init=torch_trunc_normal(c.init_std, 1 / math.sqrt(2 * c.depth)),
                  dtype=c.compute_dtype, name="fc2")(x)
 
@@ -272,7 +273,8 @@ class AdaLNBlock(nn.Module):
     self.ada_lin = dense(6 * c.width, ("embed", None), dtype=c.compute_dtype,
                          kernel_init=adaln_init(c.init_std, c.width, c.init_adaln_gamma, c.init_adaln, num_gates=2))
 
-  def __call__(self, x: jax.Array, cond: jax.Array, *, mask: Optional[jax.Array] = None,
+  # Called positionally: under `nn.remat` begin and train are static arguments (5, 6; self is 0).
+  def __call__(self, x: jax.Array, cond: jax.Array, mask: Optional[jax.Array] = None,
                cache: Optional[dict] = None, begin: int = 0, train: bool = False):
     """x: (B, l, C) float32 residual stream; cond: (B, C) class embedding. Returns (x, cache)."""
     c = self.config
@@ -287,7 +289,7 @@ class AdaLNBlock(nn.Module):
     h = self.ffn((self.norm(x) * (1.0 + scale2) + shift2).astype(c.compute_dtype)).astype(jnp.float32) * gamma2
     if train and self.drop_path_rate > 0:
       h = drop_path(h, self.drop_path_rate, self.make_rng("dropout"))
-    return x + h, cache
+    return constrain(x + h, ("batch", "length", "embed")), cache
 
 
 class AdaLNBeforeHead(nn.Module):
@@ -308,9 +310,11 @@ class NextScaleGenerator(nn.Module):
   """The folded-token next-scale transformer. See the module docstring.
 
   Variables: 'params' only. Randomness (training only): the 'dropout' rng stream for label
-  dropout and stochastic depth.
+  dropout and stochastic depth. `remat` ('none' / 'dots_saveable' / 'full') rematerialises each
+  block in the backward pass (a training memory lever; the parameter tree is the same).
   """
   config: GeneratorConfig
+  remat: str = "none"
 
   def setup(self):
     c = self.config
@@ -325,7 +329,8 @@ class NextScaleGenerator(nn.Module):
                               (1, c.num_tokens, c.width))
     self.word_embed = dense(c.width, ("latent", "embed"), kernel_init=torch_trunc_normal(std))
     rates = np.linspace(0.0, c.drop_path_rate, c.depth)
-    self.blocks = [AdaLNBlock(c, drop_path_rate=float(rates[i]), name=f"blocks_{i}") for i in range(c.depth)]
+    block = remat_block(AdaLNBlock, self.remat, static_argnums=(5, 6))
+    self.blocks = [block(c, drop_path_rate=float(rates[i]), name=f"blocks_{i}") for i in range(c.depth)]
     self.head_nm = AdaLNBeforeHead(c)
     self.head = dense(c.num_branches * c.codebook_size, ("embed", "vocab"),
                       kernel_init=torch_trunc_normal(std, c.init_head))
@@ -373,7 +378,7 @@ class NextScaleGenerator(nn.Module):
                          + self._level_position(c.scales[0] ** 2, c.num_tokens)], axis=1)
     mask = jnp.asarray(block_causal_mask(c.scales))[None, None]
     for block in self.blocks:
-      x, _ = block(x, cond, mask=mask, train=train)
+      x, _ = block(x, cond, mask, None, 0, train)
     return self.head_nm(x, cond), cond
 
   def __call__(self, labels: jax.Array, next_scale_inputs: jax.Array, *, train: bool = False) -> jax.Array:
@@ -410,7 +415,7 @@ class NextScaleGenerator(nn.Module):
     x = tokens.astype(jnp.float32)
     new_cache = []
     for block, block_cache in zip(self.blocks, cache):
-      x, block_cache = block(x, cond, cache=block_cache, begin=begin)
+      x, block_cache = block(x, cond, None, block_cache, begin, False)
       new_cache.append(block_cache)
     return self.head_nm(x, cond), new_cache
 

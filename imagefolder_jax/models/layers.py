@@ -41,3 +41,52 @@ def layer_norm(epsilon: float = 1e-6, *, use_affine: bool = True, dtype: Dtype =
   return nn.LayerNorm(epsilon=epsilon, use_bias=use_affine, use_scale=use_affine, dtype=dtype,
                       name=name, scale_init=partitioned(nn.initializers.ones, ("embed",)),
                       bias_init=partitioned(nn.initializers.zeros, ("embed",)))
+
+
+def constrain(x: jax.Array, axes: Sequence[Optional[str]]) -> jax.Array:
+  """Sharding constraint on an activation by logical axis names (e.g. ('batch', 'length', 'embed')).
+
+  A no-op unless the caller set logical rules (`nn.logical_axis_rules`) and a mesh (`jax.set_mesh`),
+  as the training loop does: inference, parity tests and converters see plain arrays. A dimension
+  its mesh axes do not divide is left unconstrained-replicated rather than failing to compile.
+  """
+  rules = nn.get_logical_axis_rules()
+  mesh = jax.sharding.get_abstract_mesh()
+  if not rules or mesh.empty:
+    return x
+  from imagefolder_jax.parallel import fit_spec
+  spec = fit_spec(dict(mesh.shape), nn.logical_to_mesh_axes(tuple(axes), rules), x.shape)
+  return jax.lax.with_sharding_constraint(x, spec)
+
+
+REMAT_POLICIES = ("none", "dots_saveable", "full")
+
+
+def remat_block(block_cls, policy: str, static_argnums: tuple[int, ...] = ()):
+  """`block_cls` rematerialised per block: 'none' (keep all activations), 'dots_saveable' (keep
+  matmul outputs, recompute the elementwise rest) or 'full' (keep only the block's inputs)."""
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f"remat policy must be one of {REMAT_POLICIES}, got {policy!r}")
+  if policy == "none":
+    return block_cls
+  jax_policy = jax.checkpoint_policies.dots_saveable if policy == "dots_saveable" else None
+  return nn.remat(block_cls, policy=jax_policy, static_argnums=static_argnums)
+
+
+def attention_implementation(dtype: Dtype, head_dim: int) -> Optional[str]:
+  """The fused kernel where the backend has one: cuDNN flash attention on GPU for 16-bit inputs
+  with a supported head size; XLA's (plain softmax attention) everywhere else."""
+  if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 \
+      and head_dim <= 128:
+    return "cudnn"
+  return "xla"
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
+              mask: Optional[jax.Array] = None) -> jax.Array:
+  """Softmax attention through `jax.nn.dot_product_attention` (fused where available).
+
+  q: (B, Lq, H, D), k/v: (B, Lk, H, D), mask: bool broadcastable to (B, H, Lq, Lk). Returns (B, Lq, H, D).
+  """
+  implementation = attention_implementation(q.dtype, q.shape[-1])
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=implementation)

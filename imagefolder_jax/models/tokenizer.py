@@ -86,11 +86,12 @@ class Encoder(nn.Module):
   """
   config: TokenizerConfig
   dtype: Dtype = jnp.float32
+  remat: str = "none"   # per-block rematerialisation of the ViTs (layers.REMAT_POLICIES)
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
     c = self.config
-    vit = ViTTrunk(c.vit, with_patch_embed=True, dtype=self.dtype, name="model")
+    vit = ViTTrunk(c.vit, with_patch_embed=True, dtype=self.dtype, remat=self.remat, name="model")
     n2 = c.latent_grid ** 2
     latent_tokens = self.param("latent_tokens", partitioned(TRUNC_NORMAL_02, (None, None, "embed")),
                                (1, c.num_branches * n2, c.vit.width))
@@ -117,11 +118,12 @@ class Decoder(nn.Module):
   """
   config: TokenizerConfig
   dtype: Dtype = jnp.float32
+  remat: str = "none"   # per-block rematerialisation of the ViTs (layers.REMAT_POLICIES)
 
   @nn.compact
   def __call__(self, latents: jax.Array) -> jax.Array:
     c = self.config
-    vit = ViTTrunk(c.vit, with_patch_embed=False, dtype=self.dtype, name="model")
+    vit = ViTTrunk(c.vit, with_patch_embed=False, dtype=self.dtype, remat=self.remat, name="model")
     mask_token = self.param("mask_token", partitioned(nn.initializers.normal(0.02), (None, None, "embed")),
                             (1, 1, c.vit.width))
     lvl_embed = nn.Embed(2, c.vit.width, name="lvl_embed",
@@ -161,12 +163,13 @@ class ImageFolderTokenizer(nn.Module):
   """
   config: TokenizerConfig
   dtype: Dtype = jnp.float32
+  remat: str = "none"   # per-block rematerialisation of the ViTs (layers.REMAT_POLICIES)
 
   def setup(self):
     c = self.config
     c.validate()
-    self.encoder = Encoder(c, dtype=self.dtype)
-    self.decoder = Decoder(c, dtype=self.dtype)
+    self.encoder = Encoder(c, dtype=self.dtype, remat=self.remat)
+    self.decoder = Decoder(c, dtype=self.dtype, remat=self.remat)
     # PyTorch's Conv2d default init (uniform, std 1/sqrt(3 fan_in)), as the official 1x1 convs: with
     # a 0.02-std init the reconstruction gradient reaching the latents is ~50x weaker than the
     # commitment pull, and from scratch the latents collapse to zero.

@@ -14,7 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from imagefolder_jax.models.layers import Dtype, dense, layer_norm, TRUNC_NORMAL_02, partitioned
+from imagefolder_jax.models.layers import Dtype, attention, constrain, dense, layer_norm, TRUNC_NORMAL_02, \
+    partitioned, remat_block
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,15 +65,6 @@ class ViTConfig:
       raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
 
 
-def dot_product_attention(q, k, v, *, scale: float, mask: Optional[jax.Array] = None):
-  """Softmax attention. q: (B, Lq, H, D), k/v: (B, Lk, H, D), mask broadcastable to (B, H, Lq, Lk)."""
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
-  if mask is not None:
-    logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-  weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-
-
 def linear_initializer(name: str):
   if name == "trunc_normal":
     return TRUNC_NORMAL_02
@@ -93,8 +85,8 @@ class Attention(nn.Module):
     head_dim = self.width // self.num_heads
     qkv = dense(3 * self.width, ("embed", "qkv"), kernel_init=self.kernel_init, dtype=self.dtype, name="qkv")(x)
     qkv = qkv.reshape(b, l, 3, self.num_heads, head_dim)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    out = dot_product_attention(q, k, v, scale=head_dim ** -0.5).reshape(b, l, self.width)
+    q, k, v = (constrain(qkv[:, :, i], ("batch", "length", "heads", "head_dim")) for i in range(3))
+    out = attention(q, k, v, scale=head_dim ** -0.5).reshape(b, l, self.width)
     return dense(self.width, ("qkv", "embed"), kernel_init=self.kernel_init, dtype=self.dtype, name="proj")(out)
 
 
@@ -108,7 +100,7 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x = dense(self.hidden, ("embed", "mlp"), kernel_init=self.kernel_init, dtype=self.dtype, name="fc1")(x)
-    x = nn.gelu(x, approximate=self.gelu_approximate)
+    x = constrain(nn.gelu(x, approximate=self.gelu_approximate), ("batch", "length", "mlp"))
     return dense(self.width, ("mlp", "embed"), kernel_init=self.kernel_init, dtype=self.dtype, name="fc2")(x)
 
 
@@ -138,7 +130,7 @@ class Block(nn.Module):
     y = Mlp(int(c.width * c.mlp_ratio), c.width, dtype=self.dtype, kernel_init=init,
             gelu_approximate=c.gelu_approximate, name="mlp")(
         layer_norm(c.norm_eps, dtype=self.dtype, name="norm2")(x))
-    return x + ls("ls2")(y)
+    return constrain(x + ls("ls2")(y), ("batch", "length", "embed"))
 
 
 class PatchEmbed(nn.Module):
@@ -181,6 +173,7 @@ class ViTTrunk(nn.Module):
   config: ViTConfig
   with_patch_embed: bool = True
   dtype: Dtype = jnp.float32
+  remat: str = "none"   # per-block rematerialisation policy (layers.REMAT_POLICIES)
 
   def setup(self):
     c = self.config
@@ -194,7 +187,8 @@ class ViTTrunk(nn.Module):
     pos_init = TRUNC_NORMAL_02 if c.pos_init == "trunc_normal" else sincos_position_init
     self.pos = self.param("pos_embed", partitioned(pos_init, (None, None, "embed")),
                           (1, c.grid * c.grid + 1, c.width))
-    self.blocks = [Block(c, dtype=self.dtype, name=f"blocks_{i}") for i in range(c.depth)]
+    block = remat_block(Block, self.remat)
+    self.blocks = [block(c, dtype=self.dtype, name=f"blocks_{i}") for i in range(c.depth)]
     self.norm = layer_norm(c.norm_eps, dtype=self.dtype)
 
   def cls_token(self) -> jax.Array:

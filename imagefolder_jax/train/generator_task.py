@@ -33,16 +33,24 @@ class GeneratorTask:
 
   name = "generator"
 
-  def __init__(self, config: ml_collections.ConfigDict, load_frozen: bool = True):
+  def __init__(self, config: ml_collections.ConfigDict, load_frozen: bool = True,
+               tokenizer_config: TokenizerConfig | None = None):
+    """tokenizer_config: the frozen tokenizer's layout without a bundle (planning only: nothing
+    can be loaded then, so `load_frozen` must be False)."""
     self.config = config
     bundle = config.tokenizer_bundle
-    if not bundle:
+    if tokenizer_config is not None:
+      if load_frozen:
+        raise ValueError("tokenizer_config without a bundle cannot load frozen weights (load_frozen=False)")
+      configs = {"tokenizer": tokenizer_config.to_dict()}
+    elif not bundle:
       raise ValueError("tokenizer_bundle is empty: pass --config.tokenizer_bundle=DIR (a tokenizer bundle from "
                        "train-tokenizer/export or convert-official)")
-    try:
-      configs = read_bundle_configs(bundle)
-    except BundleError as e:
-      raise ValueError(str(e)) from e
+    else:
+      try:
+        configs = read_bundle_configs(bundle)
+      except BundleError as e:
+        raise ValueError(str(e)) from e
     if "tokenizer" not in configs:
       raise ValueError(f"tokenizer_bundle {bundle} holds no tokenizer")
     self.tokenizer_config = TokenizerConfig.from_dict(configs["tokenizer"])
@@ -52,7 +60,12 @@ class GeneratorTask:
         codebook_size=q.codebook_size, latent_dim=q.latent_dim, scales=q.scales,
         dtype=config.get("dtype", "float32"))
     self.model_config.validate()
-    self.model = NextScaleGenerator(self.model_config)
+    self.remat = config.train.get("remat", "none")
+    self.grad_accum = int(config.train.get("grad_accum", 1))
+    if self.grad_accum < 1 or config.data.batch_size % self.grad_accum:
+      raise ValueError(f"train.grad_accum={self.grad_accum} must be >= 1 and divide data.batch_size="
+                       f"{config.data.batch_size}")
+    self.model = NextScaleGenerator(self.model_config, remat=self.remat)
     self.tokenizer = ImageFolderTokenizer(self.tokenizer_config)
     o = config.optim
     self.schedule = optim.learning_rate_schedule(o.lr, config.train.num_steps, o.warmup_steps, o.schedule,
@@ -83,12 +96,26 @@ class GeneratorTask:
   def load_pretrained(self, state: dict) -> dict:
     return state
 
-  def init_state(self, rng: jax.Array, batch: dict) -> dict:
-    k_model, k_state = jax.random.split(rng)
+  def _boxed_params(self, k_model: jax.Array) -> dict:
     c = self.model_config
     labels = jnp.zeros((1,), jnp.int32)
     inputs = jnp.zeros((1, c.num_tokens - c.scales[0] ** 2, c.input_dim), jnp.float32)
-    params = nn.unbox(self.model.init({"params": k_model}, labels, inputs))["params"]
+    return self.model.init({"params": k_model}, labels, inputs)["params"]
+
+  def abstract_frozen(self, image_size: int | None = None) -> dict:
+    """Shapes/dtypes (jax.ShapeDtypeStruct) of `frozen` without loading anything (planning)."""
+    r = image_size or self.resolution
+    v = jax.eval_shape(self.tokenizer.init, jax.random.key(0), jnp.zeros((1, r, r, 3), jnp.float32))
+    return {"tokenizer": {k: x for k, x in nn.unbox(v).items() if k != "intermediates"}}
+
+  def logical_axes(self, rng: jax.Array, batch: dict) -> dict:
+    """{state key: boxed params} (use under eval_shape): what `parallel.state_shardings` reads."""
+    boxed = self._boxed_params(jax.random.split(rng)[0])
+    return {"params": boxed, "ema_params": boxed, "opt_state": boxed}
+
+  def init_state(self, rng: jax.Array, batch: dict) -> dict:
+    k_model, k_state = jax.random.split(rng)
+    params = nn.unbox(self._boxed_params(k_model))
     return dict(step=jnp.zeros((), jnp.int32), rng=jax.random.key_data(k_state), skipped=jnp.zeros((), jnp.int32),
                 params=params, ema_params=params, opt_state=self.tx.init(params))
 
@@ -107,13 +134,17 @@ class GeneratorTask:
     inputs = self.tokenizer.apply(frozen["tokenizer"], ids, method=ImageFolderTokenizer.next_scale_inputs)
     targets = flatten_ids(ids)
 
-    def loss_fn(params):
-      logits = self.model.apply({"params": params}, labels, inputs, train=True, rngs={"dropout": rng})
+    def loss_fn(params, labels, inputs, targets, key):
+      logits = self.model.apply({"params": params}, labels, inputs, train=True, rngs={"dropout": key})
       loss = generator_loss(logits, targets)
       accuracy = jnp.mean(jnp.argmax(logits, -1) == targets)
       return loss, accuracy
 
-    (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if self.grad_accum == 1:
+      (loss, accuracy), grads = grad_fn(state["params"], labels, inputs, targets, rng)
+    else:
+      (loss, accuracy), grads = self._accumulate(grad_fn, state["params"], (labels, inputs, targets), rng)
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new = dict(state, params=params, opt_state=opt_state,
@@ -125,6 +156,28 @@ class GeneratorTask:
     metrics = dict(loss=loss, token_accuracy=accuracy, lr=self.schedule(step), grad_norm=optax.tree.norm(grads),
                    skipped_steps=new["skipped"])
     return new, metrics
+
+  def _accumulate(self, grad_fn, params, batch: tuple, rng: jax.Array):
+    """Gradient accumulation: the batch in `grad_accum` equal microbatches (microbatch j = rows
+    j::k, so each device keeps its own rows and nothing moves), one `lax.scan` step each; the mean
+    of the microbatch means equals the whole batch's mean. Label dropout / stochastic depth draw
+    from fold_in(rng, j), so those random draws (only those) differ from the one-batch step."""
+    k = self.grad_accum
+
+    def split(x):  # (B, ...) -> (k, B / k, ...)
+      return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+
+    micro = jax.tree.map(split, batch)
+
+    def body(carry, xs):
+      j, one = xs
+      (loss, accuracy), grads = grad_fn(params, *one, jax.random.fold_in(rng, j))
+      total = jax.tree.map(jnp.add, carry, (loss, accuracy, grads))
+      return total, None
+
+    zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    (loss, accuracy, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(k), micro))
+    return (loss / k, accuracy / k), jax.tree.map(lambda g: g / k, grads)
 
   # ------------------------------------------------------------------ images and export
   def sample(self, state: dict, frozen: dict, labels: jax.Array, key: jax.Array, cfg: float = 2.0,

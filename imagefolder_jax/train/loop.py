@@ -32,26 +32,27 @@ class ConfigError(ValueError):
   """A config value is invalid (raised before any long work starts)."""
 
 
-def fsdp_shardings(mesh, tree: Any, axis: str = "fsdp", min_size: int = 2 ** 14) -> Any:
-  """Shape-based FSDP (big_vision's `fsdp` rule): each leaf of >= `min_size` elements is split along
-  its largest dimension divisible by the `axis` size; everything else is replicated. Applies alike to
-  params, their EMA and the optimizer moments, so the whole train state follows one rule."""
-  from jax.sharding import NamedSharding, PartitionSpec as P
-  n = mesh.shape[axis]
+def shardings_for(task, mesh, rules, rng, example_batch):
+  """(abstract state, its shardings) by the logical-axis rules: params, EMA params and optimizer
+  moments follow the parameters' logical axes (`task.logical_axes`); the rest is replicated."""
+  abstract = jax.eval_shape(task.init_state, rng, example_batch)
+  logical = jax.eval_shape(task.logical_axes, rng, example_batch)
+  return abstract, parallel.state_shardings(mesh, abstract, logical, rules)
 
-  def one(x):
-    shape = np.shape(x)
-    if n == 1 or int(np.prod(shape)) < min_size:
-      return NamedSharding(mesh, P())
-    dims = sorted(range(len(shape)), key=lambda d: -shape[d])
-    for d in dims:
-      if shape[d] % n == 0:
-        spec = [None] * len(shape)
-        spec[d] = axis
-        return NamedSharding(mesh, P(*spec))
-    return NamedSharding(mesh, P())
 
-  return jax.tree.map(one, tree)
+def jit_train_step(task, mesh, rules, state_shardings, frozen_shardings, *, donate: bool = True):
+  """The task's step jitted with explicit shardings, traced under the logical rules (so that the
+  models' activation constraints apply); call it inside `jax.set_mesh(mesh)`. The state's buffers
+  are donated (the new state reuses them) unless `donate=False`."""
+  import flax.linen as nn
+
+  def step(state, frozen, batch):
+    with nn.logical_axis_rules(rules):
+      return task.train_step(state, frozen, batch)
+
+  return jax.jit(step, in_shardings=(state_shardings, frozen_shardings, None),
+                 out_shardings=(state_shardings, parallel.replicated(mesh)),
+                 donate_argnums=(0,) if donate else ())
 
 
 class Progress:
@@ -152,7 +153,10 @@ def run(task, config: ml_collections.ConfigDict, workdir: str, *, loader_factory
   os.makedirs(workdir, exist_ok=True)
   _check_resume_config(config, workdir, task.name)
 
-  mesh = parallel.make_mesh(**config.get("mesh", {}))
+  try:
+    mesh, rules = parallel.mesh_from_config(config.get("mesh", {}))
+  except parallel.MeshConfigError as e:
+    raise ConfigError(str(e)) from e
   global_batch = config.data.batch_size
   shards = int(np.prod([mesh.shape[a] for a in parallel.BATCH_AXES]))
   if global_batch % shards:
@@ -164,8 +168,7 @@ def run(task, config: ml_collections.ConfigDict, workdir: str, *, loader_factory
 
   first = next(iterator)
   rng = jax.random.key(config.seed)
-  abstract = jax.eval_shape(task.init_state, rng, first)
-  state_shardings = fsdp_shardings(mesh, abstract)
+  abstract, state_shardings = shardings_for(task, mesh, rules, rng, first)
   init = jax.jit(task.init_state, out_shardings=state_shardings)
 
   manager = checkpointing.make_manager(workdir, keep=t.keep_checkpoints, async_save=t.get("async_checkpoints", True))
@@ -182,9 +185,10 @@ def run(task, config: ml_collections.ConfigDict, workdir: str, *, loader_factory
     if primary:
       log.info("resumed from step %d (%s; data %s)", start_step, manager.directory, how)
 
-  frozen = parallel.put_global(task.frozen, jax.tree.map(lambda _: parallel.replicated(mesh), task.frozen))
-  step_fn = jax.jit(task.train_step, in_shardings=(state_shardings, None, None),
-                    out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=(0,))
+  frozen_shardings = parallel.frozen_shardings(
+      mesh, task.frozen, config.get("mesh", {}).get("frozen_replicate_below_mb", parallel.FROZEN_REPLICATE_BELOW_MB))
+  frozen = parallel.put_global(task.frozen, frozen_shardings)
+  step_fn = jit_train_step(task, mesh, rules, state_shardings, frozen_shardings)
   writer = metric_writers.create_default_writer(workdir, asynchronous=False) if primary else None
   flops_per_step, peak = step_flop_budget(task, mesh, first, global_batch)
   progress = Progress(t.num_steps, start_step, global_batch, flops_per_step=flops_per_step,
@@ -213,7 +217,8 @@ def run(task, config: ml_collections.ConfigDict, workdir: str, *, loader_factory
     while step < t.num_steps:
       batch = pending.pop() if pending else next(iterator)
       global_batch_arrays = _to_global(mesh, batch, global_batch)
-      state, step_metrics = step_fn(state, frozen, global_batch_arrays)
+      with jax.set_mesh(mesh):
+        state, step_metrics = step_fn(state, frozen, global_batch_arrays)
       step += 1
       if step % t.log_every == 0 or step == t.num_steps or step == start_step + 1:
         metrics = _to_float(step_metrics)

@@ -55,7 +55,13 @@ class TokenizerTask:
     self.model_config = tokenizer_config_from(config.model)
     self.model_config.validate()
     self.dtype = _dtype(config.get("dtype", "float32"))
-    self.model = ImageFolderTokenizer(self.model_config, dtype=self.dtype)
+    self.remat = config.train.get("remat", "none")
+    if int(config.train.get("grad_accum", 1)) != 1:
+      # The EMA codebook update, the adaptive GAN weight and the discriminator's batch norm are
+      # statistics of the whole batch: microbatches would change the algorithm, not just memory.
+      raise ValueError(f"train.grad_accum={config.train.grad_accum}: the tokenizer trains without gradient "
+                       "accumulation (use train.remat or a larger fsdp axis to save memory)")
+    self.model = ImageFolderTokenizer(self.model_config, dtype=self.dtype, remat=self.remat)
     self.eval_model = ImageFolderTokenizer(self.model_config)
     lc = config.loss
     if lc.semantic > 0 and self.model_config.num_branches < 2:
@@ -92,6 +98,25 @@ class TokenizerTask:
       vit_cfg, params = self._teacher_weights(lc.semantic_teacher)
       self.teacher = DinoV2(vit_cfg)
       frozen["teacher"] = params
+    return frozen
+
+  def abstract_frozen(self) -> dict:
+    """Shapes/dtypes (jax.ShapeDtypeStruct) of the frozen networks without loading them (planning):
+    LPIPS-VGG and a DINOv2 teacher of the encoder's layout ('random' teachers as in training)."""
+    lc, size = self.config.loss, self.model_config.image_size
+    image = jnp.zeros((1, size, size, 3), jnp.float32)
+    frozen = {}
+    if lc.lpips > 0:
+      from imagefolder_jax.models.lpips import LPIPS
+      self.lpips = LPIPS()
+      frozen["lpips"] = nn.unbox(jax.eval_shape(self.lpips.init, jax.random.key(0), image, image))["params"]
+    if lc.semantic > 0:
+      from imagefolder_jax.models.dinov2 import DinoV2
+      v = self.model_config.vit
+      vit = (ViTConfig(width=v.width, depth=2, num_heads=v.num_heads, patch_size=v.patch_size, image_size=size)
+             if lc.semantic_teacher == "random" else v)
+      self.teacher = DinoV2(vit)
+      frozen["teacher"] = nn.unbox(jax.eval_shape(self.teacher.init, jax.random.key(0), image))["params"]
     return frozen
 
   def _teacher_weights(self, spec: str):
@@ -149,6 +174,15 @@ class TokenizerTask:
     return state
 
   # ------------------------------------------------------------------ state
+  def logical_axes(self, rng: jax.Array, batch: dict) -> dict:
+    """{state key: boxed params} (use under eval_shape): what `parallel.state_shardings` reads."""
+    k_model, k_disc, _ = jax.random.split(rng, 3)
+    boxed = self.model.init({"params": k_model}, batch["image"][:1])["params"]
+    out = {"params": boxed, "ema_params": boxed, "opt_state": boxed}
+    if self.gan:
+      out["disc"] = self.disc.init({"params": k_disc}, batch["image"], train=False)["params"]
+    return out
+
   def init_state(self, rng: jax.Array, batch: dict) -> dict:
     k_model, k_disc, k_state = jax.random.split(rng, 3)
     images = batch["image"][:1]

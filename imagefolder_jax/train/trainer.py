@@ -98,16 +98,17 @@ def load_workdir_config(workdir: str) -> tuple[str, ml_collections.ConfigDict]:
   return stage, ml_collections.ConfigDict(saved["config"])
 
 
-def _workdir_task(workdir: str, stage: str, config: ml_collections.ConfigDict):
-  """(task, abstract train state) of a recorded run; config fields of the wrong type or shape are a
-  `ConfigError`."""
+def _workdir_task(workdir: str, stage: str, config: ml_collections.ConfigDict, mesh, rules):
+  """(task, abstract train state, its shardings) of a recorded run; config fields of the wrong type
+  or shape are a `ConfigError`."""
   try:
     task = make_task(stage, config, load_frozen=False)
     r = task.resolution
     example = {"image": np.zeros((1, r, r, 3), np.float32), "label": np.zeros((1,), np.int32)}
     if hasattr(task, "example_batch"):
       example = task.example_batch(1)
-    return task, jax.eval_shape(task.init_state, jax.random.key(0), example)
+    abstract, shardings = loop.shardings_for(task, mesh, rules, jax.random.key(0), example)
+    return task, abstract, shardings
   except (TypeError, KeyError, AttributeError) as e:
     raise loop.ConfigError(f"{os.path.join(workdir, 'config.json')}: unusable config "
                            f"({type(e).__name__}: {' '.join(str(e).split())[:300]})") from e
@@ -117,9 +118,8 @@ def export(workdir: str, out: str) -> int:
   """Writes the bundle of the latest checkpoint in `workdir` (EMA weights). Returns its step."""
   from imagefolder_jax.checkpoint import save_bundle
   stage, config = load_workdir_config(workdir)
-  task, abstract = _workdir_task(workdir, stage, config)
-  mesh = parallel.make_mesh()
-  shardings = loop.fsdp_shardings(mesh, abstract)
+  mesh, rules = parallel.mesh_from_config({"rules": config.get("mesh", {}).get("rules")})
+  task, abstract, shardings = _workdir_task(workdir, stage, config, mesh, rules)
   manager = checkpointing.make_manager(workdir, keep=1000, async_save=False)
   # Read-only: an unusable newer step is reported and left where it is (training moves it aside).
   restored = checkpointing.restore_latest(manager, checkpointing.abstract_with_shardings(abstract, shardings),
