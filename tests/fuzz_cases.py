@@ -680,7 +680,9 @@ def write_workdir(workdir: str, config, steps=(1, 2), seed: int = 0, stage: str 
   with open(os.path.join(workdir, "config.json"), "w") as f:
     json.dump({"stage": stage, "model": config_fingerprint(config),
                "config": json.loads(config.to_json_best_effort())}, f, indent=1)
-  _, abstract = trainer._workdir_task(workdir, stage, config)
+  from imagefolder_jax import parallel
+  mesh, rules = parallel.mesh_from_config({"rules": None})
+  _, abstract, _ = trainer._workdir_task(workdir, stage, config, mesh, rules)
   rng = np.random.default_rng(seed)
 
   def fill(x):
