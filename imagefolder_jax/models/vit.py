@@ -8,7 +8,7 @@ Parameter names mirror timm's so that converters stay one-to-one:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax

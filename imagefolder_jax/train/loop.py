@@ -16,7 +16,6 @@ import logging
 import os
 import sys
 import time
-from typing import Any
 
 import jax
 import ml_collections
