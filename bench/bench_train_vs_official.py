@@ -52,7 +52,7 @@ LR, BETAS = 1e-4, (0.9, 0.95)
 
 
 # ---------------------------------------------------------------------------------------- generator
-def generator_sides(shape, batch: int):
+def generator_sides(shape, batch: int, breakdown: bool = False):
   var, tok = ref.build(shape, seed=0)
   gen, _, gen_vars, _ = convert(shape, var, tok)
   var.train()
@@ -81,27 +81,72 @@ def generator_sides(shape, batch: int):
   state = dict(params=params, ema=params, opt=tx.init(params))
   j_labels, j_inputs, j_targets = jnp.asarray(labels, jnp.int32), jnp.asarray(inputs), jnp.asarray(targets, jnp.int32)
 
+  def update(state, grads, ema: bool = True):
+    updates, opt = tx.update(grads, state["opt"], state["params"])
+    new = dict(params=optax.apply_updates(state["params"], updates), opt=opt, ema=state["ema"])
+    if ema:
+      new["ema"] = optim.ema_update(state["ema"], new["params"], 0.9999)
+    return new
+
   def step(state, labels, inputs, targets):
     def loss_fn(p):
       return generator_loss(gen.apply({"params": p}, labels, inputs, train=True, rngs={"dropout": jax.random.key(0)}),
                             targets)
     loss, grads = jax.value_and_grad(loss_fn)(state["params"])
-    updates, opt = tx.update(grads, state["opt"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    new = dict(params=params, opt=opt, ema=optim.ema_update(state["ema"], params, 0.9999))
-    return optim.select_tree(jnp.isfinite(loss) & optim.all_finite(grads), new, state), loss
+    return optim.select_tree(jnp.isfinite(loss) & optim.all_finite(grads), update(state, grads), state), loss
 
-  t = time.perf_counter()
-  compiled = jax.jit(step, donate_argnums=(0,)).lower(state, j_labels, j_inputs, j_targets).compile()
-  compile_s = time.perf_counter() - t
   holder = [state]
+  if not breakdown:
+    t = time.perf_counter()
+    compiled = jax.jit(step, donate_argnums=(0,)).lower(state, j_labels, j_inputs, j_targets).compile()
+    compile_s = time.perf_counter() - t
 
-  def ours(_):
-    holder[0], loss = compiled(holder[0], j_labels, j_inputs, j_targets)
-    return float(jax.block_until_ready(loss))
+    def ours(_):
+      holder[0], loss = compiled(holder[0], j_labels, j_inputs, j_targets)
+      return float(jax.block_until_ready(loss))
 
-  model_flops = flops.generator_train_flops(gen.config)["total"] * batch
-  return official, ours, compile_s, model_flops
+    return official, ours, compile_s, flops.generator_train_flops(gen.config)["total"] * batch
+
+  # Stages, each side's own: forward only; forward + loss + backward; the update alone (official:
+  # clip + AdamW; ours: clip + AdamW, + weight EMA, + the non-finite guard). The update times are
+  # of separately jitted programs, so they hold one more read of the gradients than the fused step.
+  def t_forward(_):
+    with torch.no_grad():
+      forward(var, t_labels, t_inputs)
+
+  def t_backward(_):
+    logits = forward(var, t_labels, t_inputs).view(batch, length, shape.num_branches, shape.codebook_size)
+    var.zero_grad(set_to_none=True)
+    F.cross_entropy(logits.reshape(-1, shape.codebook_size), t_targets.reshape(-1)).backward()
+
+  def t_update(_):
+    torch.nn.utils.clip_grad_norm_(var.parameters(), 2.0)
+    t_opt.step()
+
+  t_backward(0)
+  j_forward = jax.jit(lambda p: gen.apply({"params": p}, j_labels, j_inputs))
+  j_backward = jax.jit(jax.value_and_grad(
+      lambda p: generator_loss(gen.apply({"params": p}, j_labels, j_inputs, train=True,
+                                         rngs={"dropout": jax.random.key(0)}), j_targets)))
+  params = jax.tree.map(jnp.copy, state["params"])   # the update stages donate `state`
+  loss, grads = j_backward(params)
+
+  def guarded(state, grads, loss, ema: bool, guard: bool):
+    if not guard:
+      return update(state, grads, ema)
+    return optim.select_tree(jnp.isfinite(loss) & optim.all_finite(grads), update(state, grads, ema), state)
+
+  def jax_update(ema: bool, guard: bool):
+    fn = jax.jit(lambda state, grads, loss: guarded(state, grads, loss, ema, guard), donate_argnums=(0,))
+
+    def run(_):
+      holder[0] = jax.block_until_ready(fn(holder[0], grads, loss))
+    return run
+
+  return {"forward": (t_forward, lambda _: jax.block_until_ready(j_forward(params))),
+          "forward+backward": (t_backward, lambda _: jax.block_until_ready(j_backward(params))),
+          "update: clip+AdamW": (t_update, jax_update(False, False)),
+          "update: + EMA + guard (ours only)": (None, jax_update(True, True))}
 
 
 # ---------------------------------------------------------------------------------------- tokenizer
@@ -206,11 +251,14 @@ def tokenizer_sides(shape, batch: int):
       new_model_state.pop("intermediates", None)
       return loss, new_model_state
     (loss, model_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    updates, opt = tx.update(grads, state["opt"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    new = dict(params=params, opt=opt, ema=optim.ema_update(state["ema"], params, 0.9999),
-               model_state=dict(state["model_state"], **model_state))
-    return optim.select_tree(jnp.isfinite(loss) & optim.all_finite(grads), new, state), loss
+
+    def update(state, grads, model_state):
+      updates, opt = tx.update(grads, state["opt"], state["params"])
+      params = optax.apply_updates(state["params"], updates)
+      return dict(params=params, opt=opt, ema=optim.ema_update(state["ema"], params, 0.9999),
+                  model_state=dict(state["model_state"], **model_state))
+    return optim.select_tree(jnp.isfinite(loss) & optim.all_finite(grads), update(state, grads, model_state),
+                             state), loss
 
   t = time.perf_counter()
   compiled = jax.jit(step, donate_argnums=(0,)).lower(state, lpips_params, j_images).compile()
@@ -225,6 +273,16 @@ def tokenizer_sides(shape, batch: int):
   return official, ours, compile_s, model_flops
 
 
+def print_generator_breakdown(shape, batch: int, reps: int) -> None:
+  print("| generator stage (s) | official | ours | ours / official |\n|---|---|---|---|")
+  for stage, (official, ours) in generator_sides(shape, batch, breakdown=True).items():
+    fns = {"ours": ours} if official is None else {"official": official, "ours": ours}
+    m = blocked_medians(fns, reps)
+    o = f"{m['official']:.3f}" if official else "—"
+    ratio = f"{m['official'] / m['ours']:.2f}x" if official else "—"
+    print(f"| {stage} | {o} | {m['ours']:.3f} | {ratio} |", flush=True)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--parts", default="generator,tokenizer", help="comma-separated: generator, tokenizer")
@@ -232,6 +290,8 @@ def main(argv=None):
                       help="tiny, or the released widths: d16 / d17 generator (+ the ViT-B tokenizer at 256 px)")
   parser.add_argument("--batch", type=int, default=2)
   parser.add_argument("--reps", type=int, default=4, help="timed steps per side (median reported)")
+  parser.add_argument("--breakdown", action="store_true",
+                      help="generator only: seconds per stage (forward, forward+backward, update) each side")
   args = parser.parse_args(argv)
   parts = [p for p in args.parts.split(",") if p]
   builders = {"generator": generator_sides, "tokenizer": tokenizer_sides}
@@ -244,10 +304,13 @@ def main(argv=None):
   print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), jax {jax.__version__}; float32; matmul rate {rate / 1e9:.0f} GFLOP/s; "
         f"size {args.size}, batch {args.batch}, median of {args.reps} steps per side\n")
+  shape = SHAPES[args.size]
+  if args.breakdown:
+    print_generator_breakdown(shape, args.batch, args.reps)
+    return
   print("| step | official img/s | ours img/s | ours / official | our compile s "
         "| official GFLOP/s (% matmul) | ours GFLOP/s (% matmul) |")
   print("|---|---|---|---|---|---|---|")
-  shape = SHAPES[args.size]
   for part in parts:
     official, ours, compile_s, model_flops = builders[part](shape, args.batch)
     medians = blocked_medians({"official": official, "ours": ours}, args.reps)
