@@ -67,13 +67,20 @@ def generator_sides(shape, batch: int, breakdown: bool = False):
   t_opt = torch.optim.AdamW(var.parameters(), lr=LR, betas=BETAS, weight_decay=0.05)
   forward = ref.Var.forward.__wrapped__  # the teacher-forced forward without its no_grad decorator
 
-  def official(_):
+  def t_backward(_):
     logits = forward(var, t_labels, t_inputs).view(batch, length, shape.num_branches, shape.codebook_size)
     loss = F.cross_entropy(logits.reshape(-1, shape.codebook_size), t_targets.reshape(-1))
     t_opt.zero_grad(set_to_none=True)
     loss.backward()
+    return loss
+
+  def t_update(_):
     torch.nn.utils.clip_grad_norm_(var.parameters(), 2.0)
     t_opt.step()
+
+  def official(_):
+    loss = t_backward(0)
+    t_update(0)
     return loss.item()
 
   tx = optim.adamw(optax.constant_schedule(LR), b1=BETAS[0], b2=BETAS[1], weight_decay=0.05, clip_norm=2.0)
@@ -81,19 +88,22 @@ def generator_sides(shape, batch: int, breakdown: bool = False):
   state = dict(params=params, ema=params, opt=tx.init(params))
   j_labels, j_inputs, j_targets = jnp.asarray(labels, jnp.int32), jnp.asarray(inputs), jnp.asarray(targets, jnp.int32)
 
-  def update(state, grads, ema: bool = True):
+  def loss_and_grads(params, labels, inputs, targets):
+    return jax.value_and_grad(lambda p: generator_loss(
+        gen.apply({"params": p}, labels, inputs, train=True, rngs={"dropout": jax.random.key(0)}), targets))(params)
+
+  def update(state, grads, loss, ours_extras: bool = True):
+    """clip + AdamW; with `ours_extras` also the weight EMA and the non-finite guard of GeneratorTask."""
     updates, opt = tx.update(grads, state["opt"], state["params"])
     new = dict(params=optax.apply_updates(state["params"], updates), opt=opt, ema=state["ema"])
-    if ema:
-      new["ema"] = optim.ema_update(state["ema"], new["params"], 0.9999)
-    return new
+    if not ours_extras:
+      return new
+    new["ema"] = optim.ema_update(state["ema"], new["params"], 0.9999)
+    return optim.select_tree(jnp.isfinite(loss) & optim.all_finite(grads), new, state)
 
   def step(state, labels, inputs, targets):
-    def loss_fn(p):
-      return generator_loss(gen.apply({"params": p}, labels, inputs, train=True, rngs={"dropout": jax.random.key(0)}),
-                            targets)
-    loss, grads = jax.value_and_grad(loss_fn)(state["params"])
-    return optim.select_tree(jnp.isfinite(loss) & optim.all_finite(grads), update(state, grads), state), loss
+    loss, grads = loss_and_grads(state["params"], labels, inputs, targets)
+    return update(state, grads, loss), loss
 
   holder = [state]
   if not breakdown:
@@ -114,39 +124,24 @@ def generator_sides(shape, batch: int, breakdown: bool = False):
     with torch.no_grad():
       forward(var, t_labels, t_inputs)
 
-  def t_backward(_):
-    logits = forward(var, t_labels, t_inputs).view(batch, length, shape.num_branches, shape.codebook_size)
-    var.zero_grad(set_to_none=True)
-    F.cross_entropy(logits.reshape(-1, shape.codebook_size), t_targets.reshape(-1)).backward()
-
-  def t_update(_):
-    torch.nn.utils.clip_grad_norm_(var.parameters(), 2.0)
-    t_opt.step()
-
-  t_backward(0)
+  t_backward(0)   # gradients for the official update stage
   j_forward = jax.jit(lambda p: gen.apply({"params": p}, j_labels, j_inputs))
-  j_backward = jax.jit(jax.value_and_grad(
-      lambda p: generator_loss(gen.apply({"params": p}, j_labels, j_inputs, train=True,
-                                         rngs={"dropout": jax.random.key(0)}), j_targets)))
+  j_backward = jax.jit(loss_and_grads)
   params = jax.tree.map(jnp.copy, state["params"])   # the update stages donate `state`
-  loss, grads = j_backward(params)
+  loss, grads = j_backward(params, j_labels, j_inputs, j_targets)
 
-  def guarded(state, grads, loss, ema: bool, guard: bool):
-    if not guard:
-      return update(state, grads, ema)
-    return optim.select_tree(jnp.isfinite(loss) & optim.all_finite(grads), update(state, grads, ema), state)
-
-  def jax_update(ema: bool, guard: bool):
-    fn = jax.jit(lambda state, grads, loss: guarded(state, grads, loss, ema, guard), donate_argnums=(0,))
+  def jax_update(ours_extras: bool):
+    fn = jax.jit(lambda state, grads, loss: update(state, grads, loss, ours_extras), donate_argnums=(0,))
 
     def run(_):
       holder[0] = jax.block_until_ready(fn(holder[0], grads, loss))
     return run
 
   return {"forward": (t_forward, lambda _: jax.block_until_ready(j_forward(params))),
-          "forward+backward": (t_backward, lambda _: jax.block_until_ready(j_backward(params))),
-          "update: clip+AdamW": (t_update, jax_update(False, False)),
-          "update: + EMA + guard (ours only)": (None, jax_update(True, True))}
+          "forward+backward": (t_backward, lambda _: jax.block_until_ready(
+              j_backward(params, j_labels, j_inputs, j_targets))),
+          "update: clip+AdamW": (t_update, jax_update(False)),
+          "update: + EMA + guard (ours only)": (None, jax_update(True))}
 
 
 # ---------------------------------------------------------------------------------------- tokenizer
@@ -251,14 +246,11 @@ def tokenizer_sides(shape, batch: int):
       new_model_state.pop("intermediates", None)
       return loss, new_model_state
     (loss, model_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-
-    def update(state, grads, model_state):
-      updates, opt = tx.update(grads, state["opt"], state["params"])
-      params = optax.apply_updates(state["params"], updates)
-      return dict(params=params, opt=opt, ema=optim.ema_update(state["ema"], params, 0.9999),
-                  model_state=dict(state["model_state"], **model_state))
-    return optim.select_tree(jnp.isfinite(loss) & optim.all_finite(grads), update(state, grads, model_state),
-                             state), loss
+    updates, opt = tx.update(grads, state["opt"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new = dict(params=params, opt=opt, ema=optim.ema_update(state["ema"], params, 0.9999),
+               model_state=dict(state["model_state"], **model_state))
+    return optim.select_tree(jnp.isfinite(loss) & optim.all_finite(grads), new, state), loss
 
   t = time.perf_counter()
   compiled = jax.jit(step, donate_argnums=(0,)).lower(state, lpips_params, j_images).compile()
