@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import PartitionSpec as P
 
 from imagefolder_jax.checkpoint import BundleError, load_bundle
 from imagefolder_jax.evaluation.progress import Progress
@@ -82,10 +83,13 @@ class InceptionFeatures:
   def _forward(self):
     sharding = batch_sharding(self.mesh, 4)
 
-    def forward(variables, images):
+    def per_device(variables, images):
       with jax.default_matmul_precision(self.precision):
         return self.module.apply(variables, scale_inputs(images))
 
+    # Images are independent: each device runs the network on its own rows, so the module sees a
+    # per-device batch (its CPU path loops over images, which under plain jit would gather the batch).
+    forward = jax.shard_map(per_device, mesh=self.mesh, in_specs=(P(), P(BATCH_AXES)), out_specs=P(BATCH_AXES))
     out_shardings = {k: batch_sharding(self.mesh, 2) for k in FEATURE_KEYS[:2 + self.has_logits]}
     return jax.jit(forward, in_shardings=(replicated(self.mesh), sharding), out_shardings=out_shardings)
 

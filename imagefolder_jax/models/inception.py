@@ -34,6 +34,9 @@ SPATIAL_SIDE = 17
 SPATIAL_FEATURES = SPATIAL_SIDE * SPATIAL_SIDE * SPATIAL_CHANNELS
 NUM_LOGITS = 1008
 BN_EPS = 1e-3
+# CPU only: convolutions whose input holds at least this many bytes per image run one image at a time
+# (see ConvBN).
+PER_IMAGE_MIN_BYTES = 1 << 20
 
 Pad = Union[int, tuple[int, int]]
 
@@ -62,7 +65,9 @@ class ConvBN(nn.Module):
   """conv (no bias) -> BatchNorm without scale (eps 1e-3, frozen statistics) -> ReLU.
 
   Parameters: kernel (kh, kw, in, out), beta / mean / var (out,). The normalisation is folded into
-  the kernel at apply time (one multiply per weight; the conv then adds one bias).
+  the kernel at apply time (one multiply per weight; the conv then adds one bias). The batch must
+  be the images of one device (`evaluation.features` runs the network under `shard_map`): on CPUs the
+  stem's convolutions loop over it.
   """
   features: int
   kernel: tuple[int, int]
@@ -77,11 +82,24 @@ class ConvBN(nn.Module):
     mean = self.param("mean", nn.initializers.zeros, (self.features,))
     var = self.param("var", nn.initializers.ones, (self.features,))
     scale = jax.lax.rsqrt(var + BN_EPS)
+    kernel, bias = kernel * scale, beta - mean * scale
+    if (kh, kw, self.stride) == (1, 1, 1) and self.padding in (0, (0, 0)):
+      # A 1x1 conv is a matmul; XLA:CPU runs it ~3x faster as one (same sums, same result).
+      return jax.nn.relu(jnp.einsum("bhwc,co->bhwo", x, kernel[0, 0]) + bias)
     ph, pw = _pairs(self.padding)
-    y = jax.lax.conv_general_dilated(
-        x, kernel * scale, (self.stride, self.stride), ((ph, ph), (pw, pw)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return jax.nn.relu(y + (beta - mean * scale))
+
+    def conv_bn_relu(images):
+      y = jax.lax.conv_general_dilated(images, kernel, (self.stride, self.stride), ((ph, ph), (pw, pw)),
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      return jax.nn.relu(y + bias)
+
+    image_bytes = x.shape[1] * x.shape[2] * x.shape[3] * x.dtype.itemsize
+    if jax.default_backend() == "cpu" and x.shape[0] > 1 and image_bytes >= PER_IMAGE_MIN_BYTES:
+      # XLA:CPU's convolution runs the stem's maps and mixed_3's 3x3/2 1.2-2.3x faster one image at a
+      # time (measured at batch 16, bench/bench_inception.py): the working set stays in cache. Smaller
+      # maps lose by it; accelerators want the whole batch in one call.
+      return jax.lax.map(lambda image: conv_bn_relu(image[None])[0], x)
+    return conv_bn_relu(x)
 
 
 def avg_pool_3x3(x: jax.Array) -> jax.Array:
