@@ -65,9 +65,9 @@ class ConvBN(nn.Module):
   """conv (no bias) -> BatchNorm without scale (eps 1e-3, frozen statistics) -> ReLU.
 
   Parameters: kernel (kh, kw, in, out), beta / mean / var (out,). The normalisation is folded into
-  the kernel at apply time (one multiply per weight; the conv then adds one bias). The batch must
-  be the images of one device (`evaluation.features` runs the network under `shard_map`): on CPUs the
-  stem's convolutions loop over it.
+  the kernel at apply time (one multiply per weight; the conv then adds one bias). On CPUs the large
+  convolutions loop over the batch, so for speed apply it to one device's images
+  (`evaluation.features` runs the network under `shard_map`); any batch gives the same result.
   """
   features: int
   kernel: tuple[int, int]
