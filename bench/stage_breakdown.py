@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from imagefolder_jax.models.generator import NextScaleGenerator, init_cache
 from imagefolder_jax.models.tokenizer import ImageFolderTokenizer
-from imagefolder_jax.ops.filtering import sample_with_retries
+from imagefolder_jax.ops.filtering import compiler_options, sample_with_retries
 from imagefolder_jax.ops.resample import area_downsample
 from imagefolder_jax.sampling import guidance_weights
 
@@ -62,7 +62,7 @@ def ours(gen: NextScaleGenerator, tok: ImageFolderTokenizer, gen_vars, tok_vars,
     logits, dt = _timed(head, features, reps=reps)
     total["head"] += dt
     begin, end = c.begin_ends[si]
-    draw = jax.jit(lambda u, x: sample_with_retries(u, x, top_k, top_p))
+    draw = jax.jit(lambda u, x: sample_with_retries(u, x, top_k, top_p), compiler_options=compiler_options())
     drawn, dt = _timed(draw, uniforms[:, begin:end], logits, reps=reps)
     total["filter+draw"] += dt
     ids = [drawn[..., b].reshape(batch, side, side) for b in range(c.num_branches)]

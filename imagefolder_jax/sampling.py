@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from imagefolder_jax.models.generator import NextScaleGenerator, init_cache
 from imagefolder_jax.models.tokenizer import ImageFolderTokenizer
-from imagefolder_jax.ops.filtering import sample_with_retries
+from imagefolder_jax.ops.filtering import compiler_options, sample_with_retries
 from imagefolder_jax.ops.resample import area_downsample
 
 ForcedIds = Mapping[int, Sequence[jax.Array]]
@@ -191,8 +191,9 @@ def make_sampler(generator: NextScaleGenerator, tokenizer: ImageFolderTokenizer,
                     cfg, temperature, forced, indices)
 
   if mesh is None:
-    return jax.jit(fn)
+    return jax.jit(fn, compiler_options=compiler_options())
   from imagefolder_jax.parallel import batch_sharding, replicated
   batch, rep = batch_sharding(mesh), replicated(mesh)
   # Shardings are pytree prefixes: one NamedSharding covers a whole variable tree / output dict.
-  return jax.jit(fn, in_shardings=(rep, rep, batch, rep, rep, rep, batch, batch), out_shardings=batch)
+  return jax.jit(fn, in_shardings=(rep, rep, batch, rep, rep, rep, batch, batch), out_shardings=batch,
+                 compiler_options=compiler_options())

@@ -176,3 +176,24 @@ def test_chunked_rows_give_the_same_results(monkeypatch):
   chunked = (np.asarray(top_k_top_p_mask(logits, 100, 0.9)), np.asarray(sample_with_retries(u, logits, 100, 0.9)))
   np.testing.assert_array_equal(chunked[0], whole[0])
   np.testing.assert_array_equal(chunked[1], whole[1])
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the option is for XLA:CPU")
+def test_compiler_options_keep_row_reductions_whole_and_results_equal():
+  """`compiler_options()` must switch off XLA:CPU's split of long reductions into windows of 32 (the
+  filter's speed on CPU rests on it) without changing a single mask or draw."""
+  import re
+  from imagefolder_jax.ops.filtering import compiler_options
+  rng = np.random.default_rng(7)
+  logits = jnp.asarray((rng.normal(size=(40, 4096)) * 2).astype(np.float32))
+  u = jax.random.uniform(jax.random.key(2), (40, 5))
+
+  def fn(u, x):
+    return top_k_top_p_mask(x, 750, 0.95), sample_with_retries(u, x, 750, 0.95)
+
+  default, whole = jax.jit(fn), jax.jit(fn, compiler_options=compiler_options())
+  windows_of_32 = lambda f: re.findall(r"window=\{size=[0-9x]*32 stride=", f.lower(u, logits).compile().as_text())
+  assert windows_of_32(default), "XLA:CPU no longer splits reductions: compiler_options() may be obsolete"
+  assert not windows_of_32(whole)
+  for a, b in zip(default(u, logits), whole(u, logits)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
