@@ -94,8 +94,9 @@ class Tokenizer:
     config.validate()
     self.config = config
     self.mesh = mesh
+    # On the device once: NumPy trees (what `load_bundle` returns) would be copied in on every call.
     self.variables = (put_global(variables, jax.tree.map(lambda _: replicated(mesh), variables))
-                      if mesh is not None else variables)
+                      if mesh is not None else jax.device_put(variables))
     self.module = ImageFolderTokenizer(config)
 
   @classmethod

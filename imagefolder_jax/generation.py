@@ -55,8 +55,9 @@ class Generator:
     self.precision = precision
     self.module = NextScaleGenerator(config)
     check_compatible(self.module, tokenizer.module)
+    # On the device once: NumPy trees (what `load_bundle` returns) would be copied in on every call.
     self.variables = (put_global(variables, jax.tree.map(lambda _: replicated(mesh), variables))
-                      if mesh is not None else variables)
+                      if mesh is not None else jax.device_put(variables))
     self._samplers: dict[tuple[SamplerSettings, str], Any] = {}
 
   # ------------------------------------------------------------------------------- loading

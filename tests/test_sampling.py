@@ -165,6 +165,9 @@ def random_codes(batch: int, seed: int) -> Codes:
 def test_generator_api(micro, micro_bundle):
   generator = Generator.load(micro_bundle)
   assert generator.config == MICRO_GENERATOR
+  # Loaded NumPy weights go to the device once, not on every sampling call.
+  for leaf in jax.tree.leaves((generator.variables, generator.tokenizer.variables)):
+    assert isinstance(leaf, jax.Array), type(leaf)
   labels = [1, 4]
   reference = random_codes(2, 0)
   # Forcing with Codes: the detail branch of `reference` is kept, the semantic branch sampled.
