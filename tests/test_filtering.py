@@ -172,10 +172,11 @@ def test_chunked_rows_give_the_same_results(monkeypatch):
   logits = jnp.asarray((rng.normal(size=(5, 61, 512)) * 2).astype(np.float32))
   u = jax.random.uniform(jax.random.key(1), (5, 61, 5))
   whole = (np.asarray(top_k_top_p_mask(logits, 100, 0.9)), np.asarray(sample_with_retries(u, logits, 100, 0.9)))
-  monkeypatch.setattr(filtering, "_CHUNK_ROWS", 64)  # 305 rows -> 5 chunks, the last one padded
-  chunked = (np.asarray(top_k_top_p_mask(logits, 100, 0.9)), np.asarray(sample_with_retries(u, logits, 100, 0.9)))
-  np.testing.assert_array_equal(chunked[0], whole[0])
-  np.testing.assert_array_equal(chunked[1], whole[1])
+  for chunk_rows in (64, 100):  # 305 rows -> 5 chunks of 61; 4 chunks of 77, 3 rows of padding
+    monkeypatch.setattr(filtering, "_CHUNK_ROWS", chunk_rows)
+    chunked = (np.asarray(top_k_top_p_mask(logits, 100, 0.9)), np.asarray(sample_with_retries(u, logits, 100, 0.9)))
+    np.testing.assert_array_equal(chunked[0], whole[0])
+    np.testing.assert_array_equal(chunked[1], whole[1])
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the option is for XLA:CPU")

@@ -279,11 +279,13 @@ def _rows(fn, logits: jax.Array, *args):
   if rows <= _CHUNK_ROWS or jax.default_backend() != "cpu":
     out = fn(x, *args)
   else:
+    # Equal chunks of <= _CHUNK_ROWS: 288 rows go as 2 x 144, not as 2 x 256 with 224 rows of padding.
     chunks = -(-rows // _CHUNK_ROWS)
-    pad = chunks * _CHUNK_ROWS - rows
-    split = lambda a: jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1)).reshape(chunks, _CHUNK_ROWS, *a.shape[1:])
+    size = -(-rows // chunks)
+    pad = chunks * size - rows
+    split = lambda a: jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1)).reshape(chunks, size, *a.shape[1:])
     out = jax.lax.map(lambda c: fn(*c), (split(x), *map(split, args)))
-    out = jax.tree.map(lambda a: a.reshape(chunks * _CHUNK_ROWS, *a.shape[2:])[:rows], out)
+    out = jax.tree.map(lambda a: a.reshape(chunks * size, *a.shape[2:])[:rows], out)
   return jax.tree.map(lambda a: a.reshape(lead + a.shape[1:]), out)
 
 
