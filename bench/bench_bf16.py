@@ -50,7 +50,7 @@ def load(model: str):
     arch = os.path.join(FIXTURE, "config.json")
     tok_config, tok_vars, _ = convert_tokenizer(os.path.join(FIXTURE, "tokenizer.pt"), arch)
     gen_config, gen_vars = convert_generator(os.path.join(FIXTURE, "generator.pt"), tok_config, arch)
-    return NextScaleGenerator(gen_config), ImageFolderTokenizer(tok_config), gen_vars, tok_vars
+    return NextScaleGenerator(gen_config), ImageFolderTokenizer(tok_config), *jax.device_put((gen_vars, tok_vars))
   import torch_reference as ref
   from bench_vs_official import SHAPES, convert
   shape = SHAPES[model]
