@@ -43,6 +43,9 @@ SHAPES = {
     "tiny": ref.OfficialShape(var_depth=2, vit_width=64, vit_depth=2, vit_heads=2),
     # What people iterate with: the tiny tokenizer under a VAR of depth 4 (width 256, 4 heads).
     "small": ref.OfficialShape(var_depth=4, vit_width=64, vit_depth=2, vit_heads=2),
+    # Where the generator's matmuls start to dominate both samplers (VAR width 384 / 512).
+    "d6": ref.OfficialShape(var_depth=6, vit_width=64, vit_depth=2, vit_heads=2),
+    "d8": ref.OfficialShape(var_depth=8, vit_width=64, vit_depth=2, vit_heads=2),
     "d17": ref.OfficialShape(),
 }
 CFG, TOP_K, TOP_P = 3.25, 750, 0.95
@@ -166,7 +169,7 @@ def print_breakdown(rows) -> None:
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--sizes", default="tiny", help="comma-separated: tiny, small, d17")
+  parser.add_argument("--sizes", default="tiny", help="comma-separated: tiny, small, d6, d8, d17")
   parser.add_argument("--batches", default="1,4", help="comma-separated batch sizes")
   parser.add_argument("--reps", type=int, default=5, help="timed repetitions per batch (median reported)")
   parser.add_argument("--breakdown", action="store_true",
