@@ -19,6 +19,7 @@ import numpy as np
 
 from imagefolder_jax.api import Codes, Tokenizer
 from imagefolder_jax.checkpoint import BundleError, load_bundle, save_bundle
+from imagefolder_jax.multihost import compile_then_sync
 from imagefolder_jax.models.generator import DTYPES, GeneratorConfig, NextScaleGenerator
 from imagefolder_jax.models.tokenizer import ImageFolderTokenizer, TokenizerConfig
 from imagefolder_jax.parallel import BATCH_AXES, Mesh, put_global, replicated, shard_batch
@@ -154,8 +155,8 @@ class Generator:
       # filtering, the draws and the tokenizer's quantization and decode stay float32).
       module = self.module if dtype == self.config.dtype else NextScaleGenerator(
           dataclasses.replace(self.config, dtype=dtype))
-      self._samplers[settings, dtype] = make_sampler(module, self.tokenizer.module, settings, mesh=self.mesh,
-                                                     precision=self.precision)
+      self._samplers[settings, dtype] = compile_then_sync(
+          make_sampler(module, self.tokenizer.module, settings, mesh=self.mesh, precision=self.precision), "sampler")
     return self._samplers[settings, dtype]
 
   def sample(self, labels, seed: int = 0, cfg: float = 3.25, top_k: int = 750, top_p: float = 0.95,

@@ -1,5 +1,5 @@
 """Multi-process jobs: joining one (`initialize_distributed`), noticing a dead peer (`Watchdog`),
-barriers (`sync`) and who speaks for the job (`is_primary`).
+barriers (`sync`, `compile_then_sync`) and who speaks for the job (`is_primary`).
 
 One process per host (TPU pods, GPU nodes under SLURM) or per group of local devices
 (`launch/local.sh`) runs the same command; process 0 hosts jax's coordination service. Sharding and
@@ -8,12 +8,13 @@ host <-> device transfers are in `parallel`.
 from __future__ import annotations
 
 import atexit
+import itertools
 import logging
 import os
 import sys
 import threading
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import numpy as np
@@ -34,6 +35,10 @@ ENV_TIMEOUTS = {"initialization_timeout": "IFJ_INIT_TIMEOUT",        # s to wait
 DEFAULT_TIMEOUTS = {"initialization_timeout": 300, "heartbeat_timeout_seconds": 60,
                     "shutdown_timeout_seconds": 120}
 EXIT_PEER_LOST = 3
+# Seconds a process waits at a barrier (`sync`) for the others: long enough for a peer writing a
+# checkpoint or compiling a large program; a dead peer is noticed sooner by the heartbeat.
+ENV_BARRIER_TIMEOUT = "IFJ_BARRIER_TIMEOUT"
+DEFAULT_BARRIER_TIMEOUT = 1800
 
 
 class DistributedError(RuntimeError):
@@ -214,11 +219,56 @@ def is_primary() -> bool:
   return jax.process_index() == 0
 
 
+_barrier_numbers = itertools.count()
+
+
 def sync(name: str) -> None:
-  """Barrier across processes (no-op on one process)."""
-  if jax.process_count() > 1:
+  """Barrier across processes (no-op on one process), held by jax's coordination service.
+
+  Not a device collective: XLA:CPU's gloo collectives give up when one process reaches a new
+  collective more than a minute after another (a fixed rendezvous timeout), which a peer still
+  writing a checkpoint or compiling can exceed; this waits up to `IFJ_BARRIER_TIMEOUT` seconds
+  (default 1800). Every process must pass the same barriers in the same order.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # the coordination-service client; jax has no public handle
+  client = distributed.global_state.client
+  if client is None:  # processes jax detected without a coordination client: a collective will do
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
+    return
+  timeout_s = _env_int(ENV_BARRIER_TIMEOUT) or DEFAULT_BARRIER_TIMEOUT
+  client.wait_at_barrier(f"ifj-{next(_barrier_numbers)}-{name}", timeout_s * 1000)
+
+
+def _signature(tree) -> tuple:
+  """What decides a jitted function's compilation: tree structure, shapes, dtypes, shardings."""
+  leaves, treedef = jax.tree.flatten(tree)
+  return treedef, tuple((x.shape, x.dtype, getattr(x, "sharding", None)) if hasattr(x, "shape") else repr(x)
+                        for x in leaves)
+
+
+def compile_then_sync(jitted: Callable, name: str) -> Callable:
+  """`jitted` (a `jax.jit` function) that, on several processes, compiles each new input signature
+  ahead of time and passes a `sync` barrier before running it.
+
+  A program's first collective opens a gloo rendezvous that XLA:CPU abandons after one minute; on a
+  loaded machine one process can finish compiling minutes after another. Aligning the processes
+  after compilation keeps that from failing the job. On one process `jitted` is returned unchanged.
+  """
+  if jax.process_count() == 1:
+    return jitted
+  compiled = {}
+
+  def run(*args):
+    key = _signature(args)
+    if key not in compiled:
+      compiled[key] = jitted.lower(*args).compile()
+      sync(f"{name} compiled")
+    return compiled[key](*args)
+
+  return run
 
 
 def any_process(flag: bool) -> bool:

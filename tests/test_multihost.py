@@ -211,3 +211,46 @@ def test_lost_process_stops_the_others_with_one_line(tmp_path):
   errors = [line for line in err.splitlines() if "error" in line.lower()]
   assert len(errors) == 1 and "resume" in errors[0], err[-3000:]
   assert waited < 40, waited
+
+
+_BARRIER_SCRIPT = """
+import sys, time
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from imagefolder_jax import multihost
+assert multihost.initialize_distributed()
+if jax.process_index() == 1:
+  time.sleep(float(sys.argv[1]))  # one process arrives late, as after a slow compile
+mesh = Mesh(np.array(jax.devices()), ("data",))
+step = multihost.compile_then_sync(jax.jit(lambda x: x.sum(), out_shardings=NamedSharding(mesh, P())), "sum")
+x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), np.full((2,), jax.process_index() + 1.0))
+print("sum", float(step(x)), float(step(x + 1)), flush=True)
+multihost.sync("done")
+"""
+
+
+def _two_processes(script: str, *args: str, **env) -> list:
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  procs = [subprocess.Popen([sys.executable, "-c", script, *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env=_env(2, IFJ_COORDINATOR=f"127.0.0.1:{port}", IFJ_NUM_PROCESSES="2",
+                                     IFJ_PROCESS_ID=str(i), **env)) for i in range(2)]
+  try:
+    return [(p.wait(timeout=120), p.stdout.read(), p.stderr.read()) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+
+
+def test_barrier_waits_through_the_coordination_service_not_a_collective():
+  """`sync` / `compile_then_sync` wait for a late process through jax's coordination service, with
+  their own timeout (IFJ_BARRIER_TIMEOUT), not through a device collective (whose gloo rendezvous
+  XLA:CPU abandons after a fixed minute: too short for a peer compiling on a loaded machine)."""
+  for code, out, err in _two_processes(_BARRIER_SCRIPT, "4"):
+    assert code == 0 and "sum 6.0 10.0" in out, (code, err[-3000:])
+  results = _two_processes(_BARRIER_SCRIPT, "6", IFJ_BARRIER_TIMEOUT="1")
+  assert results[0][0] != 0 and "DEADLINE_EXCEEDED" in results[0][2], results[0][2][-3000:]

@@ -187,7 +187,8 @@ def run(task, config: ml_collections.ConfigDict, workdir: str, *, loader_factory
   frozen_shardings = parallel.frozen_shardings(
       mesh, task.frozen, config.get("mesh", {}).get("frozen_replicate_below_mb", parallel.FROZEN_REPLICATE_BELOW_MB))
   frozen = parallel.put_global(task.frozen, frozen_shardings)
-  step_fn = jit_train_step(task, mesh, rules, state_shardings, frozen_shardings)
+  step_fn = parallel.compile_then_sync(jit_train_step(task, mesh, rules, state_shardings, frozen_shardings),
+                                       "train step")
   writer = metric_writers.create_default_writer(workdir, asynchronous=False) if primary else None
   flops_per_step, peak = step_flop_budget(task, mesh, first, global_batch)
   progress = Progress(t.num_steps, start_step, global_batch, flops_per_step=flops_per_step,
