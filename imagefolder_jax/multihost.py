@@ -242,31 +242,26 @@ def sync(name: str) -> None:
   client.wait_at_barrier(f"ifj-{next(_barrier_numbers)}-{name}", timeout_s * 1000)
 
 
-def _signature(tree) -> tuple:
-  """What decides a jitted function's compilation: tree structure, shapes, dtypes, shardings."""
-  leaves, treedef = jax.tree.flatten(tree)
-  return treedef, tuple((x.shape, x.dtype, getattr(x, "sharding", None)) if hasattr(x, "shape") else repr(x)
-                        for x in leaves)
-
-
 def compile_then_sync(jitted: Callable, name: str) -> Callable:
-  """`jitted` (a `jax.jit` function) that, on several processes, compiles each new input signature
-  ahead of time and passes a `sync` barrier before running it.
+  """`jitted` (a `jax.jit` function) that, on several processes, compiles ahead of time at its first
+  call and passes a `sync` barrier before running.
 
-  A program's first collective opens a gloo rendezvous that XLA:CPU abandons after one minute; on a
-  loaded machine one process can finish compiling minutes after another. Aligning the processes
-  after compilation keeps that from failing the job. On one process `jitted` is returned unchanged.
+  A program's first collective opens the gloo rendezvous that XLA:CPU abandons after one minute; on
+  a loaded machine one process can finish compiling minutes after another. Later calls go straight
+  to `jitted` (the ahead-of-time compile fills its cache; the communicators then exist). On one
+  process `jitted` is returned unchanged.
   """
   if jax.process_count() == 1:
     return jitted
-  compiled = {}
+  first_call = True
 
   def run(*args):
-    key = _signature(args)
-    if key not in compiled:
-      compiled[key] = jitted.lower(*args).compile()
+    nonlocal first_call
+    if first_call:
+      jitted.lower(*args).compile()
       sync(f"{name} compiled")
-    return compiled[key](*args)
+      first_call = False
+    return jitted(*args)
 
   return run
 
