@@ -180,22 +180,25 @@ def test_pretokenize_two_processes_equals_one(tmp_path, parity_bundle):
       assert f.read() == g.read(), name
 
 
-def test_lost_process_stops_the_others_with_one_line(tmp_path):
-  """Process 1 dies after step 2 (os._exit, like kill -9); process 0 must stop by itself with exit
-  code 3 and one line, well within the heartbeat timeout (20 s here), not hang."""
+def _start_two(python_args: list, **env) -> list:
+  """Starts `python *python_args` as processes 0 and 1 of a job (2 CPU devices each) coordinated
+  on a free local port, without launch/local.sh; returns the two Popen objects."""
   import socket
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
+  return [subprocess.Popen([sys.executable, *python_args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, env=_env(2, IFJ_COORDINATOR=f"127.0.0.1:{port}", IFJ_NUM_PROCESSES="2",
+                                               IFJ_PROCESS_ID=str(i), **env)) for i in range(2)]
+
+
+def test_lost_process_stops_the_others_with_one_line(tmp_path):
+  """Process 1 dies after step 2 (os._exit, like kill -9); process 0 must stop by itself with exit
+  code 3 and one line, well within the heartbeat timeout (20 s here), not hang."""
   args = ["train-tokenizer", "--config", f"{TINY_TOKENIZER}:nogan", "--config.train.num_steps=200",
           "--config.train.checkpoint_every=100", "--config.train.fail_at_step=2",
           "--config.train.fail_process=1", "--workdir", str(tmp_path / "run")]
-  procs = []
-  for i in range(2):
-    env = _env(2, IFJ_COORDINATOR=f"127.0.0.1:{port}", IFJ_NUM_PROCESSES="2", IFJ_PROCESS_ID=str(i),
-               IFJ_HEARTBEAT_TIMEOUT="20")
-    procs.append(subprocess.Popen([sys.executable, "-m", "imagefolder_jax.cli", *args], cwd=ROOT, env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  procs = _start_two(["-m", "imagefolder_jax.cli", *args], IFJ_HEARTBEAT_TIMEOUT="20")
   try:
     code1 = procs[1].wait(timeout=400)
     assert code1 == 137, procs[1].stderr.read()[-3000:]
@@ -230,14 +233,8 @@ multihost.sync("done")
 
 
 def _two_processes(script: str, *args: str, **env) -> list:
-  import socket
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  procs = [subprocess.Popen([sys.executable, "-c", script, *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            env=_env(2, IFJ_COORDINATOR=f"127.0.0.1:{port}", IFJ_NUM_PROCESSES="2",
-                                     IFJ_PROCESS_ID=str(i), **env)) for i in range(2)]
+  """Runs `python -c script *args` as processes 0 and 1 of a job; [(exit code, stdout, stderr)]."""
+  procs = _start_two(["-c", script, *args], **env)
   try:
     return [(p.wait(timeout=120), p.stdout.read(), p.stderr.read()) for p in procs]
   finally:
