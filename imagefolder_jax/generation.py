@@ -156,7 +156,8 @@ class Generator:
       module = self.module if dtype == self.config.dtype else NextScaleGenerator(
           dataclasses.replace(self.config, dtype=dtype))
       self._samplers[settings, dtype] = compile_then_sync(
-          make_sampler(module, self.tokenizer.module, settings, mesh=self.mesh, precision=self.precision), "sampler")
+          make_sampler(module, self.tokenizer.module, settings, mesh=self.mesh, precision=self.precision), "sampler",
+          self.mesh)
     return self._samplers[settings, dtype]
 
   def sample(self, labels, seed: int = 0, cfg: float = 3.25, top_k: int = 750, top_p: float = 0.95,

@@ -11,6 +11,7 @@ import atexit
 import itertools
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -106,6 +107,7 @@ def initialize_distributed(coordinator: Optional[str] = None, num_processes: Opt
     return False
   if jax.process_count() > 1:
     Watchdog(options["heartbeat_timeout_seconds"]).start()
+    exit_on_signals()
   logging.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
   return jax.process_count() > 1
@@ -209,9 +211,80 @@ def peer_failure(error: BaseException) -> Optional[str]:
 def abandon(code: int) -> None:
   """Ends a failed multi-process run now. A normal exit would wait in jax's shutdown barrier for
   peers that are gone (and then abort with a stack trace), so flush and leave at once."""
+  _mark_ended(f"failed {code}")
   sys.stdout.flush()
   sys.stderr.flush()
+  _let_peers_leave_first()
   os._exit(code)
+
+
+def _mark_ended(state: str) -> None:
+  """Tells the other processes that this one is leaving (`exchange` stops waiting for it)."""
+  try:
+    client = _client()
+    if client is not None:
+      client.key_value_set(f"{_DONE_PREFIX}/{jax.process_index()}", state, allow_overwrite=True)
+  except Exception:  # pylint: disable=broad-except  # the coordinator may be gone already
+    pass
+
+
+# Seconds process 0 (which hosts the coordination service) waits, when it leaves early, for the other
+# processes to leave too: a peer whose coordinator vanishes under it is aborted by jax's client with
+# a C++ stack trace instead of its own one line.
+PEER_LEAVE_WAIT = 3.0
+
+
+def _let_peers_leave_first() -> None:
+  try:
+    client = _client()
+    if client is None or jax.process_index() != 0:
+      return
+    deadline = time.monotonic() + PEER_LEAVE_WAIT
+    while time.monotonic() < deadline:
+      if all(_try_get(client, f"{_DONE_PREFIX}/{q}") is not None for q in range(1, jax.process_count())):
+        return
+      time.sleep(0.05)
+  except Exception:  # pylint: disable=broad-except  # leaving anyway
+    pass
+
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_signal_exit = threading.Lock()
+
+
+def exit_on_signals() -> None:
+  """SIGTERM and SIGINT end this process within a moment, with one line and exit code 128 + signal
+  (143, 130), also while its main thread waits in a barrier, a collective or a compile.
+
+  jax's coordination service installs a SIGTERM handler (its preemption notice) that swallows the
+  signal, and a Python handler alone runs only when the main thread returns to the interpreter,
+  which a process blocked in C++ never does. So the handlers are Python's, and a thread that reads
+  their wake-up pipe (written from the C signal handler itself) does the exit. Must run on the main
+  thread; launch/local.sh, `scancel` and Ctrl-C then end a job promptly.
+  """
+  read_fd, write_fd = os.pipe()
+  os.set_blocking(write_fd, False)
+  signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+  for signum in _SIGNALS:
+    signal.signal(signum, lambda signum, _frame: _exit_by_signal(signum))
+
+  def watch():
+    while True:
+      data = os.read(read_fd, 64)
+      for signum in data:
+        if signum in _SIGNALS:
+          _exit_by_signal(signum)
+
+  threading.Thread(target=watch, name="ifj-signals", daemon=True).start()
+
+
+def _exit_by_signal(signum: int) -> None:
+  if not _signal_exit.acquire(blocking=False):
+    return
+  code = 128 + int(signum)
+  sys.stderr.write(f"imagefolder-jax: stopped by {signal.Signals(signum).name} (process {jax.process_index()}, "
+                   f"exit {code})\n")
+  abandon(code)
 
 
 def is_primary() -> bool:
@@ -220,6 +293,19 @@ def is_primary() -> bool:
 
 
 _barrier_numbers = itertools.count()
+# Key-value store layout of `exchange`: ifj/sync/<number>/<process> = "<name>\n<value>".
+_SYNC_PREFIX = "ifj/sync"
+_DONE_PREFIX = "ifj/done"
+
+
+class BarrierError(RuntimeError):
+  """The processes of a job did not meet at the same barrier (different paths, a peer gone, or the
+  barrier timeout passed)."""
+
+
+def _client():
+  from jax._src import distributed  # the coordination-service client; jax has no public handle
+  return distributed.global_state.client
 
 
 def sync(name: str) -> None:
@@ -228,30 +314,82 @@ def sync(name: str) -> None:
   Not a device collective: XLA:CPU's gloo collectives give up when one process reaches a new
   collective more than a minute after another (a fixed rendezvous timeout), which a peer still
   writing a checkpoint or compiling can exceed; this waits up to `IFJ_BARRIER_TIMEOUT` seconds
-  (default 1800). Every process must pass the same barriers in the same order.
+  (default 1800). Every process must pass the same barriers in the same order: a process that
+  meets a peer at a barrier of another name, or whose peer ended without coming, raises
+  `BarrierError` (one line naming both) instead of waiting.
   """
+  exchange(name, "")
+
+
+def exchange(name: str, value: str) -> list[str]:
+  """Barrier `name` that also hands every process's `value` (a short string) to every process:
+  returns the values in process order. One process: [value]. See `sync` for the guarantees."""
   if jax.process_count() == 1:
-    return
-  from jax._src import distributed  # the coordination-service client; jax has no public handle
-  client = distributed.global_state.client
+    return [value]
+  client = _client()
   if client is None:  # processes jax detected without a coordination client: a collective will do
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
-    return
+    from imagefolder_jax.parallel import allgather_bytes
+    texts = [b.decode() for b in allgather_bytes(f"{name}\n{value}".encode())]
+    return [_check_name(name, t, q) for q, t in enumerate(texts)]
+  number = next(_barrier_numbers)
+  me, count = jax.process_index(), jax.process_count()
+  client.key_value_set(f"{_SYNC_PREFIX}/{number}/{me}", f"{name}\n{value}", allow_overwrite=True)
   timeout_s = _env_int(ENV_BARRIER_TIMEOUT) or DEFAULT_BARRIER_TIMEOUT
-  client.wait_at_barrier(f"ifj-{next(_barrier_numbers)}-{name}", timeout_s * 1000)
+  start = time.monotonic()
+  pause = 0.005
+  while True:
+    found = {int(key.rsplit("/", 1)[1]): text
+             for key, text in client.key_value_dir_get(f"{_SYNC_PREFIX}/{number}/")}
+    values = [_check_name(name, found[q], q) if q in found else None for q in range(count)]
+    missing = [q for q in range(count) if values[q] is None]
+    if not missing:
+      break
+    for q in missing:
+      ended = _try_get(client, f"{_DONE_PREFIX}/{q}")
+      if ended is not None:
+        raise BarrierError(f"process {q} {'ended' if ended == '1' else 'failed'} without reaching barrier "
+                           f"{name!r} (process {me} waits there)")
+    if time.monotonic() - start > timeout_s:
+      raise BarrierError(f"barrier {name!r}: process(es) {', '.join(map(str, missing))} did not arrive within "
+                         f"{timeout_s} s ({ENV_BARRIER_TIMEOUT})")
+    time.sleep(pause)
+    pause = min(pause * 1.5, 0.25)
+  if number > 0:  # every process has left barrier number-1 (they all reached this one): free its key
+    try:
+      client.key_value_delete(f"{_SYNC_PREFIX}/{number - 1}/{me}")
+    except Exception:  # pylint: disable=broad-except  # a leftover key costs a few bytes
+      pass
+  return values
 
 
-def compile_then_sync(jitted: Callable, name: str) -> Callable:
-  """`jitted` (a `jax.jit` function) that, on several processes, compiles ahead of time at its first
-  call and passes a `sync` barrier before running.
+def _check_name(name: str, text: str, process: int) -> str:
+  theirs, _, value = text.partition("\n")
+  if theirs != name:
+    raise BarrierError(f"process {process} is at barrier {theirs!r} while process {jax.process_index()} is at "
+                       f"{name!r}: the processes took different paths")
+  return value
+
+
+def spans_processes(mesh) -> bool:
+  """True when `mesh` (a jax Mesh, or None for this process's default device) holds devices of
+  more than one process, i.e. its programs have collectives across processes."""
+  if mesh is None:
+    return False
+  return len({d.process_index for d in np.asarray(mesh.devices).flat}) > 1
+
+
+def compile_then_sync(jitted: Callable, name: str, mesh=None) -> Callable:
+  """`jitted` (a `jax.jit` function over `mesh`) that, when `mesh` spans several processes, compiles
+  ahead of time at its first call and passes a `sync` barrier before running.
 
   A program's first collective opens the gloo rendezvous that XLA:CPU abandons after one minute; on
   a loaded machine one process can finish compiling minutes after another. Later calls go straight
-  to `jitted` (the ahead-of-time compile fills its cache; the communicators then exist). On one
-  process `jitted` is returned unchanged.
+  to `jitted` (the ahead-of-time compile fills its cache; the communicators then exist). A program
+  on one process's own devices (mesh None or local: per-process sampling, pretokenize) has no
+  cross-process collective and is returned unchanged: its processes may call it different numbers
+  of times, so a barrier there could never be met.
   """
-  if jax.process_count() == 1:
+  if jax.process_count() == 1 or not spans_processes(mesh):
     return jitted
   first_call = True
 
@@ -266,9 +404,7 @@ def compile_then_sync(jitted: Callable, name: str) -> Callable:
   return run
 
 
-def any_process(flag: bool) -> bool:
-  """True on every process when `flag` is true on any of them (a collective; plain `flag` on one)."""
-  if jax.process_count() == 1:
-    return bool(flag)
-  from jax.experimental import multihost_utils
-  return bool(np.asarray(multihost_utils.process_allgather(np.asarray([flag], np.int32))).any())
+def any_process(flag: bool, name: str = "any_process") -> bool:
+  """True on every process when `flag` is true on any of them (a barrier named `name`, through the
+  coordination service like `sync`; plain `flag` on one process)."""
+  return any(v == "1" for v in exchange(name, "1" if flag else "0"))

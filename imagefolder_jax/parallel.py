@@ -23,7 +23,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 # Process lifecycle lives in `multihost`; re-exported here because every caller of the sharding
 # helpers needs them too.
 from imagefolder_jax.multihost import (  # noqa: F401
-    DistributedError, any_process, compile_then_sync, initialize_distributed, is_primary, sync)
+    BarrierError, DistributedError, any_process, compile_then_sync, exchange, initialize_distributed,
+    is_primary, spans_processes, sync)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")

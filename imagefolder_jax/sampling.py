@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from imagefolder_jax.models.generator import NextScaleGenerator, init_cache
 from imagefolder_jax.models.tokenizer import ImageFolderTokenizer
 from imagefolder_jax.ops.filtering import compiler_options, sample_with_retries
+from imagefolder_jax.ops.platform import compiling_for, platform_of
 from imagefolder_jax.ops.resample import area_downsample
 
 ForcedIds = Mapping[int, Sequence[jax.Array]]
@@ -182,18 +183,18 @@ def make_sampler(generator: NextScaleGenerator, tokenizer: ImageFolderTokenizer,
   settings.validate()
   check_compatible(generator, tokenizer)
 
+  # Platform-specific paths (filter chunking, fused attention) follow the devices compiled for.
+  platform = platform_of(mesh)
+
   def fn(generator_variables, tokenizer_variables, labels, key, cfg, temperature, forced, indices=None):
-    if precision is None:
-      return sample(generator, tokenizer, settings, generator_variables, tokenizer_variables, labels, key,
-                    cfg, temperature, forced, indices)
-    with jax.default_matmul_precision(precision):
+    with compiling_for(platform), jax.default_matmul_precision(precision):
       return sample(generator, tokenizer, settings, generator_variables, tokenizer_variables, labels, key,
                     cfg, temperature, forced, indices)
 
   if mesh is None:
-    return jax.jit(fn, compiler_options=compiler_options())
+    return jax.jit(fn, compiler_options=compiler_options(platform))
   from imagefolder_jax.parallel import batch_sharding, replicated
   batch, rep = batch_sharding(mesh), replicated(mesh)
   # Shardings are pytree prefixes: one NamedSharding covers a whole variable tree / output dict.
   return jax.jit(fn, in_shardings=(rep, rep, batch, rep, rep, rep, batch, batch), out_shardings=batch,
-                 compiler_options=compiler_options())
+                 compiler_options=compiler_options(platform))

@@ -136,48 +136,68 @@ def _read_images(directory: str) -> dict:
   return {n: np.asarray(Image.open(os.path.join(images, n)), np.int16) for n in sorted(os.listdir(images))}
 
 
-def test_sample_directory_two_processes_equals_one_and_resumes(tmp_path, parity_bundle):
+def test_sample_directory_two_processes_equals_one_with_uneven_work_and_resumes(tmp_path, parity_bundle):
+  """`sample --out-dir` on 2 processes gives the samples of 1 process also when the processes have
+  unequal work: one shard for two processes, and a rerun in which process 0's shards are finished
+  and process 1's are not (each used to wait at a barrier the other never reached)."""
   from imagefolder_jax.sample_directory import read_directory
-  bundle = parity_bundle
-  common = ["sample", "--bundle", bundle, "--classes", "1,2,3", "--per-class", "3", "--shard-size", "4"]
+  common = ["sample", "--bundle", parity_bundle, "--classes", "0,1,2,3", "--per-class", "2", "--seed", "3",
+            "--cfg", "1.5", "--top-k", "20", "--top-p", "0.9"]
   one = str(tmp_path / "one")
-  _ok(_one(common + ["--out-dir", one, "--batch-size", "4"]))
-  two = str(tmp_path / "two")
-  _ok(_local(2, common + ["--out-dir", two, "--batch-size", "2"]))
+  _ok(_one(common + ["--out-dir", one, "--shard-size", "2", "--batch-size", "4"], devices=4))
+  two = str(tmp_path / "two")   # 8 samples, default --shard-size 1000: one shard, process 1 idle
+  r = _local(2, common + ["--out-dir", two, "--batch-size", "2"], timeout=300)
+  _ok(r)
+  assert "process 0: 8 sampled" in r.stdout
   a, b = read_directory(one), read_directory(two)
-  np.testing.assert_array_equal(a["indices"], np.arange(9))
-  np.testing.assert_array_equal(a["labels"], np.repeat([1, 2, 3], 3))
+  np.testing.assert_array_equal(a["indices"], np.arange(8))
+  np.testing.assert_array_equal(a["labels"], np.repeat([0, 1, 2, 3], 2))
   for key in ("ids", "labels", "indices"):
     np.testing.assert_array_equal(a[key], b[key])
   ia, ib = _read_images(one), _read_images(two)
-  assert sorted(ia) == sorted(ib) and len(ia) == 9 and "0000004_c0002.png" in ia
+  assert sorted(ia) == sorted(ib) and len(ia) == 8 and "0000004_c0002.png" in ia
   for name in ia:  # same tokens; the decoder's float32 sums differ by batch split: <= 1 level
     assert np.abs(ia[name] - ib[name]).max() <= 1 and (ia[name] != ib[name]).mean() < 1e-3
   # The grid mode (one sampler sharded over both processes' devices) gives the same samples as the
   # directory: sample i depends on (seed, i) only.
   grid_npz = str(tmp_path / "grid.npz")
-  _ok(_local(2, common[:-2] + ["--out", str(tmp_path / "grid.png"), "--save-npz", grid_npz, "--batch-size", "5"]))
+  _ok(_local(2, common + ["--out", str(tmp_path / "grid.png"), "--save-npz", grid_npz, "--batch-size", "5"]))
   np.testing.assert_array_equal(np.load(grid_npz)["flat"], a["ids"])
-  # Resume: a lost shard is redone, finished ones are skipped; other settings are refused.
-  os.remove(os.path.join(two, "shard_0000004_0000008.npz"))
-  r = _one(common + ["--out-dir", two, "--batch-size", "4"])
+  # Resume: shards k are process k mod 2's; process 1's (1 and 3) were lost, process 0 has none to
+  # make. They are redone (at another batch size), finished ones are skipped.
+  import shutil
+  three = str(tmp_path / "three")
+  shutil.copytree(one, three)
+  for name in ("shard_0000002_0000004.npz", "shard_0000006_0000008.npz"):
+    os.remove(os.path.join(three, name))
+  r = _local(2, common + ["--out-dir", three, "--shard-size", "2", "--batch-size", "3"], timeout=300)
   _ok(r)
-  assert "4 sampled, 2 finished shard(s) skipped" in r.stdout
-  np.testing.assert_array_equal(read_directory(two)["ids"], a["ids"])
-  r = _one(common + ["--out-dir", two, "--seed", "1"])
+  assert "process 0: 0 sampled, 2 finished shard(s) skipped" in r.stdout
+  np.testing.assert_array_equal(read_directory(three)["ids"], a["ids"])
+  r = _one(common + ["--out-dir", three, "--shard-size", "2", "--seed", "1"])
   assert r.returncode == 2 and "other settings" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_pretokenize_two_processes_equals_one(tmp_path, parity_bundle):
+  """Also with fewer records than processes x batch (process 1 gets no record)."""
   bundle = parity_bundle
-  one, two = str(tmp_path / "one"), str(tmp_path / "two")
-  _ok(_one(["pretokenize", "--bundle", bundle, "--source", "demo", "--batch-size", "5", "--out", one]))
-  r = _local(2, ["pretokenize", "--bundle", bundle, "--source", "demo", "--batch-size", "4", "--out", two])
-  _ok(r)
-  assert sorted(os.listdir(two)) == ["codes.array_record", "codes.json"]
-  for name in ("codes.array_record", "codes.json"):
-    with open(os.path.join(one, name), "rb") as f, open(os.path.join(two, name), "rb") as g:
-      assert f.read() == g.read(), name
+  few = tmp_path / "few"
+  few.mkdir()
+  rng = np.random.default_rng(0)
+  for i in range(3):
+    Image.fromarray(rng.integers(0, 256, (40, 48, 3), np.uint8)).save(few / f"im{i}.png")
+  for source, one_batch, two_batch in (("demo", "5", "4"), (f"folder:{few}", "5", "4")):
+    tag = source.split(":")[0]
+    one, two = str(tmp_path / f"one_{tag}"), str(tmp_path / f"two_{tag}")
+    _ok(_one(["pretokenize", "--bundle", bundle, "--source", source, "--batch-size", one_batch, "--out", one]))
+    r = _local(2, ["pretokenize", "--bundle", bundle, "--source", source, "--batch-size", two_batch, "--out", two],
+               timeout=300)
+    _ok(r)
+    assert sorted(os.listdir(two)) == ["codes.array_record", "codes.json"]
+    for name in ("codes.array_record", "codes.json"):
+      with open(os.path.join(one, name), "rb") as f, open(os.path.join(two, name), "rb") as g:
+        assert f.read() == g.read(), (source, name)
+  assert "wrote 3 records" in r.stdout
 
 
 def _start_two(python_args: list, **env) -> list:
@@ -216,25 +236,13 @@ def test_lost_process_stops_the_others_with_one_line(tmp_path):
   assert waited < 40, waited
 
 
-_BARRIER_SCRIPT = """
-import sys, time
-import jax, jax.numpy as jnp, numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from imagefolder_jax import multihost
-assert multihost.initialize_distributed()
-if jax.process_index() == 1:
-  time.sleep(float(sys.argv[1]))  # one process arrives late, as after a slow compile
-mesh = Mesh(np.array(jax.devices()), ("data",))
-step = multihost.compile_then_sync(jax.jit(lambda x: x.sum(), out_shardings=NamedSharding(mesh, P())), "sum")
-x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), np.full((2,), jax.process_index() + 1.0))
-print("sum", float(step(x)), float(step(x + 1)), flush=True)
-multihost.sync("done")
-"""
+BARRIERS = os.path.join(ROOT, "tests", "programs", "barriers.py")
 
 
-def _two_processes(script: str, *args: str, **env) -> list:
-  """Runs `python -c script *args` as processes 0 and 1 of a job; [(exit code, stdout, stderr)]."""
-  procs = _start_two(["-c", script, *args], **env)
+def _barrier_job(scenario: str, *args: str, **env) -> list:
+  """Runs tests/programs/barriers.py SCENARIO as processes 0 and 1 of a job; [(exit code, stdout,
+  stderr)]."""
+  procs = _start_two([BARRIERS, scenario, *args], **env)
   try:
     return [(p.wait(timeout=120), p.stdout.read(), p.stderr.read()) for p in procs]
   finally:
@@ -243,11 +251,56 @@ def _two_processes(script: str, *args: str, **env) -> list:
         p.kill()
 
 
+def _errors(stderr: str) -> list:
+  return [line for line in stderr.splitlines() if "error" in line.lower()]
+
+
 def test_barrier_waits_through_the_coordination_service_not_a_collective():
   """`sync` / `compile_then_sync` wait for a late process through jax's coordination service, with
   their own timeout (IFJ_BARRIER_TIMEOUT), not through a device collective (whose gloo rendezvous
   XLA:CPU abandons after a fixed minute: too short for a peer compiling on a loaded machine)."""
-  for code, out, err in _two_processes(_BARRIER_SCRIPT, "4"):
-    assert code == 0 and "sum 6.0 10.0" in out, (code, err[-3000:])
-  results = _two_processes(_BARRIER_SCRIPT, "6", IFJ_BARRIER_TIMEOUT="1")
-  assert results[0][0] != 0 and "DEADLINE_EXCEEDED" in results[0][2], results[0][2][-3000:]
+  for code, out, err in _barrier_job("late", "4"):
+    assert code == 0 and "sum 6.0 10.0" in out and "passed" in out, (code, err[-3000:])
+  code, _, err = _barrier_job("late", "6", IFJ_BARRIER_TIMEOUT="1")[0]
+  assert code == 3 and "did not arrive within 1 s" in err and len(_errors(err)) == 1, err[-3000:]
+
+
+def test_barriers_detect_other_paths_instead_of_waiting():
+  """Processes at barriers of different names, or one that ended without coming, stop at once
+  with one line each (exit 3) instead of waiting out the barrier timeout; values are exchanged;
+  a program on each process's own devices needs no barrier however often each one calls it."""
+  started = time.monotonic()
+  for code, out, err in _barrier_job("mismatch"):
+    assert code == 3 and "took different paths" in err and len(_errors(err)) == 1, (code, err[-3000:])
+    assert "'sampler compiled'" in err and "'sample shards written'" in err
+  code, _, err = _barrier_job("ended")[0]
+  assert code == 3 and "process 1 ended without reaching barrier" in err and len(_errors(err)) == 1, err[-3000:]
+  for code, out, err in _barrier_job("exchange"):
+    assert code == 0 and "passed" in out, (code, err[-3000:])
+  assert time.monotonic() - started < 120  # the default barrier timeout is 1800 s
+
+
+@pytest.mark.parametrize("scenario", ["blocked", "collective"])
+def test_sigterm_ends_processes_blocked_in_a_barrier_or_collective(scenario):
+  """SIGTERM (launch/local.sh's stop, scancel) ends a process that waits for a peer within
+  seconds, with one line and exit 143: jax's coordination service installs a SIGTERM handler of
+  its own that swallowed the signal, and a blocked main thread never runs Python's."""
+  procs = _start_two([BARRIERS, scenario, "300"])
+  try:
+    for p in procs:
+      assert p.stdout.readline().strip() == "ready", p.stderr.read()[-3000:]
+    time.sleep(8)   # process 0 compiles its program and waits for process 1
+    assert procs[0].poll() is None
+    sent = time.monotonic()
+    for p in procs:
+      p.terminate()
+    codes = [p.wait(timeout=30) for p in procs]
+    took = time.monotonic() - sent
+    errs = [p.stderr.read() for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert codes == [143, 143] and took < 15, (codes, took, errs[0][-2000:])
+  for i, err in enumerate(errs):
+    assert f"stopped by SIGTERM (process {i}, exit 143)" in err, err[-2000:]

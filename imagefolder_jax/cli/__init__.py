@@ -3,7 +3,8 @@
 Every error is one line on stderr (`imagefolder-jax: error: ...`); `-v` adds the traceback above it.
 Exit codes: 0 success; 2 bad input (arguments, config, files, bundles, checkpoints: the message
 names the offending value); 1 an unexpected exception (its type and message, "run with -v");
-130 interrupted. Verbs live in one module per group (`convert`, `inference`, `training`); each
+3 another process of a multi-process job was lost or took another path (`multihost`); 130
+interrupted; 143 stopped by SIGTERM (multi-process jobs). Verbs live in one module per group (`convert`, `inference`, `training`); each
 module lists its `VERBS` (functions that add a sub-parser), and `main` dispatches to the
 sub-parser's `run`.
 """
@@ -120,6 +121,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   except Exception as e:  # every failure ends as one line; -v shows where it came from
     if args.verbose:
       traceback.print_exc()
+    if isinstance(e, multihost.BarrierError):
+      print(f"{PROG}: error: {one_line(e)}", file=sys.stderr)
+      return _leave(multihost.EXIT_PEER_LOST)
     lost = multihost.peer_failure(e)
     if lost is not None:
       print(f"{PROG}: error: {one_line(lost)}; rerun the same command on every host to resume from the "

@@ -232,7 +232,7 @@ def pretokenize(tokenizer, loader, directory: str, source_spec: str) -> int:
     _write_records(part, encoded())
   except Exception as e:  # the others must still reach the barrier below
     failure = e
-  failed = parallel.any_process(failure is not None)
+  failed = parallel.any_process(failure is not None, "pretokenize parts written")
   parts = [os.path.join(directory, f"{RECORDS}.part-{p:05d}-of-{processes:05d}") for p in range(processes)]
   try:
     if failed:

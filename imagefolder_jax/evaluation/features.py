@@ -25,6 +25,7 @@ from imagefolder_jax.checkpoint import BundleError, load_bundle
 from imagefolder_jax.evaluation.progress import Progress
 from imagefolder_jax.models.inception import INPUT_SIZE, FIDInception, InceptionConfig
 from imagefolder_jax.ops.tf_resize import legacy_bilinear_resize
+from imagefolder_jax.ops.platform import compiling_for
 from imagefolder_jax.parallel import BATCH_AXES, batch_sharding, make_mesh, replicated
 
 DEFAULT_PER_DEVICE_BATCH = 50
@@ -84,7 +85,7 @@ class InceptionFeatures:
     sharding = batch_sharding(self.mesh, 4)
 
     def per_device(variables, images):
-      with jax.default_matmul_precision(self.precision):
+      with jax.default_matmul_precision(self.precision), compiling_for(self.mesh):
         return self.module.apply(variables, scale_inputs(images))
 
     # Images are independent: each device runs the network on its own rows, so the module sees a

@@ -23,6 +23,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from imagefolder_jax.evaluation.progress import Progress
+from imagefolder_jax.multihost import sync
 from imagefolder_jax.parallel import BATCH_AXES
 
 SETTINGS_FILE = "settings.json"
@@ -75,9 +76,11 @@ def _check_settings(work_dir: str, run: SampleRun, bundle: str) -> None:
     if diff:
       raise ResumeError(f"{work_dir} holds samples of other settings ({', '.join(f'{k}={old.get(k)!r}' for k in diff)}); "
                         "use another --work-dir or the same settings")
+  sync("eval-generator settings read")
   if jax.process_index() == 0:
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:
       json.dump(settings, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def shard_path(work_dir: str, start: int, end: int) -> str:
@@ -104,12 +107,17 @@ def generate_samples(generator, features, run: SampleRun, work_dir: str, bundle:
   if generator.mesh is not None:
     shards = int(np.prod([generator.mesh.shape[a] for a in BATCH_AXES]))
     batch_size = -(-batch_size // shards) * shards
+  # Every process samples every shard together (the generator's mesh spans them all), so they
+  # must agree on which shards are finished: decided once, from the files as they are now.
+  starts = range(0, run.num_samples, run.shard_size)
+  finished = {s for s in starts if os.path.isfile(shard_path(work_dir, s, min(s + run.shard_size, run.num_samples)))}
+  sync("eval-generator shards listed")
   progress = Progress("samples", run.num_samples, every=10.0)
   sampled, sampling_time = 0, 0.0
-  for start in range(0, run.num_samples, run.shard_size):
+  for start in starts:
     end = min(start + run.shard_size, run.num_samples)
     path = shard_path(work_dir, start, end)
-    if os.path.isfile(path):
+    if start in finished:
       progress.update(end - start)
       continue
     images, numbers_done = [], []
@@ -133,8 +141,7 @@ def generate_samples(generator, features, run: SampleRun, work_dir: str, bundle:
                pool_3=feats["pool_3"], spatial=feats["spatial"])
       os.replace(tmp, path)
     progress.update(end - start)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("eval-generator shards written")
+  sync("eval-generator shards written")
   rate = sampled / sampling_time if sampling_time > 0 else None
   if rate:
     logging.info("sampled %d images at %.2f samples/s (sampler and decode only)", sampled, rate)

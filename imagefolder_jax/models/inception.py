@@ -27,6 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from imagefolder_jax.ops.platform import target_platform
+
 INPUT_SIZE = 299
 POOL_FEATURES = 2048
 SPATIAL_CHANNELS = 7          # ADM: spatial[..., :7] of mixed_6/conv
@@ -94,7 +96,7 @@ class ConvBN(nn.Module):
       return jax.nn.relu(y + bias)
 
     image_bytes = x.shape[1] * x.shape[2] * x.shape[3] * x.dtype.itemsize
-    if jax.default_backend() == "cpu" and x.shape[0] > 1 and image_bytes >= PER_IMAGE_MIN_BYTES:
+    if target_platform() == "cpu" and x.shape[0] > 1 and image_bytes >= PER_IMAGE_MIN_BYTES:
       # XLA:CPU's convolution runs the stem's maps and mixed_3's 3x3/2 1.2-2.3x faster one image at a
       # time (measured at batch 16, bench/bench_inception.py): the working set stays in cache. Smaller
       # maps lose by it; accelerators want the whole batch in one call.

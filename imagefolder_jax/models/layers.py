@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from imagefolder_jax.ops.platform import target_platform
+
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
@@ -74,9 +76,10 @@ def remat_block(block_cls, policy: str, static_argnums: tuple[int, ...] = ()):
 
 
 def attention_implementation(dtype: Dtype, head_dim: int) -> Optional[str]:
-  """The fused kernel where the backend has one: cuDNN flash attention on GPU for 16-bit inputs
-  with a supported head size; XLA's (plain softmax attention) everywhere else."""
-  if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 \
+  """The fused kernel where the target has one: cuDNN flash attention when compiling for GPUs
+  (`platform.target_platform()`) with 16-bit inputs and a supported head size; XLA's (plain softmax
+  attention) everywhere else."""
+  if target_platform() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 \
       and head_dim <= 128:
     return "cudnn"
   return "xla"

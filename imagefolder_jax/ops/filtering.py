@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from imagefolder_jax.ops.platform import target_platform
+
 TopP = Union[float, jax.Array]
 
 _VALUE_STEPS = 24
@@ -46,17 +48,20 @@ _CHUNK_ROWS = 256
 _MASS_ONE = float(2 ** 30)
 
 
-def compiler_options() -> dict[str, str]:
-  """XLA options for a jitted program that runs these filters on the current backend.
+def compiler_options(platform: Optional[str] = None) -> dict[str, str]:
+  """XLA options for a jitted program that runs these filters on `platform` ('cpu', 'gpu', 'tpu';
+  None: `platform.target_platform()`).
 
   XLA:CPU rewrites every reduction over more than 32 entries into reduce-windows of 32 (its
   `TreeReductionRewriter`, which bounds float rounding); for the integer counts and sums of the
   searches that runs ~3x slower per entry than one loop (0.34 vs 0.12 ns per key counted, 968 x 4096
   keys on a 2-core Xeon) and took half the filter's time. The searches are exact in any order, and
   the sampler's float reductions are over <= a few thousand entries, so on CPU the pass is switched
-  off for the whole program (`jax.jit(..., compiler_options=compiler_options())`). Other backends: {}.
+  off for the whole program (`jax.jit(..., compiler_options=compiler_options(platform))`). Other
+  platforms: {}.
   """
-  return {"xla_disable_hlo_passes": "tree_reduction_rewriter"} if jax.default_backend() == "cpu" else {}
+  platform = platform or target_platform()
+  return {"xla_disable_hlo_passes": "tree_reduction_rewriter"} if platform == "cpu" else {}
 
 
 def removal_threshold(top_p: TopP) -> jax.Array:
@@ -276,7 +281,7 @@ def _rows(fn, logits: jax.Array, *args):
   x = logits.reshape(-1, vocab)
   args = [a.reshape(x.shape[0], *a.shape[len(lead):]) for a in args]
   rows = x.shape[0]
-  if rows <= _CHUNK_ROWS or jax.default_backend() != "cpu":
+  if rows <= _CHUNK_ROWS or target_platform() != "cpu":
     out = fn(x, *args)
   else:
     # Equal chunks of <= _CHUNK_ROWS: 288 rows go as 2 x 144, not as 2 x 256 with 224 rows of padding.

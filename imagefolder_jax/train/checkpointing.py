@@ -13,7 +13,7 @@ Damage is survived, not trusted:
   marker, when a file listed in its integrity record is missing or has another size (or, on process
   0, another CRC32), when orbax cannot read it, when its meta lacks the data-iterator state, or
   when a restored array holds NaN/inf (the loop never writes a non-finite state). Every process
-  checks on its own and the verdicts are min-reduced (`multihost_utils.process_allgather`), so all
+  checks on its own and the verdicts are min-reduced (`multihost.exchange`), so all
   processes restore the same step. Each skipped step gets one log line naming it and why; damaged
   steps newer than the restored one are moved (never deleted) to `workdir/checkpoints.damaged/`, so
   the resumed run can save those steps again. If no step is usable: `CheckpointError`, files left
@@ -172,9 +172,9 @@ def _report_skipped(directory: str, skipped: list[tuple[int, str]], quarantine: 
         os.rename(source, where)
       log.warning("checkpoint step %d is unusable (%s); %s %s (not deleted); restoring step %d",
                   step, reason, "moved it to" if quarantine else "it stays in", where, restored_step)
-  if quarantine and jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices("imagefolder_jax:checkpoint_quarantine")
+  if quarantine:
+    from imagefolder_jax.multihost import sync
+    sync("checkpoint quarantine")
 
 
 def _unused_path(path: str) -> str:
@@ -226,10 +226,12 @@ def _report_unfinished(directory: str, restored_step: int) -> None:
 
 
 def _agree(value, how: str) -> int:
-  """The min or max of an int verdict over all processes (the value itself on one process)."""
-  from jax.experimental import multihost_utils
-  values = np.asarray(multihost_utils.process_allgather(np.asarray(int(value), np.int32)))
-  return int(values.min() if how == "min" else values.max())
+  """The min or max of an int verdict over all processes (the value itself on one process),
+  through the coordination service: a process still reading a large checkpoint may arrive minutes
+  after the others."""
+  from imagefolder_jax.multihost import exchange
+  values = [int(v) for v in exchange(f"checkpoint verdict ({how})", str(int(value)))]
+  return min(values) if how == "min" else max(values)
 
 
 def _step_dirs(directory: str) -> list[int]:

@@ -44,9 +44,10 @@ def jit_train_step(task, mesh, rules, state_shardings, frozen_shardings, *, dona
   models' activation constraints apply); call it inside `jax.set_mesh(mesh)`. The state's buffers
   are donated (the new state reuses them) unless `donate=False`."""
   import flax.linen as nn
+  from imagefolder_jax.ops.platform import compiling_for
 
   def step(state, frozen, batch):
-    with nn.logical_axis_rules(rules):
+    with nn.logical_axis_rules(rules), compiling_for(mesh):
       return task.train_step(state, frozen, batch)
 
   return jax.jit(step, in_shardings=(state_shardings, frozen_shardings, None),
@@ -188,7 +189,7 @@ def run(task, config: ml_collections.ConfigDict, workdir: str, *, loader_factory
       mesh, task.frozen, config.get("mesh", {}).get("frozen_replicate_below_mb", parallel.FROZEN_REPLICATE_BELOW_MB))
   frozen = parallel.put_global(task.frozen, frozen_shardings)
   step_fn = parallel.compile_then_sync(jit_train_step(task, mesh, rules, state_shardings, frozen_shardings),
-                                       "train step")
+                                       "train step", mesh)
   writer = metric_writers.create_default_writer(workdir, asynchronous=False) if primary else None
   flops_per_step, peak = step_flop_budget(task, mesh, first, global_batch)
   progress = Progress(t.num_steps, start_step, global_batch, flops_per_step=flops_per_step,
