@@ -9,7 +9,11 @@ Public API::
   gen = ifj.Generator.load(bundle_dir)
   out = gen.sample(labels, seed=0)    # out.codes, out.images
 """
-from imagefolder_jax.api import Codes, Tokenizer
+from imagefolder_jax import _startup
+
+_startup.import_jax()  # before anything else imports jax: quiet with the compile-only plugin extras
+
+from imagefolder_jax.api import Codes, Tokenizer  # noqa: E402
 
 __all__ = ["Codes", "Tokenizer", "Generator"]
 __version__ = "0.1.0"

@@ -89,7 +89,8 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *, dcn_data: int =
     raise MeshConfigError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} x dcn {dcn} != {n} devices")
   if math.prod(dcn) > 1:
     from jax.experimental import mesh_utils
-    by_slice = all(getattr(d, "slice_index", None) is not None for d in devices)
+    # GPU nodes all report slice_index 0: granules are then processes (one per node).
+    by_slice = len({getattr(d, "slice_index", None) for d in devices} - {None}) > 1
     array = mesh_utils.create_hybrid_device_mesh((data, fsdp, tensor), dcn, devices,
                                                  process_is_granule=not by_slice)
   else:

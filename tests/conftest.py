@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 
+import imagefolder_jax  # noqa: F401  # first: imports jax quietly beside the compiler extras (_startup)
 import jax
 import numpy as np
 import pytest

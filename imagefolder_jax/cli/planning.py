@@ -1,4 +1,5 @@
-"""`plan`: per-device memory and step time of a training config on a mesh, compiled on fake devices."""
+"""`plan`: will a training step fit, and how fast: compiled for a TPU / GPU topology (no accelerator
+needed) or on fake CPU devices."""
 from __future__ import annotations
 
 import json
@@ -11,19 +12,26 @@ from imagefolder_jax.cli.common import CliError
 
 def _add_plan(sub) -> None:
   p = sub.add_parser(
-      "plan", help="compile a training step on N fake devices: per-device memory, FLOPs, step time, fits?",
-      description="Compiles the train step of a config against abstract inputs on --devices fake CPU devices "
-                  "(nothing is allocated) and prints per-device bytes of parameters, optimizer state, EMA, "
-                  "frozen networks and XLA temporaries, FLOPs per step, and the step time the chip's peak "
-                  "gives at --mfu. Example: imagefolder-jax plan --stage generator --config "
-                  "configs/generator_imagenet.py --mesh data=1,fsdp=8,tensor=1 --devices 8 --chip h100")
+      "plan", help="compile a training step for a TPU/GPU topology (or fake CPU devices): memory per chip, fits?, "
+                   "collectives, step time",
+      description="Compiles the train step of a config against abstract inputs (nothing is allocated). With "
+                  "--topology, the TPU or GPU compiler compiles it for compile-only devices of that topology on "
+                  "this machine (needs the tpu / gpu-compile extra) and prints per chip the arguments, outputs, "
+                  "temporaries and peak against the chip's memory, FLOPs, collectives and a roofline step time. "
+                  "Without it, --devices fake CPU devices (XLA:CPU's buffers) and --chip's peak at --mfu. "
+                  "Examples: imagefolder-jax plan --stage generator --config configs/generator_imagenet.py "
+                  "--topology v5p-64 --mesh fsdp=8 --pretokenized; imagefolder-jax plan --stage tokenizer "
+                  "--config configs/tokenizer_imagenet.py --topology h100-16 --mesh fsdp=8")
   p.add_argument("--stage", choices=("tokenizer", "generator"), required=True)
   p.add_argument("--config", required=True, help="config file, optionally file.py:arg (overrides: --config.a.b=v)")
+  p.add_argument("--topology", help="v4-32, v5p-64, v5e-256 (v5litepod-256), v6e-64, v5p:4x4x4, h100-8, h100-16, "
+                                    "h200-8, a100-8: compile with that platform's compiler")
+  p.add_argument("--slices", type=int, default=1, help="--topology: this many TPU slices over DCN (dcn_data)")
   p.add_argument("--mesh", default="", help="axis sizes, e.g. data=2,fsdp=4,tensor=1 (dcn_data=... across "
                                             "slices/nodes); unset axes come from the config's mesh")
-  p.add_argument("--devices", type=int, required=True, help="devices in the mesh (fake CPU devices here)")
-  p.add_argument("--chip", required=True, help="h100|h200|a100|v4|v5e|v5p|v6e|cpu: peak FLOP/s and memory")
-  p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed for the step time")
+  p.add_argument("--devices", type=int, help="without --topology: devices in the mesh (fake CPU devices here)")
+  p.add_argument("--chip", help="without --topology: h100|h200|a100|v4|v5e|v5p|v6e|cpu: peak FLOP/s and memory")
+  p.add_argument("--mfu", type=float, default=0.4, help="without --topology: model FLOPs utilisation assumed")
   p.add_argument("--pretokenized", action="store_true", help="generator: batches of pre-tokenized codes")
   p.add_argument("--no-compile", action="store_true",
                  help="skip the compile: exact state/frozen/batch bytes in seconds, no temporaries")
@@ -45,32 +53,48 @@ def _ensure_devices(n: int) -> bool:
 
 
 def _run_plan(args) -> None:
-  if args.devices < 1:
-    raise CliError(f"--devices {args.devices}: must be >= 1")
-  if not _ensure_devices(args.devices):
-    # jax already started (e.g. called in-process after other work): a fresh process gets the flag.
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(args.devices),
-               XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
-                          f" --xla_force_host_platform_device_count={args.devices}").strip())
-    argv = [a for a in sys.argv[1:]] if sys.argv and "plan" in sys.argv else None
-    if argv is None:
-      raise CliError("plan needs a fresh process when jax has started: run `imagefolder-jax plan ...` alone")
-    code = subprocess.run([sys.executable, "-m", "imagefolder_jax.cli", *argv], env=env).returncode
-    if code:
-      raise SystemExit(code)
-    return
   from imagefolder_jax import planning
   from imagefolder_jax.train.configuration import load_config
+  topology = None
+  if args.topology:
+    if args.devices is not None or args.chip is not None:
+      raise CliError("--topology names the devices and the chip: leave out --devices and --chip")
+    topology = planning.parse_topology(args.topology, args.slices)
+    import jax
+    from jax._src import xla_bridge
+    if not xla_bridge.backends_are_initialized():
+      jax.config.update("jax_platforms", "cpu")  # nothing runs; the CUDA plugin registers without CUDA
+  else:
+    if args.devices is None or args.chip is None:
+      raise CliError("plan needs --topology NAME, or --devices N and --chip NAME (fake CPU devices)")
+    if args.slices != 1:
+      raise CliError("--slices goes with --topology")
+    if args.devices < 1:
+      raise CliError(f"--devices {args.devices}: must be >= 1")
+    if not _ensure_devices(args.devices):
+      # jax already started (e.g. called in-process after other work): a fresh process gets the flag.
+      env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(args.devices),
+                 XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
+                            f" --xla_force_host_platform_device_count={args.devices}").strip())
+      argv = [a for a in sys.argv[1:]] if sys.argv and "plan" in sys.argv else None
+      if argv is None:
+        raise CliError("plan needs a fresh process when jax has started: run `imagefolder-jax plan ...` alone")
+      code = subprocess.run([sys.executable, "-m", "imagefolder_jax.cli", *argv], env=env).returncode
+      if code:
+        raise SystemExit(code)
+      return
   config = load_config(args.config, args.overrides)
-  result = planning.plan(args.stage, config, planning.parse_mesh(args.mesh), args.devices, args.chip.lower(),
-                         mfu=args.mfu, pretokenized=True if args.pretokenized else None,
-                         compile=not args.no_compile)
+  result = planning.plan(args.stage, config, planning.parse_mesh(args.mesh), args.devices,
+                         args.chip.lower() if args.chip else None, mfu=args.mfu,
+                         pretokenized=True if args.pretokenized else None, compile=not args.no_compile,
+                         topology=topology)
   if args.json:
     print(json.dumps(result.to_dict()))
-  else:
-    print(planning.format_plan(result))
-    print(f"({'shardings' if args.no_compile else 'compiled'} on {args.devices} fake CPU devices: jax was configured with "
-          f"--xla_force_host_platform_device_count={args.devices} before it started)")
+    return
+  print(planning.format_plan(result))
+  if topology is None:
+    print(f"({'shardings' if args.no_compile else 'compiled'} on {args.devices} fake CPU devices: jax was configured "
+          f"with --xla_force_host_platform_device_count={args.devices} before it started)")
 
 
 VERBS = [_add_plan]

@@ -1,0 +1,105 @@
+"""Imports jax quietly when the compile-only accelerator plugins are installed (the `tpu` /
+`gpu-compile` extras, for `plan --topology`) on a machine without those accelerators.
+
+* The CUDA plugin (`jax-cuda12-plugin`) logs "Could not find cuda drivers on your machine" four
+  times on every `import jax` and plugin discovery, before absl's logging starts, so no flag or
+  environment variable silences it. Those two steps run here with file descriptor 2 captured; every
+  other line is written back.
+* libtpu (and the CUDA plugin), when JAX_PLATFORMS is unset, try to start their backends on any
+  host and print initialisation errors and tracebacks. Where the host has no TPU chip (no Google
+  PCI device, as jax's own check), JAX_PLATFORMS is set to the platforms the host has: `cuda,cpu`
+  with an NVIDIA PCI device and the CUDA plugin, else `cpu`.
+
+Without either plugin installed, or with JAX_PLATFORMS set, nothing is changed. Compile-only
+devices for `plan` do not depend on these backends (`planning.topology`).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import sys
+import tempfile
+from typing import Iterator, Sequence
+
+# Lines of the CUDA plugin's import-time log on a machine without CUDA.
+CUDA_PLUGIN_NOISE = ("Could not find cuda drivers on your machine",
+                     "All log messages before absl::InitializeLog() is called are written to STDERR")
+
+
+def _installed(module: str) -> bool:
+  try:
+    return importlib.util.find_spec(module) is not None
+  except (ImportError, ValueError):
+    return False
+
+
+@contextlib.contextmanager
+def captured_stderr() -> Iterator[list[str]]:
+  """Captures file descriptor 2 (C++ logging included) in the block; the yielded list holds its
+  lines afterwards."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  lines: list[str] = []
+  with tempfile.TemporaryFile() as captured:
+    os.dup2(captured.fileno(), 2)
+    try:
+      yield lines
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      captured.seek(0)
+      lines.extend(captured.read().decode(errors="replace").splitlines(keepends=True))
+
+
+@contextlib.contextmanager
+def filtered_stderr(noise: Sequence[str]) -> Iterator[None]:
+  """Captures file descriptor 2 in the block; afterwards writes back every line that contains none
+  of `noise`."""
+  with captured_stderr() as lines:
+    yield
+  kept = [line for line in lines if not any(n in line for n in noise)]
+  if kept:
+    sys.stderr.write("".join(kept))
+    sys.stderr.flush()
+
+
+def _pci_vendors() -> set[str]:
+  """Vendor ids of the host's PCI devices ('0x1ae0' Google TPU, '0x10de' NVIDIA), read as jax's
+  own hardware check does, without importing jax."""
+  vendors = set()
+  root = "/sys/bus/pci/devices"
+  for name in os.listdir(root) if os.path.isdir(root) else ():
+    try:
+      with open(os.path.join(root, name, "vendor")) as f:
+        vendors.add(f.read().strip().lower())
+    except OSError:
+      continue
+  return vendors
+
+
+def _host_platforms(vendors: set[str]) -> str:
+  cuda = _installed("jax_cuda12_plugin") and "0x10de" in vendors
+  return "cuda,cpu" if cuda else "cpu"
+
+
+def import_jax() -> None:
+  if "jax" in sys.modules:
+    return
+  cuda_plugin, libtpu = _installed("jax_cuda12_plugin"), _installed("libtpu")
+  if not (cuda_plugin or libtpu):
+    return
+  if os.environ.get("JAX_PLATFORMS") is None:
+    vendors = _pci_vendors()
+    if "0x1ae0" not in vendors:  # no TPU chip here: libtpu would only print its start-up errors
+      os.environ["JAX_PLATFORMS"] = _host_platforms(vendors)
+  if not cuda_plugin:
+    return
+  with filtered_stderr(CUDA_PLUGIN_NOISE):
+    import jax  # noqa: F401
+    try:  # registers the plugin's backend factory (no backend starts), which logs once more
+      from jax._src import xla_bridge
+      xla_bridge._discover_and_register_pjrt_plugins()  # pylint: disable=protected-access
+    except AttributeError:
+      pass

@@ -1,0 +1,5 @@
+"""The planning error (its own module so that every planning module can raise it)."""
+
+
+class PlanError(ValueError):
+  """A plan request is invalid or cannot be compiled here (the message names the value or the fix)."""

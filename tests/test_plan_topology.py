@@ -1,0 +1,148 @@
+"""`plan --topology`: compile-only TPU / GPU devices, the compiled programs' memory, collectives and
+verdicts (the tpu and gpu-compile extras; no accelerator needed). Small models, small batches."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from imagefolder_jax import planning
+from imagefolder_jax.planning import hlo
+from imagefolder_jax.train.configuration import load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_GENERATOR = os.path.join(ROOT, "configs", "generator_tiny.py")
+TINY_TOKENIZER = os.path.join(ROOT, "configs", "tokenizer_tiny.py")
+
+
+def test_topology_names_as_sold():
+  cases = {"v4-32": ("v4", (2, 2, 4)), "v5p-64": ("v5p", (2, 4, 4)), "v5p-128": ("v5p", (4, 4, 4)),
+           "v5e-256": ("v5e", (16, 16)), "v5litepod-8": ("v5e", (2, 4)), "v6e-64": ("v6e", (8, 8)),
+           "v5e-1": ("v5e", (1, 1)), "v5p:4x4x8": ("v5p", (4, 4, 8)), "h100-16": ("h100", (2, 8)),
+           "a100-8": ("a100", (1, 8))}
+  for name, (chip, shape) in cases.items():
+    t = planning.parse_topology(name)
+    assert (t.chip.name, t.shape) == (chip, shape), name
+  assert planning.parse_topology("v5p-64", slices=2).chips == 64
+  for bad, message in (("v7-8", "expected NAME-COUNT"), ("v5p-63", "TensorCores"), ("h100-12", "whole nodes"),
+                       ("v5e:2x2x2", "2 sides"), ("v5e-12", "power-of-two")):
+    with pytest.raises(planning.PlanError, match=message):
+      planning.parse_topology(bad)
+  with pytest.raises(planning.PlanError, match="--slices"):
+    planning.parse_topology("h100-8", slices=2)
+
+
+def _compiled_collectives(devices, fn, *shapes):
+  mesh = Mesh(np.asarray(devices), ("x",))
+  body = jax.shard_map(fn, mesh=mesh, in_specs=P("x"), out_specs=P("x"))
+  args = [jax.ShapeDtypeStruct(s, jnp.float32, sharding=NamedSharding(mesh, P("x"))) for s in shapes]
+  return hlo.collectives(jax.jit(body).lower(*args).compile().as_text(), devices)
+
+
+@pytest.mark.parametrize("topology", ["v5e-4", "h100-4"])
+def test_collectives_read_from_the_compiled_program(topology):
+  devices = planning.compile_only_devices(planning.parse_topology(topology))
+  assert len(devices) == 4 and jax.default_backend() == "cpu"   # compile-only, on a CPU-only host
+
+  def loop(x):  # three all-reduces of (256,) float32 inside a loop: the trip count is read
+    return jax.lax.fori_loop(0, 3, lambda i, a: a + jax.lax.psum(a, "x"), x)
+
+  found = _compiled_collectives(devices, loop, (1024,))
+  assert found["all-reduce"]["count"] == 3 and found["all-reduce"]["bytes"] == 3 * 256 * 4, found
+  found = _compiled_collectives(devices, lambda x: jax.lax.all_gather(x, "x", tiled=True), (1024, 8))
+  assert found["all-gather"]["count"] == 1 and found["all-gather"]["bytes"] == 1024 * 8 * 4, found
+  assert found["all-gather"]["group_sizes"] == [4]
+
+
+def _plan(stage, topology, mesh="", slices=1, *overrides, config=None):
+  config = load_config(config or (TINY_GENERATOR if stage == "generator" else TINY_TOKENIZER), list(overrides))
+  return planning.plan(stage, config, planning.parse_mesh(mesh), topology=planning.parse_topology(topology, slices),
+                       pretokenized=stage == "generator" or None)
+
+
+def test_generator_step_on_tpu_fsdp_and_slices():
+  data = _plan("generator", "v5e-4", "data=4")
+  assert data.compiler == "tpu" and data.fits and data.devices == 4
+  assert 0 < data.compiled_peak_bytes < data.memory_limit and data.argument_bytes > 0
+  assert data.collectives["all-reduce"]["count"] >= 1                  # the gradient reduction
+  assert data.roofline["seconds"] > 0 and data.images_per_second > 0
+  assert data.optimal_seconds is None or data.optimal_seconds > 0      # never a negative time
+  fsdp = _plan("generator", "v5e-4", "data=1,fsdp=4")
+  # The rules shard the model width over fsdp: parameters (and their Adam moments) per chip shrink.
+  assert fsdp.params_bytes < 0.5 * data.params_bytes and fsdp.opt_state_bytes < 0.5 * data.opt_state_bytes
+  assert fsdp.argument_bytes < data.argument_bytes
+  assert fsdp.collectives["all-gather"]["count"] >= 1                  # parameters gathered for use
+  # Two slices: data parallel across them (dcn_data=2); only the gradient reduction crosses DCN.
+  two = _plan("generator", "v5e-4", "", 2, "--config.data.batch_size=16")
+  assert two.devices == 8 and two.mesh["data"] == 8 and two.fits
+  assert two.collectives["dcn-all-reduce"]["count"] >= 1
+  assert all(v["cross_bytes"] == 0 for k, v in two.collectives.items()
+             if isinstance(v, dict) and not k.startswith("dcn-")), two.collectives
+  assert two.roofline["dcn_seconds"] > 0
+
+
+def test_generator_step_on_two_h100_nodes():
+  p = _plan("generator", "h100-16", "fsdp=8", 1, "--config.data.batch_size=16")
+  assert p.compiler == "gpu" and p.devices == 16 and p.mesh == {"data": 2, "fsdp": 8, "tensor": 1} and p.fits
+  assert p.compiler_options == {"xla_gpu_enable_triton_gemm": False}
+  # FSDP inside a node (all-gather / reduce-scatter over 8), data parallel across the 2 nodes.
+  assert p.collectives["all-gather"]["cross_bytes"] == 0 and p.collectives["reduce-scatter"]["cross_bytes"] == 0
+  assert p.collectives["all-reduce"]["cross_bytes"] > 0
+  assert p.optimal_seconds is None and "no cost model" in p.optimal_note
+  assert "DOES NOT FIT" not in planning.format_plan(p)
+
+
+def test_tokenizer_step_compiles_for_tpu_and_gpu():
+  for topology in ("v5e-4", "h100-4"):
+    p = _plan("tokenizer", topology, "data=4")
+    assert p.fits and p.compiled_peak_bytes > p.argument_bytes > 0, topology
+
+
+def test_oversized_config_is_a_verdict_not_an_error(tmp_path):
+  """The TPU compiler's RESOURCE_EXHAUSTED becomes 'does not fit' with its numbers, exit 0."""
+  p = _plan("generator", "v5e-1", "", 1, "--config.data.batch_size=131072")
+  assert not p.fits and "GiB available" in p.out_of_memory
+  text = planning.format_plan(p)
+  assert "DOES NOT FIT" in text and "15.75" in text
+
+
+def _cli(*args, env=None):
+  return subprocess.run([sys.executable, "-m", "imagefolder_jax.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                        env=env or dict(os.environ, JAX_PLATFORMS="cpu"), timeout=600)
+
+
+def test_cli_plan_topology_json_and_errors():
+  r = _cli("plan", "--stage", "generator", "--config", TINY_GENERATOR, "--topology", "v5e-4", "--pretokenized",
+           "--json")
+  assert r.returncode == 0, r.stderr[-2000:]
+  out = json.loads(r.stdout)
+  for key in ("compiler", "topology", "chips", "argument_bytes", "output_bytes", "temp_bytes", "alias_bytes",
+              "peak_bytes", "chip_memory", "fits", "roofline_seconds", "optimal_seconds", "flops_per_chip",
+              "collectives"):
+    assert key in out, key
+  assert out["compiler"] == "tpu" and out["chips"] == 4 and out["fits"] is True and out["roofline_seconds"] > 0
+  assert out["optimal_seconds"] is None or out["optimal_seconds"] > 0
+  assert not r.stderr.strip(), r.stderr   # libtpu's start-up lines are filtered
+  for args, message in ((["--topology", "v7-8"], "expected NAME-COUNT"),
+                        (["--topology", "v5e-4", "--devices", "4"], "leave out --devices"),
+                        (["--devices", "2"], "needs --topology NAME, or --devices N and --chip")):
+    r = _cli("plan", "--stage", "generator", "--config", TINY_GENERATOR, *args)
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_the_compiler_extras_leave_other_commands_quiet():
+  """With libtpu and the CUDA plugin installed, importing the library (with or without
+  JAX_PLATFORMS) prints nothing: the CUDA plugin's import-time log and libtpu's start-up errors
+  are filtered, and a host without TPU chips does not start libtpu."""
+  code = "import imagefolder_jax, jax; print(jax.devices()[0].platform)"
+  for platforms in ("cpu", None):
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    if platforms:
+      env["JAX_PLATFORMS"] = platforms
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "cpu" and r.stderr == "", (platforms, r.stderr)
