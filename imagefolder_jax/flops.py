@@ -191,6 +191,19 @@ def generator_train_flops(gc, tc=None, *, pretokenized: bool = False) -> dict:
   return out
 
 
+def sample_flops(gc, tc, *, guidance: bool = True) -> dict:
+  """Model FLOPs of one sample (`sampling.sample`): the generator over every position once (the KV
+  cache), twice with guidance (conditional and unconditional rows), the next-scale inputs per
+  branch (phi and resampling) and the tokenizer's decode."""
+  rows = 2 if guidance else 1
+  out = {"generator": rows * sum(generator_parts(gc).values())}
+  parts = tokenizer_parts(tc)
+  out["next_scale_inputs"] = parts["quantizer_resample"] + parts["quantizer_phi"]
+  out["decode"] = parts["decoder_matmul"] + parts["decoder_attention"]
+  out["total"] = sum(out.values())
+  return out
+
+
 def train_flops_per_example(task_or_config: Any, *, pretokenized: bool = False) -> dict:
   """Model FLOPs of one training example: {'total': float, <part>: float, ...}.
 

@@ -23,9 +23,14 @@ class FakeGenerator:
 
 
 class FakeFeatures:
-  def extract(self, batches, **kwargs):
-    images = np.concatenate(list(batches)).astype(np.float32)
-    return {"pool_3": images.reshape(len(images), -1)[:, :8], "spatial": images.reshape(len(images), -1)[:, :4]}
+  """`InceptionFeatures`' interface: at most `local_batch` images per call (one process: its own)."""
+  local_batch = 2
+
+  def __call__(self, images):
+    images = np.asarray(images, np.float32)
+    assert len(images) <= self.local_batch
+    flat = images.reshape(len(images), int(np.prod(images.shape[1:])))
+    return {"pool_3": flat[:, :8], "spatial": flat[:, :4]}
 
 
 def test_to_uint8_rounds_half_up():
@@ -50,3 +55,23 @@ def test_shards_resume_and_do_not_depend_on_batch_size(tmp_path):
   with pytest.raises(generation.ResumeError, match="cfg"):
     generation.generate_samples(FakeGenerator(), FakeFeatures(), generation.SampleRun(7, cfg=1.0, shard_size=3,
                                 classes=(1, 3)), str(tmp_path / "a"))
+
+
+def test_every_process_makes_the_same_number_of_feature_calls(monkeypatch):
+  """Each call is a collective: processes whose interleaved slices of a shard differ in length
+  (5 images over 2 processes: 3 and 2) still call as often as the longest slice needs."""
+  sizes = {}
+  for process in (0, 1):
+    calls = []
+
+    class Recording(FakeFeatures):
+      def __call__(self, images):
+        calls.append(len(images))
+        return super().__call__(images)
+
+    monkeypatch.setattr(generation.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(generation.jax, "process_index", lambda p=process: p)
+    out = generation._shard_features(Recording(), np.zeros((5, 2, 2, 3), np.uint8))
+    sizes[process] = calls
+    assert len(out["pool_3"]) == (3 if process == 0 else 2)
+  assert sizes == {0: [2, 1], 1: [2, 0]}

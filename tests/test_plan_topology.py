@@ -146,3 +146,17 @@ def test_the_compiler_extras_leave_other_commands_quiet():
       env["JAX_PLATFORMS"] = platforms
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "cpu" and r.stderr == "", (platforms, r.stderr)
+
+
+def test_sampler_compiles_for_tpu(parity_bundle):
+  """`plan --program sample`: the generator's batch sampler (guidance, top-k / top-p) over 4 v5e
+  chips, the tiny official tokenizer's decode included."""
+  from imagefolder_jax.planning.sampler import plan_sampler
+  config = load_config(TINY_GENERATOR, [f"--config.tokenizer_bundle={parity_bundle}"])
+  p = plan_sampler(config, {}, planning.parse_topology("v5e-4"), 8, top_k=20, top_p=0.9)
+  assert p.stage == "sampler" and p.fits and p.mesh["data"] == 4 and p.global_batch == 8
+  assert p.params_bytes > 0 and p.compiled_peak_bytes > p.argument_bytes > 0
+  assert p.roofline["seconds"] > 0 and p.optimal_seconds is None    # its filter loops: no cost-model time
+  assert "per image" in planning.format_plan(p)
+  with pytest.raises(planning.PlanError, match="--batch 6"):
+    plan_sampler(config, {}, planning.parse_topology("v5e-4"), 6)

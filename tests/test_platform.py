@@ -31,7 +31,7 @@ def test_target_follows_compiling_for_then_the_set_mesh_then_the_backend():
     assert seen == ["cpu"]
 
 
-def test_cpu_only_paths_are_left_out_of_other_targets():
+def test_cpu_only_paths_are_left_out_of_other_targets(monkeypatch):
   # The filter's cache-sized chunks (a lax.map over row chunks) and the tree-reduction option are
   # XLA:CPU's; a TPU or GPU program gets one wide pass and no option.
   assert filtering.compiler_options("cpu") and filtering.compiler_options("tpu") == {}
@@ -44,8 +44,13 @@ def test_cpu_only_paths_are_left_out_of_other_targets():
     return str(jaxpr).count("scan[") + str(jaxpr).count("while[")
 
   assert loops("tpu") < loops("cpu")
-  # cuDNN's fused attention is chosen for GPU targets only (16-bit, head size <= 128, multiple of 8).
+  # cuDNN's fused attention is chosen for GPU targets only (16-bit, head size <= 128, multiple of 8),
+  # where cuDNN can build it; a deviceless GPU compile (no cuDNN, no GPU) gets XLA's.
+  from imagefolder_jax.models import layers
   assert attention_implementation(jnp.bfloat16, 64) == "xla"
   with compiling_for("gpu"):
+    assert attention_implementation(jnp.bfloat16, 64) == "xla" and not layers.cudnn_attention_available()
+    monkeypatch.setattr(layers, "cudnn_attention_available", lambda: True)  # as on a GPU node
     assert attention_implementation(jnp.bfloat16, 64) == "cudnn"
     assert attention_implementation(jnp.float32, 64) == "xla"
+    assert attention_implementation(jnp.bfloat16, 256) == "xla"

@@ -22,7 +22,14 @@ def _add_plan(sub) -> None:
                   "Examples: imagefolder-jax plan --stage generator --config configs/generator_imagenet.py "
                   "--topology v5p-64 --mesh fsdp=8 --pretokenized; imagefolder-jax plan --stage tokenizer "
                   "--config configs/tokenizer_imagenet.py --topology h100-16 --mesh fsdp=8")
-  p.add_argument("--stage", choices=("tokenizer", "generator"), required=True)
+  p.add_argument("--program", choices=("train", "sample"), default="train",
+                 help="train: the --stage's train step; sample: the generator's batch sampler (needs --topology "
+                      "and --batch; --config is a generator config)")
+  p.add_argument("--stage", choices=("tokenizer", "generator"), help="--program train: which train step")
+  p.add_argument("--batch", type=int, help="--program sample: samples per sampler call over all chips")
+  p.add_argument("--top-k", type=int, default=750, help="--program sample: top-k of the filter (0 = off)")
+  p.add_argument("--top-p", type=float, default=0.95, help="--program sample: top-p of the filter (1 = off)")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), help="--program sample: generator compute dtype")
   p.add_argument("--config", required=True, help="config file, optionally file.py:arg (overrides: --config.a.b=v)")
   p.add_argument("--topology", help="v4-32, v5p-64, v5e-256 (v5litepod-256), v6e-64, v5p:4x4x4, h100-8, h100-16, "
                                     "h200-8, a100-8: compile with that platform's compiler")
@@ -55,6 +62,12 @@ def _ensure_devices(n: int) -> bool:
 def _run_plan(args) -> None:
   from imagefolder_jax import planning
   from imagefolder_jax.train.configuration import load_config
+  if args.program == "train" and args.stage is None:
+    raise CliError("plan --program train needs --stage tokenizer or --stage generator")
+  if args.program == "sample" and (args.topology is None or args.batch is None):
+    raise CliError("plan --program sample needs --topology and --batch")
+  if args.batch is not None and args.program != "sample":
+    raise CliError("--batch goes with --program sample (training batches come from --config.data.batch_size)")
   topology = None
   if args.topology:
     if args.devices is not None or args.chip is not None:
@@ -84,10 +97,15 @@ def _run_plan(args) -> None:
         raise SystemExit(code)
       return
   config = load_config(args.config, args.overrides)
-  result = planning.plan(args.stage, config, planning.parse_mesh(args.mesh), args.devices,
-                         args.chip.lower() if args.chip else None, mfu=args.mfu,
-                         pretokenized=True if args.pretokenized else None, compile=not args.no_compile,
-                         topology=topology)
+  if args.program == "sample":
+    from imagefolder_jax.planning.sampler import plan_sampler
+    result = plan_sampler(config, planning.parse_mesh(args.mesh), topology, args.batch, top_k=args.top_k,
+                          top_p=args.top_p, dtype=args.dtype)
+  else:
+    result = planning.plan(args.stage, config, planning.parse_mesh(args.mesh), args.devices,
+                           args.chip.lower() if args.chip else None, mfu=args.mfu,
+                           pretokenized=True if args.pretokenized else None, compile=not args.no_compile,
+                           topology=topology)
   if args.json:
     print(json.dumps(result.to_dict()))
     return

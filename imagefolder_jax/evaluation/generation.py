@@ -83,6 +83,17 @@ def _check_settings(work_dir: str, run: SampleRun, bundle: str) -> None:
     os.replace(path + ".tmp", path)
 
 
+def _shard_features(features, images: np.ndarray) -> dict:
+  """Inception features of a shard that every process holds in full: each process feeds its
+  interleaved slice, in as many calls (collectives) as the longest slice needs, so that every
+  process makes the same number of calls also when the slices differ in length."""
+  processes = jax.process_count()
+  mine = images[jax.process_index()::processes]
+  calls = -(-(-(-len(images) // processes)) // features.local_batch)
+  parts = [features(mine[i * features.local_batch:(i + 1) * features.local_batch]) for i in range(calls)]
+  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
 def shard_path(work_dir: str, start: int, end: int) -> str:
   return os.path.join(work_dir, f"shard_{start:07d}_{end:07d}.npz")
 
@@ -132,9 +143,7 @@ def generate_samples(generator, features, run: SampleRun, work_dir: str, bundle:
     sampling_time += time.perf_counter() - t0
     sampled += end - start
     images = np.concatenate(images)
-    # Every process holds the whole shard; each one feeds its interleaved slice (one process: all).
-    mine = images[jax.process_index()::jax.process_count()]
-    feats = features.extract([mine], what=f"inception features of samples {start}..{end}", every=1e9)
+    feats = _shard_features(features, images)
     if jax.process_index() == 0:
       tmp = path + ".tmp.npz"
       np.savez(tmp, images=images, labels=sample_labels(np.concatenate(numbers_done), classes),

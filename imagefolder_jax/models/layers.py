@@ -9,6 +9,7 @@ Logical axis names used across the package (mapped to mesh axes by
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
@@ -75,11 +76,24 @@ def remat_block(block_cls, policy: str, static_argnums: tuple[int, ...] = ()):
   return nn.remat(block_cls, policy=jax_policy, static_argnums=static_argnums)
 
 
+@functools.lru_cache(maxsize=None)
+def cudnn_attention_available() -> bool:
+  """Whether jax can build cuDNN's fused attention here: it reads the cuDNN library's version and
+  the local GPU's compute capability while tracing, so a deviceless compile for GPUs (`plan
+  --topology h100-8` on a CPU machine) cannot, and falls back to XLA's attention."""
+  try:
+    from jax._src.cudnn.fused_attention_stablehlo import check_cudnn_version
+    check_cudnn_version()
+    return bool(jax.devices("gpu"))
+  except Exception:  # RuntimeError (no cuDNN), no GPU backend, a jax without the module
+    return False
+
+
 def attention_implementation(dtype: Dtype, head_dim: int) -> Optional[str]:
   """The fused kernel where the target has one: cuDNN flash attention when compiling for GPUs
-  (`platform.target_platform()`) with 16-bit inputs and a supported head size; XLA's (plain softmax
-  attention) everywhere else."""
-  if target_platform() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 \
+  (`platform.target_platform()`) with 16-bit inputs and a supported head size, where cuDNN is
+  there to build it (`cudnn_attention_available`); XLA's (plain softmax attention) everywhere else."""
+  if target_platform() == "gpu" and cudnn_attention_available() and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 \
       and head_dim <= 128:
     return "cudnn"
   return "xla"

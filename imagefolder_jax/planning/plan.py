@@ -453,11 +453,21 @@ def format_plan(p: Plan) -> str:
                   f"{memory}, ICI {_ms(r['ici_seconds'])}, DCN {_ms(r['dcn_seconds'])}): "
                   f"{p.images_per_second:,.0f} images/s, MFU {p.implied_mfu:.0%} (a model of the compiled program, "
                   "not a measurement)")
+      if p.stage == "sampler":
+        matmul_bound = p.analytic_flops_per_step / (p.devices * p.peak_flops)
+        rows.append(f"  per image       {_ms(p.step_seconds / p.global_batch)} by the roofline; the matmul-FLOP "
+                    f"roofline (analytic FLOPs / chips x peak) gives {_ms(matmul_bound / p.global_batch)} "
+                    f"({p.step_seconds / matmul_bound:.1f}x)")
       rows.append("  cost model      " + (f"optimal_seconds {_ms(p.optimal_seconds)}"
                                          if p.optimal_seconds is not None else "no valid time")
                   + (f" ({p.optimal_note})" if p.optimal_note else ""))
       for warning in p.compiler_warnings:
         rows.append(f"  warning         {warning}")
+      if p.compiler == "gpu":
+        from imagefolder_jax.models.layers import cudnn_attention_available
+        if not cudnn_attention_available():
+          rows.append("  note            attention compiled as XLA's: cuDNN's fused attention needs cuDNN and a GPU "
+                      "to trace (a bf16 run on the node uses it, with less memory)")
       if p.compiler_options:
         rows.append("  note            compiled with xla_gpu_enable_triton_gemm=false: a deviceless compile cannot "
                     "autotune Triton's GEMM tiles")

@@ -1,0 +1,119 @@
+"""The compiled plan tables of docs/planning.md: `imagefolder-jax plan --topology ... --json` for the
+ImageNet recipes on TPU and GPU topologies, one subprocess per case (not a test).
+
+  python bench/plan_tables.py --out runs/plans.jsonl            # every case (hours on 2 cores)
+  python bench/plan_tables.py --out runs/plans.jsonl --only d16 # cases whose name holds 'd16'
+  python bench/plan_tables.py --out runs/plans.jsonl --table    # the markdown tables of what is done
+
+Finished cases are kept in --out (JSON lines) and skipped on a rerun. Each line holds the command,
+the CPU, the date and compile seconds beside the plan.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GEN, TOK = "configs/generator_imagenet.py", "configs/tokenizer_imagenet.py"
+
+# name -> plan arguments. Generator batch 768, tokenizer 1024 (the papers' recipes).
+CASES = {
+    "tokenizer v5p-64 data=4,fsdp=8": ["--stage", "tokenizer", "--config", TOK, "--topology", "v5p-64",
+                                        "--mesh", "data=4,fsdp=8"],
+    "tokenizer h100-8 fsdp=8": ["--stage", "tokenizer", "--config", TOK, "--topology", "h100-8", "--mesh", "fsdp=8"],
+    "tokenizer h100-16 fsdp=8": ["--stage", "tokenizer", "--config", TOK, "--topology", "h100-16", "--mesh", "fsdp=8"],
+    **{f"generator d{d} v5p-64 data=4,fsdp=8": ["--stage", "generator", "--config", f"{GEN}:{d}", "--pretokenized",
+                                                 "--topology", "v5p-64", "--mesh", "data=4,fsdp=8"]
+       for d in (16, 20, 24, 30)},
+    **{f"generator d{d} h100-8 fsdp=8": ["--stage", "generator", "--config", f"{GEN}:{d}", "--pretokenized",
+                                         "--topology", "h100-8", "--mesh", "fsdp=8"] for d in (16, 20, 24, 30)},
+    **{f"generator d{d} v5e-256 data=32,fsdp=8": ["--stage", "generator", "--config", f"{GEN}:{d}", "--pretokenized",
+                                                   "--topology", "v5e-256", "--mesh", "data=32,fsdp=8"]
+       for d in (16, 30)},
+    "generator d16 v6e-64 data=8,fsdp=8": ["--stage", "generator", "--config", f"{GEN}:16", "--pretokenized",
+                                           "--topology", "v6e-64", "--mesh", "data=8,fsdp=8"],
+    "generator d16 v5p-64 x2 slices fsdp=8": ["--stage", "generator", "--config", f"{GEN}:16", "--pretokenized",
+                                              "--topology", "v5p-64", "--slices", "2", "--mesh", "data=4,fsdp=8"],
+    "generator d16 h100-16 fsdp=8": ["--stage", "generator", "--config", f"{GEN}:16", "--pretokenized",
+                                     "--topology", "h100-16", "--mesh", "fsdp=8"],
+    **{f"sampler d{d} v5e-1 batch {b}": ["--program", "sample", "--config", f"{GEN}:{d}", "--topology", "v5e-1",
+                                          "--batch", str(b)] for d in (16, 30) for b in (64, 256)},
+}
+
+
+def cpu_name() -> str:
+  try:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+  except (OSError, StopIteration):
+    return platform.processor() or "unknown CPU"
+
+
+def run_case(name: str, args: list) -> dict:
+  command = [sys.executable, "-m", "imagefolder_jax.cli", "plan", *args, "--json"]
+  t0 = time.perf_counter()
+  r = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  seconds = time.perf_counter() - t0
+  record = {"case": name, "command": "imagefolder-jax plan " + " ".join(args), "cpu": cpu_name(),
+            "date": datetime.date.today().isoformat(), "compile_seconds": round(seconds, 1)}
+  if r.returncode != 0:
+    record["error"] = (r.stderr.strip().splitlines() or ["?"])[-1]
+  else:
+    record["plan"] = json.loads(r.stdout.strip().splitlines()[-1])
+  return record
+
+
+def table(records: list) -> str:
+  gib = lambda b: "—" if b is None else f"{b / 2 ** 30:.1f}"
+  rows = ["| case | peak / chip memory (GiB) | fits | arguments / temporaries (GiB) | FLOPs/step analytic, "
+          "compiled x chips | collectives per step | roofline step | MFU | compile |",
+          "|---|---|---|---|---|---|---|---|---|"]
+  for r in records:
+    if "error" in r:
+      rows.append(f"| {r['case']} | error: {r['error'][:120]} | | | | | | | |")
+      continue
+    p = r["plan"]
+    coll = ", ".join(f"{k} x{v['count']} {v['bytes'] / 2 ** 20:.0f} MiB" for k, v in p["collectives"].items()
+                     if isinstance(v, dict)) or "—"
+    compiled = "" if p["flops_per_chip"] is None else f", {p['flops_per_chip'] * p['chips']:.2e}"
+    fits = "yes" if p["fits"] else ("**no**: " + p["out_of_memory"] if p["out_of_memory"] else "**no**")
+    step = "—" if not p["roofline_seconds"] else f"{p['roofline_seconds'] * 1e3:.0f} ms"
+    mfu = "—" if not p["roofline_seconds"] else f"{p['implied_mfu']:.0%}"
+    rows.append(f"| {r['case']} | {gib(p['peak_bytes'])} / {gib(p['memory_limit'])} | {fits} | "
+                f"{gib(p['argument_bytes'])} / {gib(p['temp_bytes'])} | {p['analytic_flops_per_step']:.2e}{compiled} | "
+                f"{coll} | {step} | {mfu} | {r['compile_seconds']:.0f} s |")
+  return "\n".join(rows)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", required=True, help="JSON lines file (finished cases are skipped)")
+  parser.add_argument("--only", default="", help="run the cases whose name holds this text")
+  parser.add_argument("--table", action="store_true", help="print the markdown table of --out and stop")
+  args = parser.parse_args()
+  done = []
+  if os.path.exists(args.out):
+    with open(args.out) as f:
+      done = [json.loads(line) for line in f if line.strip()]
+  if args.table:
+    print(table(done))
+    return
+  finished = {r["case"] for r in done}
+  for name, case_args in CASES.items():
+    if args.only not in name or name in finished:
+      continue
+    print(f"{name} ...", flush=True)
+    record = run_case(name, case_args)
+    with open(args.out, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    print(table([record]).splitlines()[-1], flush=True)
+
+
+if __name__ == "__main__":
+  main()
