@@ -26,8 +26,11 @@ GEN, TOK = "configs/generator_imagenet.py", "configs/tokenizer_imagenet.py"
 CASES = {
     "tokenizer v5p-64 data=4,fsdp=8": ["--stage", "tokenizer", "--config", TOK, "--topology", "v5p-64",
                                         "--mesh", "data=4,fsdp=8"],
+    "tokenizer v5p-64 data=4,fsdp=8 remat=full": ["--stage", "tokenizer", "--config", TOK, "--topology", "v5p-64",
+                                                   "--mesh", "data=4,fsdp=8", "--config.train.remat=full"],
     "tokenizer h100-8 fsdp=8": ["--stage", "tokenizer", "--config", TOK, "--topology", "h100-8", "--mesh", "fsdp=8"],
     "tokenizer h100-16 fsdp=8": ["--stage", "tokenizer", "--config", TOK, "--topology", "h100-16", "--mesh", "fsdp=8"],
+    "tokenizer h100-32 fsdp=8": ["--stage", "tokenizer", "--config", TOK, "--topology", "h100-32", "--mesh", "fsdp=8"],
     **{f"generator d{d} v5p-64 data=4,fsdp=8": ["--stage", "generator", "--config", f"{GEN}:{d}", "--pretokenized",
                                                  "--topology", "v5p-64", "--mesh", "data=4,fsdp=8"]
        for d in (16, 20, 24, 30)},
@@ -83,9 +86,17 @@ def table(records: list) -> str:
                      if isinstance(v, dict)) or "—"
     compiled = "" if p["flops_per_chip"] is None else f", {p['flops_per_chip'] * p['chips']:.2e}"
     fits = "yes" if p["fits"] else ("**no**: " + p["out_of_memory"] if p["out_of_memory"] else "**no**")
-    step = "—" if not p["roofline_seconds"] else f"{p['roofline_seconds'] * 1e3:.0f} ms"
+    roof = p["roofline"]
+    parts = "" if not roof else " (" + " / ".join(
+        f"{label} {roof[key] * 1e3:.0f}" for label, key in (("compute", "compute_seconds"), ("HBM", "memory_seconds"),
+                                                              ("ICI", "ici_seconds"), ("DCN", "dcn_seconds"))
+        if roof.get(key)) + ")"
+    step = "—" if not p["roofline_seconds"] else f"{p['roofline_seconds'] * 1e3:.0f} ms{parts}"
     mfu = "—" if not p["roofline_seconds"] else f"{p['implied_mfu']:.0%}"
-    rows.append(f"| {r['case']} | {gib(p['peak_bytes'])} / {gib(p['memory_limit'])} | {fits} | "
+    peak = max(p["peak_bytes"] or 0, (p["argument_bytes"] or 0) + (p["output_bytes"] or 0) - (p["alias_bytes"] or 0)
+               + (p["temp_bytes"] or 0))
+    fits = fits if (peak <= p["memory_limit"] or not p["fits"]) else "**no**"
+    rows.append(f"| {r['case']} | {gib(peak)} / {gib(p['memory_limit'])} | {fits} | "
                 f"{gib(p['argument_bytes'])} / {gib(p['temp_bytes'])} | {p['analytic_flops_per_step']:.2e}{compiled} | "
                 f"{coll} | {step} | {mfu} | {r['compile_seconds']:.0f} s |")
   return "\n".join(rows)

@@ -6,9 +6,9 @@
   environment variable silences it. Those two steps run here with file descriptor 2 captured; every
   other line is written back.
 * libtpu (and the CUDA plugin), when JAX_PLATFORMS is unset, try to start their backends on any
-  host and print initialisation errors and tracebacks. Where the host has no TPU chip (no Google
-  PCI device, as jax's own check), JAX_PLATFORMS is set to the platforms the host has: `cuda,cpu`
-  with an NVIDIA PCI device and the CUDA plugin, else `cpu`.
+  host and print initialisation errors and tracebacks. Where the host has no TPU chip (jax's own
+  PCI check), JAX_PLATFORMS is set to the platforms the host has: `cuda,cpu` with an NVIDIA PCI
+  device and the CUDA plugin, else `cpu`.
 
 Without either plugin installed, or with JAX_PLATFORMS set, nothing is changed. Compile-only
 devices for `plan` do not depend on these backends (`planning.topology`).
@@ -66,8 +66,7 @@ def filtered_stderr(noise: Sequence[str]) -> Iterator[None]:
 
 
 def _pci_vendors() -> set[str]:
-  """Vendor ids of the host's PCI devices ('0x1ae0' Google TPU, '0x10de' NVIDIA), read as jax's
-  own hardware check does, without importing jax."""
+  """Vendor ids of the host's PCI devices ('0x10de' NVIDIA), read without importing jax."""
   vendors = set()
   root = "/sys/bus/pci/devices"
   for name in os.listdir(root) if os.path.isdir(root) else ():
@@ -77,6 +76,20 @@ def _pci_vendors() -> set[str]:
     except OSError:
       continue
   return vendors
+
+
+def _tpu_chips() -> int:
+  """TPU chips on this host by jax's own PCI check (`jax/_src/hardware_utils.py`, loaded as a file:
+  importing it as `jax._src...` would import jax first). Unknown -> 1 (leave jax alone)."""
+  try:
+    spec = importlib.util.find_spec("jax")
+    path = os.path.join(os.path.dirname(spec.origin), "_src", "hardware_utils.py")
+    module_spec = importlib.util.spec_from_file_location("_ifj_jax_hardware_utils", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return int(module.num_available_tpu_chips_and_device_id()[0])
+  except Exception:  # pylint: disable=broad-except  # another jax layout: do not guess
+    return 1
 
 
 def _host_platforms(vendors: set[str]) -> str:
@@ -90,10 +103,10 @@ def import_jax() -> None:
   cuda_plugin, libtpu = _installed("jax_cuda12_plugin"), _installed("libtpu")
   if not (cuda_plugin or libtpu):
     return
-  if os.environ.get("JAX_PLATFORMS") is None:
-    vendors = _pci_vendors()
-    if "0x1ae0" not in vendors:  # no TPU chip here: libtpu would only print its start-up errors
-      os.environ["JAX_PLATFORMS"] = _host_platforms(vendors)
+  if os.environ.get("JAX_PLATFORMS") is None and _tpu_chips() == 0:
+    # No TPU chip here: libtpu would only print its start-up errors (and the CUDA plugin its own
+    # without a GPU).
+    os.environ["JAX_PLATFORMS"] = _host_platforms(_pci_vendors())
   if not cuda_plugin:
     return
   with filtered_stderr(CUDA_PLUGIN_NOISE):

@@ -209,13 +209,16 @@ def collectives(text: str, devices: Optional[Sequence[Any]] = None) -> dict:
   'unknown_trip_counts' (loops whose collectives were counted once).
 
   devices: the program's devices in mesh order (`list(mesh.devices.flat)`): collectives whose groups
-  span slices (or, without slices, processes = GPU nodes) count into 'cross_bytes' (the DCN's)."""
+  span TPU slices or GPU nodes (processes) count into 'cross_bytes' (the DCN's / network's)."""
   computations, entry = parse(text)
   counts, unknown, _ = executions(computations, entry)
   granule: Optional[Callable] = None
   if devices is not None:
-    multi_slice = len({getattr(d, "slice_index", 0) for d in devices}) > 1
-    granule = (lambda i: devices[i].slice_index) if multi_slice else (lambda i: devices[i].process_index)
+    # TPU hosts of one slice talk over ICI: only slices are apart. GPU nodes are processes.
+    if len({getattr(d, "slice_index", 0) for d in devices}) > 1:
+      granule = lambda i: devices[i].slice_index
+    elif devices and devices[0].platform != "tpu":
+      granule = lambda i: devices[i].process_index
   merged: dict = {}
   for computation, instructions in computations.items():
     runs = counts.get(computation, 0)

@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 
 from imagefolder_jax.planning.errors import PlanError
-from imagefolder_jax.planning.plan import (GPU_COMPILER_OPTIONS, Plan, _per_device_bytes, analyze_compiled, compile_for,
+from imagefolder_jax.planning.planner import (GPU_COMPILER_OPTIONS, Plan, _per_device_bytes, analyze_compiled, compile_for,
                                            default_mesh_sizes, make_task)
 from imagefolder_jax.planning.topology import Topology, compile_only_devices
 
