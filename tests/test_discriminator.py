@@ -349,12 +349,11 @@ def test_converter_names_missing_mismatched_and_unexpected_tensors():
 
 
 def test_official_head_layout_matches_reference_tsv():
-  """The official (ViT-S, 5 heads, k=9) names and shapes, as listed in reference/dinodisc_state_dict.tsv."""
+  """The official (ViT-S, 5 heads, k=9) names and shapes, as listed in
+  fixtures/official_layout/dinodisc_state_dict.tsv."""
   import ast
   import os
-  path = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "dinodisc_state_dict.tsv")
-  if not os.path.isfile(path):
-    pytest.skip("reference tsv not present")
+  path = os.path.join(os.path.dirname(__file__), "fixtures", "official_layout", "dinodisc_state_dict.tsv")
   sd = {}
   with open(path) as f:
     next(f)

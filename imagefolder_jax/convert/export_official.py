@@ -12,7 +12,7 @@ Writes, for a bundle holding a tokenizer (and optionally a generator):
                           --config` reads it), plus the full imagefolder-jax configs under
                           "imagefolder_jax" so that a round trip restores fields shapes cannot tell
 
-Every name, shape, dtype and layout follows `shared/reference/{tokenizer,ar}_state_dict.tsv`:
+Every name, shape, dtype and layout follows `tests/fixtures/official_layout/{tokenizer,ar}_state_dict.tsv`:
 NCHW convolutions, (out, in) linear weights, int64 level buffers, the 0/-inf block-causal mask.
 Only what the official constructors can build is exported; anything else raises `ExportError`
 naming the option (see `check_tokenizer` / `check_generator`).
