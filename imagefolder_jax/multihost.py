@@ -144,10 +144,7 @@ class Watchdog(threading.Thread):
     if self._stop.is_set():
       return
     self._stop.set()
-    try:
-      self.client.key_value_set(f"ifj/done/{self.me}", "1", allow_overwrite=True)
-    except Exception:  # pylint: disable=broad-except  # the job is ending anyway
-      pass
+    _mark_ended("1")
 
   def _die(self, message: str) -> None:
     if self._stop.is_set():
@@ -168,7 +165,7 @@ class Watchdog(threading.Thread):
         beat += 1
         self.client.key_value_set(f"ifj/alive/{self.me}", str(beat), allow_overwrite=True)
         for q, (value, since) in list(seen.items()):
-          if _try_get(self.client, f"ifj/done/{q}") == "1":
+          if _try_get(self.client, f"{_DONE_PREFIX}/{q}") == "1":
             del seen[q]
             continue
           current = _try_get(self.client, f"ifj/alive/{q}")
@@ -328,7 +325,6 @@ def exchange(name: str, value: str) -> list[str]:
     return [value]
   client = _client()
   if client is None:  # processes jax detected without a coordination client: a collective will do
-    from imagefolder_jax.parallel import allgather_bytes
     texts = [b.decode() for b in allgather_bytes(f"{name}\n{value}".encode())]
     return [_check_name(name, t, q) for q, t in enumerate(texts)]
   number = next(_barrier_numbers)
@@ -360,6 +356,19 @@ def exchange(name: str, value: str) -> list[str]:
     except Exception:  # pylint: disable=broad-except  # a leftover key costs a few bytes
       pass
   return values
+
+
+def allgather_bytes(data: bytes) -> list[bytes]:
+  """Every process's `data`, in process order, on every process (a collective)."""
+  if jax.process_count() == 1:
+    return [data]
+  from jax.experimental import multihost_utils
+  lengths = np.asarray(multihost_utils.process_allgather(np.asarray([len(data)], np.int64)))
+  longest = int(lengths.max())
+  buffer = np.zeros((longest,), np.uint8)
+  buffer[:len(data)] = np.frombuffer(data, np.uint8)
+  gathered = np.asarray(multihost_utils.process_allgather(buffer))
+  return [gathered[i, :int(n)].tobytes() for i, n in enumerate(lengths.reshape(-1))]
 
 
 def _check_name(name: str, text: str, process: int) -> str:

@@ -23,8 +23,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 # Process lifecycle lives in `multihost`; re-exported here because every caller of the sharding
 # helpers needs them too.
 from imagefolder_jax.multihost import (  # noqa: F401
-    BarrierError, DistributedError, any_process, compile_then_sync, exchange, initialize_distributed,
-    is_primary, spans_processes, sync)
+    BarrierError, DistributedError, allgather_bytes, any_process, compile_then_sync, exchange,
+    initialize_distributed, is_primary, spans_processes, sync)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -312,19 +312,6 @@ def put_global(tree: Any, shardings: Any) -> Any:
       return jax.device_put(x, sharding)
     return global_from_full(x, sharding)
   return jax.tree.map(one, tree, shardings)
-
-
-def allgather_bytes(data: bytes) -> list[bytes]:
-  """Every process's `data`, in process order, on every process (a collective)."""
-  if jax.process_count() == 1:
-    return [data]
-  from jax.experimental import multihost_utils
-  lengths = np.asarray(multihost_utils.process_allgather(np.asarray([len(data)], np.int64)))
-  longest = int(lengths.max())
-  buffer = np.zeros((longest,), np.uint8)
-  buffer[:len(data)] = np.frombuffer(data, np.uint8)
-  gathered = np.asarray(multihost_utils.process_allgather(buffer))
-  return [gathered[i, :int(n)].tobytes() for i, n in enumerate(lengths.reshape(-1))]
 
 
 def to_host(tree: Any) -> Any:

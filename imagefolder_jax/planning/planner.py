@@ -147,7 +147,7 @@ def parse_mesh(text: str) -> dict:
   return out
 
 
-def _per_device_bytes(abstract: Any, shardings: Any) -> float:
+def per_device_bytes(abstract: Any, shardings: Any) -> float:
   """Bytes one device holds of a tree of ShapeDtypeStructs placed with `shardings`."""
   total = 0
   for x, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)):
@@ -383,12 +383,12 @@ def plan(stage: str, config: ml_collections.ConfigDict, mesh_sizes: dict, device
         fields["out_of_memory"] = refusal
       else:
         fields.update(analyze_compiled(compiled, list(np.asarray(mesh.devices).flat), spec, analytic))
-  parts = {k: _per_device_bytes(abstract[k], shardings[k]) for k in ("params", "opt_state", "ema_params")}
-  other = sum(_per_device_bytes(abstract[k], shardings[k]) for k in abstract if k not in parts)
+  parts = {k: per_device_bytes(abstract[k], shardings[k]) for k in ("params", "opt_state", "ema_params")}
+  other = sum(per_device_bytes(abstract[k], shardings[k]) for k in abstract if k not in parts)
   return Plan(stage=stage, mesh=dict(mesh.shape), devices=len(target), chip=chip_name, global_batch=batch,
               params_bytes=parts["params"], opt_state_bytes=parts["opt_state"], ema_bytes=parts["ema_params"],
-              other_state_bytes=other, frozen_bytes=_per_device_bytes(frozen, frozen_shardings),
-              batch_bytes=_per_device_bytes(batch_abstract, [v.sharding for v in batch_abstract.values()]),
+              other_state_bytes=other, frozen_bytes=per_device_bytes(frozen, frozen_shardings),
+              batch_bytes=per_device_bytes(batch_abstract, [v.sharding for v in batch_abstract.values()]),
               analytic_flops_per_step=analytic, peak_flops=peak, mfu=mfu, chip_memory=memory,
               num_params=int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract["params"]))),
               compiler=compiler, topology=topology.describe() if topology is not None else None,

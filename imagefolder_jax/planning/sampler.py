@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 
 from imagefolder_jax.planning.errors import PlanError
-from imagefolder_jax.planning.planner import (GPU_COMPILER_OPTIONS, Plan, _per_device_bytes, analyze_compiled, compile_for,
+from imagefolder_jax.planning.planner import (GPU_COMPILER_OPTIONS, Plan, per_device_bytes, analyze_compiled, compile_for,
                                            default_mesh_sizes, make_task)
 from imagefolder_jax.planning.topology import Topology, compile_only_devices
 
@@ -58,9 +58,9 @@ def plan_sampler(config: ml_collections.ConfigDict, mesh_sizes: dict, topology: 
     fields.update(analyze_compiled(compiled, list(np.asarray(mesh.devices).flat), topology.chip, analytic))
   chip = topology.chip
   return Plan(stage="sampler", mesh=dict(mesh.shape), devices=len(devices), chip=chip.name, global_batch=batch,
-              params_bytes=_per_device_bytes(generator_vars, jax.tree.map(lambda x: x.sharding, generator_vars)),
+              params_bytes=per_device_bytes(generator_vars, jax.tree.map(lambda x: x.sharding, generator_vars)),
               opt_state_bytes=0.0, ema_bytes=0.0, other_state_bytes=0.0,
-              frozen_bytes=_per_device_bytes(tokenizer_vars, jax.tree.map(lambda x: x.sharding, tokenizer_vars)),
+              frozen_bytes=per_device_bytes(tokenizer_vars, jax.tree.map(lambda x: x.sharding, tokenizer_vars)),
               batch_bytes=float(2 * 4 * batch / shards), analytic_flops_per_step=analytic,
               peak_flops=chip.peak_flops, mfu=1.0, chip_memory=chip.memory_bytes,
               num_params=int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))),
