@@ -87,10 +87,11 @@ def _shard_features(features, images: np.ndarray) -> dict:
   """Inception features of a shard that every process holds in full: each process feeds its
   interleaved slice, in as many calls (collectives) as the longest slice needs, so that every
   process makes the same number of calls also when the slices differ in length."""
-  processes = jax.process_count()
+  processes, rows = jax.process_count(), features.local_batch
   mine = images[jax.process_index()::processes]
-  calls = -(-(-(-len(images) // processes)) // features.local_batch)
-  parts = [features(mine[i * features.local_batch:(i + 1) * features.local_batch]) for i in range(calls)]
+  longest_slice = -(-len(images) // processes)
+  calls = -(-longest_slice // rows)
+  parts = [features(mine[i * rows:(i + 1) * rows]) for i in range(calls)]
   return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
