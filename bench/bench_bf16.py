@@ -34,10 +34,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_sampling import cpu_name  # noqa: E402
 
+from imagefolder_jax.inference.sampling import SamplerSettings, make_sampler  # noqa: E402
 from imagefolder_jax.models.generator import NextScaleGenerator  # noqa: E402
 from imagefolder_jax.models.tokenizer import ImageFolderTokenizer  # noqa: E402
 from imagefolder_jax.ops.filtering import sample_with_retries  # noqa: E402
-from imagefolder_jax.sampling import SamplerSettings, make_sampler  # noqa: E402
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "parity_tiny")
 
@@ -146,7 +146,8 @@ def main(argv=None):
   for model in [m for m in args.models.split(",") if m]:
     r = compare(model, args.batch, args.reps)
     print(f"| {r['model']} | {r['batch']} | {100 * r['agree']:.1f}% | {100 * r['first_scale_agree']:.0f}% "
-          f"| {100 * r['same_context']:.1f}% | {r['max_rel']:.2e} | {r['rel_l2']:.2e} | {r['t32']:.3f} | {r['t16']:.3f} | {r['t32'] / r['t16']:.2f}× |",
+          f"| {100 * r['same_context']:.1f}% | {r['max_rel']:.2e} | {r['rel_l2']:.2e} | {r['t32']:.3f} "
+          f"| {r['t16']:.3f} | {r['t32'] / r['t16']:.2f}× |",
           flush=True)
 
 

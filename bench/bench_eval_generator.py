@@ -23,9 +23,10 @@ def main():
   parser.add_argument("--batch-size", type=int, default=16)
   args = parser.parse_args()
   import jax
+
   from imagefolder_jax.evaluation.features import InceptionFeatures
   from imagefolder_jax.evaluation.generation import SampleRun, generate_samples
-  from imagefolder_jax.generation import Generator
+  from imagefolder_jax.inference.generator import Generator
   from imagefolder_jax.parallel import make_mesh
   mesh = make_mesh()
   gen = Generator.load(args.bundle, mesh=mesh)

@@ -13,6 +13,7 @@ def main():
   args = parser.parse_args()
   import jax
   import torch
+
   from imagefolder_jax.convert.inception import convert_inception, load_torchscript
   from imagefolder_jax.evaluation.features import InceptionFeatures
   config, variables = convert_inception()
@@ -20,14 +21,20 @@ def main():
   theirs = load_torchscript()
   images = np.random.default_rng(0).integers(0, 256, (args.batch, 299, 299, 3), dtype=np.uint8)
   x = torch.from_numpy(((images.astype(np.float32) - 128) / 128).transpose(0, 3, 1, 2).copy())
-  t0 = time.perf_counter(); ours(images); compile_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  ours(images)
+  compile_s = time.perf_counter() - t0
   with torch.no_grad():
     theirs(x)
   rows = {"ours": [], "torchscript": []}
   for _ in range(args.rounds):
-    t0 = time.perf_counter(); ours(images); rows["ours"].append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    ours(images)
+    rows["ours"].append(time.perf_counter() - t0)
     with torch.no_grad():
-      t0 = time.perf_counter(); theirs(x); rows["torchscript"].append(time.perf_counter() - t0)
+      t0 = time.perf_counter()
+      theirs(x)
+      rows["torchscript"].append(time.perf_counter() - t0)
   print(f"batch {args.batch}, {args.rounds} alternating rounds, torch threads {torch.get_num_threads()}, "
         f"our first call (compile) {compile_s:.1f} s")
   print("| network | median s/batch | images/s |\n|---|---|---|")

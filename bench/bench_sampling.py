@@ -21,11 +21,11 @@ import time
 import jax
 import jax.numpy as jnp
 
+from imagefolder_jax.inference.sampling import SamplerSettings, make_sampler
 from imagefolder_jax.models.generator import GeneratorConfig, NextScaleGenerator
 from imagefolder_jax.models.quantizer import QuantizerConfig
 from imagefolder_jax.models.tokenizer import ImageFolderTokenizer, TokenizerConfig
 from imagefolder_jax.models.vit import ViTConfig
-from imagefolder_jax.sampling import SamplerSettings, make_sampler
 
 SIZES = {
     "tiny": (TokenizerConfig(vit=ViTConfig(width=64, depth=2, num_heads=2),

@@ -16,7 +16,7 @@ weights, same batch, same CPU.
 
 Timing: median of `--reps` steps per side in alternating blocks (bench_vs_official.blocked_medians),
 our compile time apart. Threads: PyTorch's default (one per core) and XLA's. Each side's achieved
-model FLOP/s uses one analytic count (imagefolder_jax.flops, PaLM convention) for both sides.
+model FLOP/s uses one analytic count (imagefolder_jax.planning.flops, PaLM convention) for both sides.
 """
 from __future__ import annotations
 
@@ -38,8 +38,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch_reference as ref  # noqa: E402
 from bench_vs_official import blocked_medians, convert  # noqa: E402
 
-from imagefolder_jax import flops  # noqa: E402
 from imagefolder_jax.models.generator import generator_loss  # noqa: E402
+from imagefolder_jax.planning import flops  # noqa: E402
 from imagefolder_jax.train import losses, optim  # noqa: E402
 
 SHAPES = {

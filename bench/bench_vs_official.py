@@ -28,16 +28,16 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import torch_reference as ref  # noqa: E402
 import stage_breakdown  # noqa: E402
+import torch_reference as ref  # noqa: E402
 from bench_sampling import cpu_name, decoder_flops, generator_flops, matmul_flops_per_s  # noqa: E402
 
 from imagefolder_jax.convert.common import StateDict  # noqa: E402
 from imagefolder_jax.convert.official import infer_tokenizer_config, tokenizer_variables  # noqa: E402
 from imagefolder_jax.convert.official_generator import generator_variables, infer_generator_config  # noqa: E402
+from imagefolder_jax.inference.sampling import SamplerSettings, make_sampler  # noqa: E402
 from imagefolder_jax.models.generator import NextScaleGenerator  # noqa: E402
 from imagefolder_jax.models.tokenizer import ImageFolderTokenizer  # noqa: E402
-from imagefolder_jax.sampling import SamplerSettings, make_sampler  # noqa: E402
 
 SHAPES = {
     "tiny": ref.OfficialShape(var_depth=2, vit_width=64, vit_depth=2, vit_heads=2),

@@ -7,7 +7,7 @@ Rows: d17 sampling latency at batch 1 and throughput at batch 64 (float32 and bf
 tokenizer's encode and decode throughput (ViT-B, 256 px), and one training step's achieved model
 TFLOP/s and MFU for the generator at d16 and the tokenizer (L2 + LPIPS + vq/commitment). Random
 weights (speed does not depend on them). Each timing: median of --reps runs after one warm-up,
-compile time apart. MFU: analytic FLOPs (imagefolder_jax.flops) ÷ the chip's bf16 peak
+compile time apart. MFU: analytic FLOPs (imagefolder_jax.planning.flops) ÷ the chip's bf16 peak
 (flops.PEAK_FLOPS; on a CPU its measured float32 matmul rate).
 """
 from __future__ import annotations
@@ -21,12 +21,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from imagefolder_jax import flops
+from imagefolder_jax.inference.sampling import SamplerSettings, make_sampler
 from imagefolder_jax.models.generator import GeneratorConfig, NextScaleGenerator, generator_loss
 from imagefolder_jax.models.quantizer import QuantizerConfig
 from imagefolder_jax.models.tokenizer import ImageFolderTokenizer, TokenizerConfig
 from imagefolder_jax.models.vit import ViTConfig
-from imagefolder_jax.sampling import SamplerSettings, make_sampler
+from imagefolder_jax.planning import flops
 from imagefolder_jax.train import losses, optim
 
 
@@ -189,7 +189,8 @@ def main(argv=None):
   name, peak = flops.peak_flops_per_device(device)
   train_batch = args.train_batch or (2 if args.smoke else 32)
   print(f"device: {device.device_kind} ({device.platform}), {jax.device_count()} devices; peak used for MFU: "
-        f"{name} {peak / 1e12:.3g} TFLOP/s; jax {jax.__version__}; {'SMOKE (tiny sizes)' if args.smoke else 'released sizes'}\n")
+        f"{name} {peak / 1e12:.3g} TFLOP/s; jax {jax.__version__}; "
+        f"{'SMOKE (tiny sizes)' if args.smoke else 'released sizes'}\n")
   tc = tokenizer_config(args.smoke)
   tok, tok_vars = init_tokenizer(tc)
   print("| what | time | rate | model TFLOP/s, MFU | compile s |")

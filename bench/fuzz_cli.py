@@ -43,9 +43,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
+import fuzz_cases  # noqa: E402
 import numpy as np  # noqa: E402
 
-import fuzz_cases  # noqa: E402
 from imagefolder_jax.cli import main  # noqa: E402
 
 PARITY = os.path.join(ROOT, "tests", "fixtures", "parity_tiny")
@@ -108,8 +108,9 @@ def run_case(family: str, rng, case_dir: str, bundle: str, assets: dict) -> dict
     kind = str(rng.choice(sorted(fuzz_cases.BUNDLE_DAMAGE)))
     damaged = fuzz_cases.damage_bundle(bundle, os.path.join(case_dir, "bundle"), kind, rng)
     image = fuzz_cases.write_image(case_dir, "rgb_png", rng, 0)
-    argv = (["sample", "--bundle", damaged, "--classes", "99999", "--reference", image, "--out", out]
-            if rng.uniform() < 0.5 or kind.startswith("generator_") else ["reconstruct", "--bundle", damaged, "--out", out, image])
+    sample = ["sample", "--bundle", damaged, "--classes", "99999", "--reference", image, "--out", out]
+    reconstruct = ["reconstruct", "--bundle", damaged, "--out", out, image]
+    argv = sample if rng.uniform() < 0.5 or kind.startswith("generator_") else reconstruct
   elif family == "official":
     kind = str(rng.choice(sorted(fuzz_cases.OFFICIAL_DAMAGE)))
     bad = os.path.join(case_dir, "tokenizer.pt")
@@ -211,7 +212,8 @@ def run_case(family: str, rng, case_dir: str, bundle: str, assets: dict) -> dict
 def _same_variables(a, b, models=None) -> bool:
   """Bundles a and b hold equal arrays (of `models` only, when given)."""
   import jax
-  from imagefolder_jax.checkpoint import load_bundle
+
+  from imagefolder_jax.storage.bundle import load_bundle
   try:
     (_, va), (_, vb) = load_bundle(a), load_bundle(b)
     if models is not None:
@@ -237,11 +239,11 @@ def _share_pristine(model_cls, bundle: str) -> None:
 def _share_pristine_checks(bundle: str) -> None:
   """The undamaged bundle's variable check (an abstract init per model) and `load_bundle` (the
   generator task reads the frozen tokenizer with it) run once; damaged copies are checked afresh."""
-  from imagefolder_jax import checkpoint
   from imagefolder_jax.cli import common
+  from imagefolder_jax.storage.bundle import load_bundle
   from imagefolder_jax.train import generator_task
   pristine = os.path.abspath(bundle)
-  check, load, checked, loaded = common._check_model_variables, checkpoint.load_bundle, set(), {}
+  check, load, checked, loaded = common._check_model_variables, load_bundle, set(), {}
 
   def shared_check(model, directory):
     if os.path.abspath(directory) != pristine:
@@ -281,8 +283,8 @@ def _assets(workdir: str, bundle: str) -> dict:
   features.InceptionFeatures.load = classmethod(shared_load)
   # The undamaged parity bundle is read by most cases (images, reference, folder): loaded once, so its
   # compiled encode/decode functions are reused too. Damaged copies are always loaded afresh.
-  from imagefolder_jax import api, generation
-  for model_cls in (api.Tokenizer, generation.Generator):
+  from imagefolder_jax.inference import generator, tokenizer
+  for model_cls in (tokenizer.Tokenizer, generator.Generator):
     _share_pristine(model_cls, bundle)
   _share_pristine_checks(bundle)
   # Compiles that still happen per case (a fresh model object) come from the persistent cache.
@@ -333,7 +335,8 @@ def _run_shard(args, shard: int) -> None:
       case_dir = os.path.join(workdir, f"case{i:05d}")
       t_case = time.perf_counter()
       r = run_case(family, rng, case_dir, bundle, assets)
-      r.update(seconds=time.perf_counter() - t_case, index=i, code=r["code"] if isinstance(r["code"], int) else str(r["code"]))
+      code = r["code"] if isinstance(r["code"], int) else str(r["code"])
+      r.update(seconds=time.perf_counter() - t_case, index=i, code=code)
       log.write(json.dumps(r) + "\n")
       log.flush()
       if not (r["crash"] or r["multi_line"] or r["half_written"] or r["wrong"] or args.keep):
@@ -358,8 +361,9 @@ def main_fuzz() -> int:
   t0 = time.perf_counter()
   argv = [sys.executable, os.path.abspath(__file__), "--cases", str(args.cases), "--seed", str(args.seed),
           "--workdir", args.workdir, "--workers", str(args.workers)] + (["--keep"] if args.keep else [])
-  procs = [subprocess.Popen(argv + ["--shard", str(k)], stdout=subprocess.DEVNULL,
-                            stderr=open(os.path.join(args.workdir, f"worker{k}.log"), "w")) for k in range(args.workers)]
+  logs = [open(os.path.join(args.workdir, f"worker{k}.log"), "w") for k in range(args.workers)]
+  procs = [subprocess.Popen(argv + ["--shard", str(k)], stdout=subprocess.DEVNULL, stderr=logs[k])
+           for k in range(args.workers)]
   codes = [p.wait() for p in procs]
   results = []
   for k in range(args.workers):

@@ -21,11 +21,11 @@ import time
 import jax
 import jax.numpy as jnp
 
+from imagefolder_jax.inference.sampling import guidance_weights
 from imagefolder_jax.models.generator import NextScaleGenerator, init_cache
 from imagefolder_jax.models.tokenizer import ImageFolderTokenizer
 from imagefolder_jax.ops.filtering import compiler_options, sample_with_retries
 from imagefolder_jax.ops.resample import area_downsample
-from imagefolder_jax.sampling import guidance_weights
 
 STAGES = ("blocks", "head", "filter+draw", "f_hat update", "downsample", "decode")
 

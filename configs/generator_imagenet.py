@@ -1,4 +1,4 @@
-"""Next-scale generator, the released VAR-d17 recipe on ImageNet-256 (DESIGN §3).
+"""Next-scale generator, the released VAR-d17 recipe on ImageNet-256 (docs/design.md §3).
 
   imagefolder-jax train-generator --config configs/generator_imagenet.py --workdir runs/gen \
       --config.tokenizer_bundle=runs/tok/bundle --config.data.data_dir=/data/tfds
@@ -24,9 +24,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.train = dict(num_steps=350 * steps_per_epoch, log_every=100, checkpoint_every=2000, keep_checkpoints=3,
                  image_every=5000, async_checkpoints=True,
                  remat="none",   # per-block rematerialisation: none / dots_saveable / full
-                 grad_accum=1,   # microbatches per step (generator only; same result as the large batch)
-                 fail_at_step=-1,  # test hook: exit abruptly (as if killed) right after this step
-                 fail_process=-1)  # ... on this process only (-1: all)
+                 grad_accum=1)   # microbatches per step (generator only; same result as the large batch)
   # Axis sizes inside a slice/node (data, fsdp, tensor) times across slices/nodes (dcn_*); `rules`
   # ((logical, mesh axes), ...) override parallel.LOGICAL_RULES; frozen networks below
   # frozen_replicate_below_mb are replicated, larger ones split over fsdp.

@@ -1,4 +1,4 @@
-"""ImageFolder tokenizer, the released MSVR10P2-4096 recipe on ImageNet-256 (paper §4.1, DESIGN §2).
+"""ImageFolder tokenizer, the released MSVR10P2-4096 recipe on ImageNet-256 (paper §4.1, docs/design.md §2).
 
   imagefolder-jax train-tokenizer --config configs/tokenizer_imagenet.py --workdir runs/tok \
       --config.data.data_dir=/data/tfds --config.init.dinov2=/weights/dinov2_vitb14_pretrain.pth \
@@ -34,9 +34,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.train = dict(num_steps=200 * steps_per_epoch, log_every=100, checkpoint_every=2000, keep_checkpoints=3,
                  image_every=2000, async_checkpoints=True,
                  remat="none",   # per-block rematerialisation: none / dots_saveable / full
-                 grad_accum=1,   # microbatches per step (generator only; same result as the large batch)
-                 fail_at_step=-1,  # test hook: exit abruptly (as if killed) right after this step
-                 fail_process=-1)  # ... on this process only (-1: all)
+                 grad_accum=1)   # microbatches per step (generator only; same result as the large batch)
   # Axis sizes inside a slice/node (data, fsdp, tensor) times across slices/nodes (dcn_*); `rules`
   # ((logical, mesh axes), ...) override parallel.LOGICAL_RULES; frozen networks below
   # frozen_replicate_below_mb are replicated, larger ones split over fsdp.

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import os
 
-import imagefolder_jax  # noqa: F401  # first: imports jax quietly beside the compiler extras (_startup)
 import jax
 import numpy as np
 import pytest
+
+import imagefolder_jax  # noqa: F401  # first: imports jax quietly beside the compiler extras (_startup)
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 PARITY_DIR = os.path.join(FIXTURES, "parity_tiny")
@@ -49,3 +50,17 @@ def pytest_configure(config):
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
   jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+FAULTS_DIR = os.path.join(os.path.dirname(__file__), "programs", "faults")
+
+
+@pytest.fixture(scope="session")
+def faults():
+  """faults(fail_at_step=3, fail_process=1, block_save="4:/tmp/m") -> environment variables that make
+  the Python processes a test starts inject those faults (tests/programs/faults/sitecustomize.py)."""
+  def env(**items) -> dict:
+    path = os.environ.get("PYTHONPATH", "")
+    return {"IFJ_FAULTS": ",".join(f"{k}={v}" for k, v in items.items()),
+            "PYTHONPATH": FAULTS_DIR + (os.pathsep + path if path else "")}
+  return env

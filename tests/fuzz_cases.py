@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 
-# ----------------------------------------------------------------------------- images
+# -------------------- images
 def _noise(rng, h, w, c=3, dtype=np.uint8, high=256):
   return rng.integers(0, high, (h, w, c) if c else (h, w)).astype(dtype)
 
@@ -104,7 +104,7 @@ def write_images(directory: str, kinds, rng: np.random.Generator) -> list[str]:
   return [write_image(directory, kind, rng, i) for i, kind in enumerate(kinds)]
 
 
-# ----------------------------------------------------------------------------- damaged files
+# -------------------- damaged files
 def _files_under(root: str) -> list[str]:
   out = []
   for dirpath, _, names in os.walk(root):
@@ -135,7 +135,8 @@ def _bundle_variables(bundle: str):
 def _rewrite_bundle(bundle: str, edit: Callable) -> None:
   """Loads a bundle's variables and configs, applies `edit(configs, variables)`, saves in place."""
   import jax
-  from imagefolder_jax.checkpoint import save_bundle
+
+  from imagefolder_jax.storage.bundle import save_bundle
   with open(os.path.join(bundle, "bundle.json")) as f:
     configs = json.load(f)["configs"]
   variables = jax.tree.map(np.asarray, _bundle_variables(bundle))
@@ -277,7 +278,7 @@ def damage_bundle(source: str, target: str, kind: str, rng: np.random.Generator)
   return target
 
 
-# ----------------------------------------------------------------------------- official checkpoints
+# -------------------- official checkpoints
 def _torch_edit(how):
   def edit(src, dst, rng):
     import torch
@@ -358,7 +359,7 @@ OFFICIAL_MAY_SURVIVE = frozenset({"extra_key", "missing_key", "flipped_bytes"})
 OFFICIAL_SAME_VARIABLES = frozenset({"extra_key", "missing_key"})
 
 
-# ----------------------------------------------------------------------------- ADM .npz files (fid, fid-stats, eval-generator --ref)
+# -------------------- ADM .npz files (fid, fid-stats, eval-generator --ref)
 def _features(rng, n=12, d=8):
   return rng.standard_normal((n, d)).astype(np.float32)
 
@@ -495,10 +496,11 @@ NPZ_IMAGE_KINDS = ("images_float", "images_gray", "images_rgba", "images_empty",
                    "pickled_object", "truncated", "jpeg", "empty", "garbage", "npy_not_npz", "no_keys")
 
 
-# ----------------------------------------------------------------------------- training workdirs (export-official --workdir)
+# -------------------- training workdirs (export-official --workdir)
 def _step_dirs(workdir):
   root = os.path.join(workdir, "checkpoints")
-  return sorted((os.path.join(root, s) for s in os.listdir(root) if s.isdigit()), key=lambda p: int(os.path.basename(p)))
+  steps = [os.path.join(root, s) for s in os.listdir(root) if s.isdigit()]
+  return sorted(steps, key=lambda p: int(os.path.basename(p)))
 
 
 def _truncate_step(which):
@@ -550,11 +552,12 @@ WORKDIR_DAMAGE: dict[str, Callable] = {
 WORKDIR_FALLS_BACK = frozenset({"truncate_newest", "newest_without_commit_marker"})
 
 
-# ----------------------------------------------------------------------------- pre-tokenized codes (train-generator codes:DIR)
+# -------------------- pre-tokenized codes (train-generator codes:DIR)
 def _rewrite_records(edit_record):
   """Rewrites every record of a codes directory through `edit_record(codes, label, rng) -> bytes`."""
   def edit(directory, rng):
     from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+
     from imagefolder_jax.data.codes import RECORDS
     path = os.path.join(directory, RECORDS)
     reader = ArrayRecordReader(path)
@@ -638,7 +641,7 @@ CODES_DAMAGE: dict[str, Callable] = {
 }
 
 
-# ----------------------------------------------------------------------------- TorchScript (convert-inception)
+# -------------------- TorchScript (convert-inception)
 def _torchscript_damage(how):
   def make(src, dst, rng):
     if how == "state_dict":
@@ -674,6 +677,7 @@ def write_workdir(workdir: str, config, steps=(1, 2), seed: int = 0, stage: str 
   training: the state is the task's abstract state filled with small seeded values. Enough for
   `export` / `export-official --workdir`, in seconds instead of a compile and a few steps."""
   import jax
+
   from imagefolder_jax.train import checkpointing, trainer
   from imagefolder_jax.train.loop import config_fingerprint
   os.makedirs(workdir, exist_ok=True)

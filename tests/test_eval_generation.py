@@ -15,7 +15,7 @@ class FakeGenerator:
     self.mesh = None
     self.calls = 0
 
-  def sample(self, labels, seed, cfg, top_k, top_p, temperature, indices):
+  def sample(self, labels, seed, cfg, top_k, top_p, temperature, indices, force=None, dtype=None):
     self.calls += 1
     values = ((np.asarray(indices) * 0.37 + seed) % 2.0) - 1.0
     images = np.broadcast_to(values[:, None, None, None], (len(labels), 4, 4, 3)).astype(np.float32)
@@ -52,7 +52,7 @@ def test_shards_resume_and_do_not_depend_on_batch_size(tmp_path):
   images = generation.read_shards(str(tmp_path / "a"), 7, 3, with_images=True)["images"]
   expected = generation.to_uint8(((np.arange(7) * 0.37) % 2.0) - 1.0)
   np.testing.assert_array_equal(images[:, 0, 0, 0], expected)
-  with pytest.raises(generation.ResumeError, match="cfg"):
+  with pytest.raises(generation.SettingsError, match="cfg"):
     generation.generate_samples(FakeGenerator(), FakeFeatures(), generation.SampleRun(7, cfg=1.0, shard_size=3,
                                 classes=(1, 3)), str(tmp_path / "a"))
 

@@ -128,7 +128,7 @@ def test_npz_round_trip(tmp_path, features):
   np.testing.assert_array_equal(streamed, images)
   bad = str(tmp_path / "bad.npz")
   np.savez(bad, arr_0=images.astype(np.float32))
-  with pytest.raises(reference.ReferenceError, match="uint8"):
+  with pytest.raises(reference.ReferenceBatchError, match="uint8"):
     reference.load_reference(bad)
 
 

@@ -53,9 +53,9 @@ def test_probe_verb_on_demo(parity_bundle, tmp_path, capsys):
 
 
 def test_demo_evaluation_without_inception_says_why(parity_bundle):
-  from imagefolder_jax.api import Tokenizer
   from imagefolder_jax.data import DemoSource
-  from imagefolder_jax.evaluation import demo_report
+  from imagefolder_jax.demo import report as demo_report
+  from imagefolder_jax.inference.tokenizer import Tokenizer
   tok = Tokenizer.load(parity_bundle)
   images = np.zeros((2, 256, 256, 3), np.float32)
   out = demo_report.demo_evaluation(tok, images, images, images, (DemoSource(2, split="train"),

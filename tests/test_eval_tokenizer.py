@@ -52,7 +52,8 @@ def test_ssim_and_psnr_match_float64_restatement():
   expected = np.asarray([ssim_float64(x, y) for x, y in zip(a, b)])
   assert expected.min() < 0.3 and expected.max() > 0.5       # the pairs span a useful range
   np.testing.assert_allclose(got, expected, atol=2e-6)
-  assert float(image_metrics.ssim(a[:1].astype(np.float32), a[:1].astype(np.float32))[0]) == pytest.approx(1.0, abs=1e-6)
+  same = a[:1].astype(np.float32)
+  assert float(image_metrics.ssim(same, same)[0]) == pytest.approx(1.0, abs=1e-6)
   mse = ((a - b) ** 2).mean(axis=(1, 2, 3))
   np.testing.assert_allclose(np.asarray(image_metrics.psnr(a, b)), 10 * np.log10(255.0 ** 2 / mse), rtol=1e-6)
 
@@ -91,7 +92,7 @@ def test_usage_summary_numbers():
 SHARDED = textwrap.dedent("""
     import json, sys
     import numpy as np, jax
-    from imagefolder_jax.api import Tokenizer
+    from imagefolder_jax.inference.tokenizer import Tokenizer
     from imagefolder_jax.data.sources import build_source
     from imagefolder_jax.evaluation.tokenizer import evaluate_tokenizer
     from imagefolder_jax.parallel import make_mesh

@@ -21,15 +21,20 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import imagefolder_jax as ifj  # noqa: E402
 from conftest import FIXTURES, PARITY_DIR, relative_error  # noqa: E402
-from imagefolder_jax.checkpoint import load_bundle, save_bundle  # noqa: E402
+
+import imagefolder_jax as ifj  # noqa: E402
 from imagefolder_jax.cli import main  # noqa: E402
-from imagefolder_jax.convert.export_official import (ExportError, check_tokenizer, official_phi_index,  # noqa: E402
-                                                     tokenizer_state_dict)
+from imagefolder_jax.convert.export_official import (  # noqa: E402
+  ExportError,
+  check_tokenizer,
+  official_phi_index,
+  tokenizer_state_dict,
+)
 from imagefolder_jax.models.quantizer import QuantizerConfig  # noqa: E402
 from imagefolder_jax.models.tokenizer import ImageFolderTokenizer, TokenizerConfig  # noqa: E402
 from imagefolder_jax.models.vit import ViTConfig  # noqa: E402
+from imagefolder_jax.storage.bundle import load_bundle, save_bundle  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))

@@ -6,8 +6,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from imagefolder_jax.ops.filtering import (filter_logits, filtered_probs, removal_threshold, sample_top_k_top_p,
-                                           sample_with_retries, sample_with_uniforms, top_k_top_p_mask)
+from imagefolder_jax.ops.filtering import (
+  filter_logits,
+  filtered_probs,
+  removal_threshold,
+  sample_top_k_top_p,
+  sample_with_retries,
+  sample_with_uniforms,
+  top_k_top_p_mask,
+)
 
 
 def official_mask(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
@@ -184,6 +191,7 @@ def test_compiler_options_keep_row_reductions_whole_and_results_equal():
   """`compiler_options()` must switch off XLA:CPU's split of long reductions into windows of 32 (the
   filter's speed on CPU rests on it) without changing a single mask or draw."""
   import re
+
   from imagefolder_jax.ops.filtering import compiler_options
   rng = np.random.default_rng(7)
   logits = jnp.asarray((rng.normal(size=(40, 4096)) * 2).astype(np.float32))

@@ -1,4 +1,4 @@
-"""Analytic training FLOPs (imagefolder_jax.flops) against XLA's own count of the compiled step.
+"""Analytic training FLOPs (imagefolder_jax.planning.flops) against XLA's own count of the compiled step.
 
 XLA's `cost_analysis()['flops']` counts every op: the matmuls (2·M·N·K, as we do) plus element-wise
 work (LayerNorm, softmax, GELU, the loss) that the model-FLOPs convention leaves out. So XLA's number
@@ -10,11 +10,11 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from imagefolder_jax import flops
 from imagefolder_jax.models.generator import GeneratorConfig, NextScaleGenerator, generator_loss
 from imagefolder_jax.models.quantizer import QuantizerConfig
 from imagefolder_jax.models.tokenizer import ImageFolderTokenizer, TokenizerConfig
 from imagefolder_jax.models.vit import ViTConfig
+from imagefolder_jax.planning import flops
 
 B = 4
 

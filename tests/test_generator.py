@@ -10,20 +10,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import PARITY_DIR, relative_error
+
 from imagefolder_jax.convert.common import ConversionError
 from imagefolder_jax.convert.official import convert_tokenizer
-from imagefolder_jax.convert.official_generator import (convert_generator, generator_state_dict,
-                                                        generator_variables, infer_generator_config,
-                                                        tokenizer_from_generator_checkpoint)
-from imagefolder_jax.models.generator import (GeneratorConfig, NextScaleGenerator, count_params, flatten_ids,
-                                              generator_loss, init_cache, unflatten_ids)
+from imagefolder_jax.convert.official_generator import (
+  convert_generator,
+  generator_state_dict,
+  generator_variables,
+  infer_generator_config,
+  tokenizer_from_generator_checkpoint,
+)
+from imagefolder_jax.inference.sampling import SamplerSettings, make_sampler
+from imagefolder_jax.models.generator import (
+  GeneratorConfig,
+  NextScaleGenerator,
+  count_params,
+  flatten_ids,
+  generator_loss,
+  init_cache,
+  unflatten_ids,
+)
 from imagefolder_jax.models.tokenizer import ImageFolderTokenizer
 from imagefolder_jax.ops.masks import block_causal_mask, scale_begin_ends
-from imagefolder_jax.sampling import SamplerSettings, make_sampler
 
-# Sum of the `param` rows of the official d17 state dict (DESIGN reference/ar_state_dict.tsv; buffers
+# Sum of the `param` rows of the official d17 state dict (tests/fixtures/official_layout/ar_state_dict.tsv; buffers
 # lvl_1L, attn_bias_for_masking and zero_k_bias excluded): 375.3M in all, 362.5M in the blocks.
 OFFICIAL_D17_PARAMS = 375_258_593
 OFFICIAL_D17_BLOCK_PARAMS = 362_484_897

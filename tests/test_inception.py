@@ -14,10 +14,12 @@ def resize_float64(image, size):
   out = np.zeros((size, size, image.shape[2]))
   for y in range(size):
     sy = float(f32(y) * (f32(h) / f32(size)))
-    y0 = int(np.floor(sy)); y1 = min(y0 + 1, h - 1); fy = sy - y0
+    y0 = int(np.floor(sy))
+    y1, fy = min(y0 + 1, h - 1), sy - y0
     for x in range(size):
       sx = float(f32(x) * (f32(w) / f32(size)))
-      x0 = int(np.floor(sx)); x1 = min(x0 + 1, w - 1); fx = sx - x0
+      x0 = int(np.floor(sx))
+      x1, fx = min(x0 + 1, w - 1), sx - x0
       top = image[y0, x0] + (image[y0, x1] - image[y0, x0]) * fx
       bottom = image[y1, x0] + (image[y1, x1] - image[y1, x0]) * fx
       out[y, x] = top + (bottom - top) * fy
@@ -63,6 +65,7 @@ def real_photos():
 def test_converted_network_matches_torchscript(torchscript, tmp_path):
   import jax
   import torch
+
   from imagefolder_jax.convert.inception import convert_inception
   from imagefolder_jax.evaluation.features import InceptionFeatures, scale_inputs
   from imagefolder_jax.models.inception import NUM_LOGITS, POOL_FEATURES

@@ -55,7 +55,7 @@ FAKE_SRUN = textwrap.dedent("""\
 
 
 def test_slurm_script_runs_a_two_node_job(tmp_path, parity_bundle):
-  from imagefolder_jax.sample_directory import read_directory
+  from imagefolder_jax.inference.sample_runner import read_directory
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
   (bin_dir / "srun").write_text(FAKE_SRUN)

@@ -212,7 +212,8 @@ def test_input_grad_kernels_give_the_same_gradients(torch_lpips, images, tmp_pat
   params = convert_lpips.lpips_params_from_torch(path)
   fast = with_input_grad_kernels(params)
   kernel = params["vgg"]["conv2_1"]["kernel"]
-  np.testing.assert_array_equal(fast["vgg"]["conv2_1"]["grad_kernel"], np.asarray(kernel)[::-1, ::-1].transpose(0, 1, 3, 2))
+  flipped = np.asarray(kernel)[::-1, ::-1].transpose(0, 1, 3, 2)
+  np.testing.assert_array_equal(fast["vgg"]["conv2_1"]["grad_kernel"], flipped)
   np.testing.assert_array_equal(input_grad_kernel(kernel), fast["vgg"]["conv2_1"]["grad_kernel"])
   x, y = images
   loss = lambda p, a: LPIPS().apply({"params": p}, a, y).sum()  # noqa: E731

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imagefolder_jax.checkpoint import load_bundle
+from imagefolder_jax.storage.bundle import load_bundle
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOCAL = os.path.join(ROOT, "launch", "local.sh")
@@ -93,14 +93,14 @@ def _assert_same_run(single: str, multi: str, model: str, steps) -> None:
 KILLED = (137, 3, 134)
 
 
-def test_tokenizer_training_killed_and_resumed_on_other_process_counts(tmp_path, tokenizer_one_process):
+def test_tokenizer_training_killed_and_resumed_on_other_process_counts(tmp_path, tokenizer_one_process, faults):
   """2 processes x 2 devices, both killed (as by kill -9) after step 3; rerun on 2 processes, killed
   after step 5; rerun on 1 process x 4 devices: equals the uninterrupted 1 x 4 run."""
   multi = str(tmp_path / "multi")
-  r = _local(2, TOKENIZER + ["--workdir", multi, "--config.train.fail_at_step=3"])
+  r = _local(2, TOKENIZER + ["--workdir", multi], **faults(fail_at_step=3))
   assert r.returncode in KILLED, (r.returncode, r.stderr[-3000:])
   _said(r, "step 3/7")
-  r = _local(2, TOKENIZER + ["--workdir", multi, "--config.train.fail_at_step=5"])
+  r = _local(2, TOKENIZER + ["--workdir", multi], **faults(fail_at_step=5))
   assert r.returncode in KILLED, (r.returncode, r.stderr[-3000:])
   _said(r, "resumed from step 2", "iterator state restored", "step 5/7")
   # Only process 0 logs progress lines.
@@ -112,7 +112,7 @@ def test_tokenizer_training_killed_and_resumed_on_other_process_counts(tmp_path,
   _assert_same_run(tokenizer_one_process, multi, "tokenizer", steps=range(3, 8))
 
 
-def test_generator_from_codes_killed_and_resumed_equals_one_process(tmp_path, tokenizer_one_process):
+def test_generator_from_codes_killed_and_resumed_equals_one_process(tmp_path, tokenizer_one_process, faults):
   bundle = os.path.join(tokenizer_one_process, "bundle")
   codes = str(tmp_path / "codes")
   _ok(_one(["pretokenize", "--bundle", bundle, "--source", "demo", "--out", codes, "--batch-size", "64"]))
@@ -122,7 +122,7 @@ def test_generator_from_codes_killed_and_resumed_equals_one_process(tmp_path, to
   single = str(tmp_path / "single")
   _ok(_one(common + ["--workdir", single], devices=4))
   multi = str(tmp_path / "multi")
-  r = _local(2, common + ["--workdir", multi, "--config.train.fail_at_step=3"])
+  r = _local(2, common + ["--workdir", multi], **faults(fail_at_step=3))
   assert r.returncode in KILLED, (r.returncode, r.stderr[-3000:])
   r = _local(2, common + ["--workdir", multi])
   _ok(r)
@@ -140,7 +140,7 @@ def test_sample_directory_two_processes_equals_one_with_uneven_work_and_resumes(
   """`sample --out-dir` on 2 processes gives the samples of 1 process also when the processes have
   unequal work: one shard for two processes, and a rerun in which process 0's shards are finished
   and process 1's are not (each used to wait at a barrier the other never reached)."""
-  from imagefolder_jax.sample_directory import read_directory
+  from imagefolder_jax.inference.sample_runner import read_directory
   common = ["sample", "--bundle", parity_bundle, "--classes", "0,1,2,3", "--per-class", "2", "--seed", "3",
             "--cfg", "1.5", "--top-k", "20", "--top-p", "0.9"]
   one = str(tmp_path / "one")
@@ -212,13 +212,13 @@ def _start_two(python_args: list, **env) -> list:
                                                IFJ_PROCESS_ID=str(i), **env)) for i in range(2)]
 
 
-def test_lost_process_stops_the_others_with_one_line(tmp_path):
+def test_lost_process_stops_the_others_with_one_line(tmp_path, faults):
   """Process 1 dies after step 2 (os._exit, like kill -9); process 0 must stop by itself with exit
   code 3 and one line, well within the heartbeat timeout (20 s here), not hang."""
   args = ["train-tokenizer", "--config", f"{TINY_TOKENIZER}:nogan", "--config.train.num_steps=200",
-          "--config.train.checkpoint_every=100", "--config.train.fail_at_step=2",
-          "--config.train.fail_process=1", "--workdir", str(tmp_path / "run")]
-  procs = _start_two(["-m", "imagefolder_jax.cli", *args], IFJ_HEARTBEAT_TIMEOUT="20")
+          "--config.train.checkpoint_every=100", "--workdir", str(tmp_path / "run")]
+  procs = _start_two(["-m", "imagefolder_jax.cli", *args], IFJ_HEARTBEAT_TIMEOUT="20",
+                     **faults(fail_at_step=2, fail_process=1))
   try:
     code1 = procs[1].wait(timeout=400)
     assert code1 == 137, procs[1].stderr.read()[-3000:]

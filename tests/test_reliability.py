@@ -13,12 +13,12 @@ import sys
 import time
 import warnings
 
+import fuzz_cases
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import fuzz_cases
 from imagefolder_jax.cli import main
 from imagefolder_jax.train import checkpointing
 from imagefolder_jax.train.checkpointing import CheckpointError
@@ -138,7 +138,7 @@ def test_nan_state_and_mismatch_and_nothing_readable(saved_run, tmp_path, caplog
   assert not os.path.exists(os.path.join(workdir, checkpointing.DAMAGED_DIR))
 
 
-# ----------------------------------------------------------------------------- crash safety (training)
+# -------------------- crash safety (training)
 COMMON = ["train-tokenizer", "--config", f"{TINY}:nogan", "--config.train.num_steps=6",
           "--config.train.checkpoint_every=2", "--config.train.keep_checkpoints=3"]
 
@@ -156,11 +156,10 @@ def straight_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_sigkill_during_async_save_resumes_from_previous(straight_run, tmp_path, caplog):
+def test_sigkill_during_async_save_resumes_from_previous(straight_run, tmp_path, caplog, faults):
   workdir = str(tmp_path / "crashed")
   marker = str(tmp_path / "blocked")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-             **{checkpointing.BLOCK_SAVE_ENV: f"4:{marker}"})
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **faults(block_save=f"4:{marker}"))
   proc = subprocess.Popen([sys.executable, "-m", "imagefolder_jax.cli", *COMMON, "--workdir", workdir],
                           cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   try:
@@ -200,7 +199,7 @@ def test_truncated_newest_training_checkpoint_resumes_from_previous(straight_run
     np.testing.assert_array_equal(a, b)
 
 
-# ----------------------------------------------------------------------------- one-line CLI errors
+# -------------------- one-line CLI errors
 def _one_error(capsys) -> str:
   err = capsys.readouterr().err
   assert "Traceback" not in err, err[:3000]
@@ -236,7 +235,7 @@ def test_damaged_official_checkpoints(kind, tmp_path, capsys):
   if code == 0:
     assert kind in fuzz_cases.OFFICIAL_MAY_SURVIVE
     if kind in fuzz_cases.OFFICIAL_SAME_VARIABLES:
-      from imagefolder_jax.checkpoint import load_bundle
+      from imagefolder_jax.storage.bundle import load_bundle
       good = str(tmp_path / "good")
       assert main(["convert-official", "--tokenizer", src, "--config", os.path.join(PARITY, "config.json"),
                    "--out", good]) == 0
@@ -259,7 +258,7 @@ def tokenizer_only_bundle(parity_bundle, tmp_path_factory):
 
 
 def _assert_same_variables(a: str, b: str) -> None:
-  from imagefolder_jax.checkpoint import load_bundle
+  from imagefolder_jax.storage.bundle import load_bundle
   (ca, va), (cb, vb) = load_bundle(a), load_bundle(b)
   assert ca == cb
   assert jax.tree.structure(va) == jax.tree.structure(vb)
@@ -337,7 +336,7 @@ def test_odd_images_pretokenize_and_train_from_folder(parity_bundle, tmp_path, c
   assert os.path.isdir(os.path.join(workdir, "bundle"))
 
 
-# ----------------------------------------------------------------------------- newer verbs: npz, codes, workdirs, Inception
+# -------------------- newer verbs: npz, codes, workdirs, Inception
 @pytest.mark.parametrize("kind", sorted(fuzz_cases.NPZ_DAMAGE))
 def test_damaged_npz_fid(kind, tmp_path, capsys):
   """Every damaged .npz is refused by `fid` in one line naming it (before any Inception work: the

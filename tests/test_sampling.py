@@ -12,17 +12,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import relative_error
-from imagefolder_jax.api import Codes, Tokenizer
-from imagefolder_jax.generation import Generator
+
+from imagefolder_jax.inference.generator import Generator
+from imagefolder_jax.inference.sampling import SamplerSettings, guidance_weights, make_sampler
+from imagefolder_jax.inference.tokenizer import Codes, Tokenizer
 from imagefolder_jax.models.generator import GeneratorConfig, NextScaleGenerator
 from imagefolder_jax.models.quantizer import QuantizerConfig
 from imagefolder_jax.models.tokenizer import ImageFolderTokenizer, TokenizerConfig
 from imagefolder_jax.models.vit import ViTConfig
 from imagefolder_jax.ops.filtering import top_k_top_p_mask
 from imagefolder_jax.ops.masks import scale_begin_ends
-from imagefolder_jax.sampling import SamplerSettings, guidance_weights, make_sampler
 
 # A micro model pair (3 scales, 64-entry codebooks) keeps compiles to a few seconds.
 MICRO_SCALES = (1, 2, 3)
@@ -204,8 +204,8 @@ def test_generator_rejects_bad_arguments(micro_bundle, kwargs, match):
 SHARDED_SCRIPT = textwrap.dedent("""
     import sys
     import numpy as np, jax
-    from imagefolder_jax.api import Codes
-    from imagefolder_jax.generation import Generator
+    from imagefolder_jax.inference.tokenizer import Codes
+    from imagefolder_jax.inference.generator import Generator
     from imagefolder_jax.parallel import make_mesh
     assert jax.device_count() == 8, jax.devices()
     single = Generator.load(sys.argv[1])
@@ -234,6 +234,7 @@ def test_sampling_sharded_over_8_devices_equals_one(micro_bundle, tmp_path):
 
 def test_cli_sample(micro_bundle, tmp_path, capsys):
   from PIL import Image
+
   from imagefolder_jax.cli import main
   from imagefolder_jax.data.images import load_image_file
   out, codes = str(tmp_path / "grid.png"), str(tmp_path / "codes.npz")

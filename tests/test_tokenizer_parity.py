@@ -3,11 +3,11 @@ import os
 
 import numpy as np
 import pytest
+from conftest import PARITY_DIR, nchw, relative_error
 
 import imagefolder_jax as ifj
 from imagefolder_jax.convert.common import ConversionError
 from imagefolder_jax.convert.official import convert_tokenizer
-from conftest import PARITY_DIR, nchw, relative_error
 
 TOL = 1e-4
 

@@ -23,7 +23,7 @@ def tokenizer_bundle(tmp_path_factory):
                                    "--config.loss.semantic=0.0", "--config.loss.gan=0.0"]), load_frozen=False)
   batch = {"image": np.zeros((1, 32, 32, 3), np.float32), "label": np.zeros((1,), np.int32)}
   state = task.init_state(jax.random.key(0), batch)
-  from imagefolder_jax.checkpoint import save_bundle
+  from imagefolder_jax.storage.bundle import save_bundle
   out = str(tmp_path_factory.mktemp("tok") / "bundle")
   save_bundle(out, *task.export(state))
   return out
@@ -70,7 +70,8 @@ def test_cli_pretokenize_train_export_sample(tokenizer_bundle, tmp_path):
   assert os.path.isfile(os.path.join(workdir, "images", "samples_latest.png"))
   # MFU in metrics.jsonl: the analytic FLOPs of the step (pre-tokenized codes: no encoder) at batch 8.
   import json
-  from imagefolder_jax import flops
+
+  from imagefolder_jax.planning import flops
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     logged = [json.loads(line) for line in f]
   config = load_config(os.path.join(CONFIGS, "generator_tiny.py"), [f"--config.tokenizer_bundle={tokenizer_bundle}"])

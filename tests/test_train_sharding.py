@@ -7,7 +7,7 @@
 
 Tolerance: global relative L2 error of all trainable parameters < 1e-5 after 3 AdamW steps (float32;
 sharded reductions sum in another order, ~1e-7 per step, and Adam's normalisation can amplify it on
-near-zero gradients — DESIGN §4c).
+near-zero gradients — docs/design.md §4c).
 """
 import os
 import subprocess
@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent("""
     import numpy as np, jax, jax.numpy as jnp
     from jax.sharding import PartitionSpec as P
     from imagefolder_jax import parallel
-    from imagefolder_jax.checkpoint import save_bundle
+    from imagefolder_jax.storage.bundle import save_bundle
     from imagefolder_jax.train import checkpointing, loop
     from imagefolder_jax.train.configuration import load_config
     from imagefolder_jax.train.generator_task import GeneratorTask
@@ -55,7 +55,8 @@ SCRIPT = textwrap.dedent("""
         abstract, shardings = loop.shardings_for(t, mesh, rules, jax.random.key(0), batches[0])
         fshard = parallel.frozen_shardings(mesh, t.frozen)
         frozen = parallel.put_global(t.frozen, fshard)
-        compiled[key] = abstract, shardings, frozen, loop.jit_train_step(t, mesh, rules, shardings, fshard, donate=False)
+        step = loop.jit_train_step(t, mesh, rules, shardings, fshard, donate=False)
+        compiled[key] = abstract, shardings, frozen, step
       return compiled[key]
 
     def train(t, mesh, steps=3, state=None, first=0):
@@ -69,7 +70,8 @@ SCRIPT = textwrap.dedent("""
 
     def rel(a, b):
       a, b = parallel.to_host(a["params"]), parallel.to_host(b["params"])
-      num = sum(float(np.sum((np.asarray(x, np.float64) - y) ** 2)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+      pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b))
+      num = sum(float(np.sum((np.asarray(x, np.float64) - y) ** 2)) for x, y in pairs)
       den = sum(float(np.sum(np.asarray(y, np.float64) ** 2)) for y in jax.tree.leaves(b))
       return (num / den) ** 0.5
 
@@ -162,7 +164,8 @@ SCRIPT = textwrap.dedent("""
 
     # `plan` on (2,2,2): per-device parameter bytes equal what the trained state holds per device,
     # FLOPs are the analytic count x batch.
-    from imagefolder_jax import flops, planning
+    from imagefolder_jax import planning
+    from imagefolder_jax.planning import flops
     pl = planning.plan("generator", gen.config, {"data": 2, "fsdp": 2, "tensor": 2}, 8, "h100", pretokenized=True)
     held = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(state8["params"]))
     total = sum(x.nbytes for x in jax.tree.leaves(state8["params"]))

@@ -72,14 +72,14 @@ def _params(workdir):
 
 
 @pytest.mark.slow
-def test_kill_and_resume_equals_uninterrupted(tmp_path):
+def test_kill_and_resume_equals_uninterrupted(tmp_path, faults):
   common = ["train-tokenizer", "--config", f"{TINY}:nogan", "--config.train.num_steps=5",
             "--config.train.checkpoint_every=2"]
   straight = str(tmp_path / "straight")
   r = _cli(common + ["--workdir", straight])
   assert r.returncode == 0, r.stderr[-2000:]
   crashed = str(tmp_path / "crashed")
-  r = _cli(common + ["--workdir", crashed, "--config.train.fail_at_step=3"])
+  r = _cli(common + ["--workdir", crashed], env_extra=faults(fail_at_step=3))
   assert r.returncode == 137, r.stderr[-2000:]
   assert not os.path.exists(os.path.join(crashed, "bundle"))
   r = _cli(common + ["--workdir", crashed])

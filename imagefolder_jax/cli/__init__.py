@@ -4,9 +4,9 @@ Every error is one line on stderr (`imagefolder-jax: error: ...`); `-v` adds the
 Exit codes: 0 success; 2 bad input (arguments, config, files, bundles, checkpoints: the message
 names the offending value); 1 an unexpected exception (its type and message, "run with -v");
 3 another process of a multi-process job was lost or took another path (`multihost`); 130
-interrupted; 143 stopped by SIGTERM (multi-process jobs). Verbs live in one module per group (`convert`, `inference`, `training`); each
-module lists its `VERBS` (functions that add a sub-parser), and `main` dispatches to the
-sub-parser's `run`.
+interrupted; 143 stopped by SIGTERM (multi-process jobs). Verbs live in one module per group (`convert`,
+`inference`, `training`, `evaluation`, `planning`); each module lists its `VERBS` (functions that add a
+sub-parser), and `main` dispatches to the sub-parser's `run`.
 """
 from __future__ import annotations
 
@@ -83,11 +83,10 @@ def one_line(message: object) -> str:
 
 
 def _input_errors() -> tuple[type, ...]:
-  from imagefolder_jax.convert.common import ConversionError
-  # ValueError covers config, bundle and checkpoint errors; OSError files that cannot be read or
-  # written (missing, permissions, a full disk). All name the offending value.
-  from imagefolder_jax.multihost import DistributedError
-  return (CliError, ConversionError, DistributedError, ValueError, OSError)
+  from imagefolder_jax.errors import ImageFolderError
+  # The library's own errors name the offending value; ValueError and OSError cover what the libraries
+  # below raise for bad input (files that cannot be read or written: missing, permissions, a full disk).
+  return (ImageFolderError, ValueError, OSError)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -97,7 +96,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   # A failed orbax restore (a damaged bundle or checkpoint) leaves its per-array read coroutines
   # unawaited; Python reports each at garbage collection, later than the one line that explains it.
   warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
-  from imagefolder_jax import multihost
+  from imagefolder_jax.parallel import multihost
   parser = build_parser()
   try:  # argparse exits on bad arguments and --help; in-process callers get the code back
     args, extra = parser.parse_known_args(argv)
@@ -139,7 +138,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _leave(code: int) -> int:
-  from imagefolder_jax import multihost
+  from imagefolder_jax.parallel import multihost
   if multihost.is_multiprocess():
     multihost.abandon(code)
   return code

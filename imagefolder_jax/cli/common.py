@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import os
 
+from imagefolder_jax.errors import ImageFolderError
+
 PROG = "imagefolder-jax"
 
 
-class CliError(Exception):
+class CliError(ImageFolderError):
   """A user-facing error: printed as one line, exit code 2."""
 
 
@@ -23,7 +25,7 @@ def load_model(cls, bundle: str, **kwargs):
   The loaded variables are checked against the model's own (abstract, never computed) init, so a
   bundle with a missing, mis-shaped or mis-typed array is refused here, before any work starts.
   """
-  from imagefolder_jax.checkpoint import BundleError
+  from imagefolder_jax.storage.bundle import BundleError
   if not os.path.isdir(bundle):
     raise CliError(f"bundle directory not found: {bundle}" if not os.path.exists(bundle)
                    else f"--bundle must be a bundle directory, got a file: {bundle}")
@@ -40,7 +42,8 @@ def load_model(cls, bundle: str, **kwargs):
 def _check_model_variables(model, bundle: str) -> None:
   import jax
   import jax.numpy as jnp
-  from imagefolder_jax.checkpoint import check_variables
+
+  from imagefolder_jax.storage.bundle import check_variables
   models = [model.tokenizer, model] if hasattr(model, "tokenizer") else [model]
   for m in models:
     if hasattr(m, "tokenizer"):  # the generator: its init takes labels and next-scale inputs

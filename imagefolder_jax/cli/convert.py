@@ -21,8 +21,8 @@ def _add_convert(sub) -> None:
 
 
 def _run_convert(args) -> None:
-  from imagefolder_jax.checkpoint import save_bundle
   from imagefolder_jax.convert.official import convert_tokenizer
+  from imagefolder_jax.storage.bundle import save_bundle
   for path in (args.tokenizer, args.generator, args.config):
     if path and not os.path.isfile(path):
       raise CliError(f"file not found: {path}")
@@ -62,6 +62,7 @@ def _add_export_official(sub) -> None:
 
 def _run_export_official(args) -> None:
   import tempfile
+
   from imagefolder_jax.convert.export_official_files import export_bundle, workdir_teacher
   if args.teacher and args.without_teacher:
     raise CliError("--teacher and --without-teacher exclude each other")
@@ -88,10 +89,10 @@ def _run_export_official(args) -> None:
 def _check_bundle(bundle: str) -> None:
   """Refuses, in one line, a bundle whose arrays differ from its models' own init (missing, extra,
   mis-shaped, mis-typed, NaN) or whose configs are unusable, before anything is written."""
-  from imagefolder_jax.checkpoint import BundleError, read_bundle_configs
   from imagefolder_jax.cli.common import load_model
-  from imagefolder_jax.generation import Generator
-  from imagefolder_jax.api import Tokenizer
+  from imagefolder_jax.inference.generator import Generator
+  from imagefolder_jax.inference.tokenizer import Tokenizer
+  from imagefolder_jax.storage.bundle import BundleError, read_bundle_configs
   if not os.path.isdir(bundle):
     load_model(Tokenizer, bundle)  # the one-line "not found" / "a file, not a directory" errors
   try:

@@ -189,7 +189,7 @@ def _run_eval_generator(args) -> None:
   from imagefolder_jax.evaluation.generation import SampleRun, generate_samples, read_shards
   from imagefolder_jax.evaluation.reference import load_reference, save_reference
   from imagefolder_jax.evaluation.scores import FeatureSet, adm_scores, npz_extractor
-  from imagefolder_jax.generation import Generator
+  from imagefolder_jax.inference.generator import Generator
   from imagefolder_jax.parallel import make_mesh
   for value, flag in ((args.num_samples, "--num-samples"), (args.batch_size, "--batch-size"),
                       (args.shard_size, "--shard-size")):
@@ -249,8 +249,8 @@ def _add_eval_tokenizer(sub) -> None:
 
 
 def _load_tokenizer_and_source(args):
-  from imagefolder_jax.api import Tokenizer
   from imagefolder_jax.data.sources import build_source
+  from imagefolder_jax.inference.tokenizer import Tokenizer
   from imagefolder_jax.parallel import make_mesh
   _positive(args.batch_size, "--batch-size")
   if args.limit is not None:

@@ -20,8 +20,9 @@ def _add_reconstruct(sub) -> None:
 
 def _run_reconstruct(args) -> None:
   import numpy as np
-  from imagefolder_jax.api import Tokenizer
+
   from imagefolder_jax.data.images import load_image_file, save_image_grid
+  from imagefolder_jax.inference.tokenizer import Tokenizer
   if args.batch_size < 1:
     raise CliError(f"--batch-size must be >= 1, got {args.batch_size}")
   tok = load_model(Tokenizer, args.bundle)
@@ -56,7 +57,8 @@ SAMPLE_FORCE_BRANCHES = {"detail": 0, "semantic": 1}
 
 
 def _add_sample(sub) -> None:
-  p = sub.add_parser("sample", help="class-conditional sampling with the next-scale generator; a PNG grid or a directory",
+  p = sub.add_parser("sample",
+                     help="class-conditional sampling with the next-scale generator; a PNG grid or a directory",
                      description="Samples images of the given ImageNet classes (cfg 3.25, top-k 750, top-p 0.95 by "
                                  "default, as in the paper). With --out, one PNG grid with a row per class; with "
                                  "--out-dir, one PNG per sample plus .npz shards of token ids, split over every "
@@ -110,10 +112,12 @@ def _parse_classes(text: str) -> Optional[list[int]]:
 
 def _run_sample(args) -> None:
   import math
+
   import numpy as np
+
   from imagefolder_jax import parallel
   from imagefolder_jax.data.images import load_image_file, save_image_grid
-  from imagefolder_jax.generation import Generator
+  from imagefolder_jax.inference.generator import Generator
   labels = _parse_classes(args.classes)
   if args.per_class < 1 or args.batch_size < 1 or args.shard_size < 1:
     raise CliError(f"--per-class, --batch-size and --shard-size must be >= 1, got {args.per_class}, "
@@ -159,7 +163,7 @@ def _run_sample(args) -> None:
   settings = dict(seed=args.seed, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
                   dtype=args.dtype)
   if args.out_dir:
-    from imagefolder_jax.sample_directory import DirectoryRun, sample_to_directory
+    from imagefolder_jax.inference.sample_runner import DirectoryRun, sample_to_directory
     run = DirectoryRun(labels=tuple(int(c) for c in all_labels), shard_size=args.shard_size, **settings)
     done = sample_to_directory(gen, run, args.out_dir, batch_size=batch, bundle=args.bundle, force=force)
     if parallel.is_primary():
@@ -199,11 +203,12 @@ def _add_pretokenize(sub) -> None:
 
 def _run_pretokenize(args) -> None:
   from imagefolder_jax import data
-  from imagefolder_jax.api import Tokenizer
   from imagefolder_jax.data.codes import pretokenize
+  from imagefolder_jax.inference.tokenizer import Tokenizer
   if args.batch_size < 1:
     raise CliError(f"--batch-size must be >= 1, got {args.batch_size}")
   import jax
+
   from imagefolder_jax import parallel
   tok = load_model(Tokenizer, args.bundle, mesh=parallel.local_mesh())
   source = data.build_source(args.source, data_dir=args.data_dir, split=args.split)

@@ -52,7 +52,7 @@ def _add_demo(sub) -> None:
 
 
 def _run_demo(args) -> None:
-  from imagefolder_jax.train.demo import run_demo
+  from imagefolder_jax.demo.run import run_demo
   tok = [f"--config.train.num_steps={args.tokenizer_steps}"] if args.tokenizer_steps else []
   gen = [f"--config.train.num_steps={args.generator_steps}"] if args.generator_steps else []
   for name in ("tokenizer_steps", "generator_steps", "samples_per_class"):

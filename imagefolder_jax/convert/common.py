@@ -7,8 +7,10 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
+from imagefolder_jax.errors import ImageFolderError
 
-class ConversionError(ValueError):
+
+class ConversionError(ImageFolderError):
   """A checkpoint does not hold what the target architecture needs (names the tensor)."""
 
 

@@ -24,6 +24,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from imagefolder_jax.errors import ImageFolderError
 from imagefolder_jax.models.generator import GeneratorConfig
 from imagefolder_jax.models.tokenizer import TokenizerConfig
 from imagefolder_jax.models.vit import ViTConfig
@@ -36,7 +37,7 @@ _TIMM_NAMES = {384: "vit_small_patch14_dinov2.lvd142m", 768: "vit_base_patch14_d
                1024: "vit_large_patch14_dinov2.lvd142m"}
 
 
-class ExportError(ValueError):
+class ExportError(ImageFolderError):
   """The model cannot be written in the official layout (names the option or the missing part)."""
 
 

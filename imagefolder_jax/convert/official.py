@@ -129,7 +129,8 @@ def _recorded_tokenizer_config(sd: StateDict, inferred: TokenizerConfig, recorde
     raise ConversionError(f"architecture JSON imagefolder_jax.tokenizer: {e}") from e
   checks = {"vit.width": (rec.vit.width, inferred.vit.width), "vit.depth": (rec.vit.depth, inferred.vit.depth),
             "vit.num_heads": (rec.vit.num_heads, inferred.vit.num_heads),
-            "vit.mlp hidden": (int(rec.vit.width * rec.vit.mlp_ratio), int(inferred.vit.width * inferred.vit.mlp_ratio)),
+            "vit.mlp hidden": (int(rec.vit.width * rec.vit.mlp_ratio),
+                               int(inferred.vit.width * inferred.vit.mlp_ratio)),
             "vit.patch_size": (rec.vit.patch_size, inferred.vit.patch_size),
             "vit.image_size": (rec.vit.image_size, inferred.vit.image_size),
             "vit.layerscale": (rec.vit.layerscale, inferred.vit.layerscale),

@@ -17,8 +17,13 @@ from typing import Any, Optional
 import numpy as np
 
 from imagefolder_jax.convert.common import ConversionError, StateDict, load_torch_file
-from imagefolder_jax.convert.official import (RELEASED_SCALES, infer_tokenizer_config, read_arch_json,
-                                              tokenizer_state_dict, tokenizer_variables)
+from imagefolder_jax.convert.official import (
+  RELEASED_SCALES,
+  infer_tokenizer_config,
+  read_arch_json,
+  tokenizer_state_dict,
+  tokenizer_variables,
+)
 from imagefolder_jax.models.generator import GeneratorConfig
 from imagefolder_jax.models.tokenizer import TokenizerConfig
 from imagefolder_jax.ops.masks import block_causal_mask, scale_of_position

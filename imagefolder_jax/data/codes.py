@@ -17,6 +17,8 @@ from typing import Iterable, Iterator, Optional
 import grain.python as grain
 import numpy as np
 
+from imagefolder_jax.errors import ImageFolderError
+
 META = "codes.json"
 RECORDS = "codes.array_record"
 
@@ -34,7 +36,7 @@ def record_index(data: bytes) -> int:
     return int(z["index"])
 
 
-class CodesError(ValueError):
+class CodesError(ImageFolderError):
   """A pre-tokenized codes directory is unusable (names the directory, the file or the record)."""
 
 
@@ -197,7 +199,8 @@ def make_codes_loader(source: CodesSource, *, batch_size: int, train: bool, seed
                                num_epochs=num_epochs if num_epochs is not None or train else 1,
                                start_position=start_position)
   return grain.DataLoader(data_source=source, sampler=sampler, shard_options=shard_options,
-                          operations=[_Decode(getattr(source, 'layout', None), f'a record of {source!r}'), grain.Batch(batch_size, drop_remainder=train)],
+                          operations=[_Decode(getattr(source, 'layout', None), f'a record of {source!r}'),
+                                      grain.Batch(batch_size, drop_remainder=train)],
                           worker_count=worker_count)
 
 

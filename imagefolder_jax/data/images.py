@@ -4,7 +4,7 @@
   [-1, 1], with the evaluation transform (shorter side to
   round(resolution * 1.125), LANCZOS, centre crop).
 * `save_image_grid(images, path, nrow)`: (N, H, W, 3) in [-1, 1] -> one PNG.
-* `to_uint8(images)`: [-1, 1] -> uint8 as round((x + 1) * 127.5), clipped;
+* `to_uint8(images)`: [-1, 1] -> uint8 as floor(127.5 (x + 1) + 0.5), clipped;
   the inverse of `transforms.to_model_input` on uint8 inputs.
 """
 from __future__ import annotations
@@ -48,9 +48,10 @@ def load_image_file(
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
-  """(..., 3) float in [-1, 1] -> uint8 round((x + 1) * 127.5), clipped to [0, 255]."""
-  images = np.asarray(images, np.float32)
-  return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
+  """(..., 3) float in [-1, 1] -> uint8 floor(127.5 (x + 1) + 0.5), clipped to [0, 255] (the ADM
+  evaluator's rounding: halves go up)."""
+  x = np.floor(127.5 * (np.asarray(images, np.float32) + 1.0) + 0.5)
+  return np.clip(x, 0, 255).astype(np.uint8)
 
 
 def image_grid(

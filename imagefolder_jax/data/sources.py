@@ -27,14 +27,15 @@ import dataclasses
 import functools
 import os
 from collections.abc import Mapping
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
-from PIL import Image
+
 # Imported eagerly, not inside TfdsSource: TFDS's import patches
 # builtins.__import__ process-wide (etils lazy_imports), which breaks imports
 # running at that moment in grain's reader threads of any live loader.
 import tensorflow_datasets as tfds
+from PIL import Image
 
 # Extensions PIL reads that photo folders commonly hold (compared lower-case).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -313,6 +314,20 @@ class TfdsSource:
     return f"TfdsSource(name={self.name!r}, data_dir={self.data_dir!r}, split={self.split!r})"
 
 
+SPEC_KINDS = {"demo": "demo", "folder": "folder:<path>", "tfds": "tfds:<name>", "npz": "npz:<file>"}
+
+
+def parse_spec(spec: str, kinds: Sequence[str] = ("demo", "folder", "tfds")) -> tuple[str, str]:
+  """'kind:arg' -> (kind, arg), for the `kinds` a caller reads: 'demo' (no argument), 'folder:<path>',
+  'tfds:<name>', 'npz:<file>' (an ADM batch's `arr_0`, evaluation only). One line naming the spec
+  otherwise."""
+  kind, _, arg = spec.partition(":")
+  if kind in kinds and (not arg if kind == "demo" else bool(arg)):
+    return kind, arg
+  expected = ", ".join(f"'{SPEC_KINDS[k]}'" for k in kinds)
+  raise ValueError(f"unknown dataset spec {spec!r}; expected one of {expected}")
+
+
 @dataclasses.dataclass(frozen=True)
 class SourceSpec:
   """What `build_source` reads from a config (any object or mapping with these fields).
@@ -368,12 +383,11 @@ def build_source(
                                 crops_per_class=crops_per_class), **fields})
     return build_source(cfg.spec, data_dir=cfg.data_dir, split=cfg.split, seed=cfg.seed,
                         crops_per_class=cfg.crops_per_class)
-  kind, _, arg = spec.partition(":")
-  if kind == "demo" and not arg:
+  kind, arg = parse_spec(spec)
+  if kind == "demo":
     return DemoSource(crops_per_class, seed=seed, split=split)
-  if kind == "folder" and arg:
+  if kind == "folder":
     return ImageFolderSource(arg)
-  if kind == "tfds" and arg:
+  if kind == "tfds":
     return TfdsSource(arg, data_dir, split)
-  raise ValueError(
-      f"unknown dataset spec {spec!r}; expected 'demo', 'folder:<path>' or 'tfds:<name>'")
+  raise ValueError(f"dataset spec {spec!r}: {kind!r} holds images for evaluation only, not a training set")

@@ -21,12 +21,12 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
-from imagefolder_jax.checkpoint import BundleError, load_bundle
-from imagefolder_jax.evaluation.progress import Progress
 from imagefolder_jax.models.inception import INPUT_SIZE, FIDInception, InceptionConfig
-from imagefolder_jax.ops.tf_resize import legacy_bilinear_resize
 from imagefolder_jax.ops.platform import compiling_for
+from imagefolder_jax.ops.tf_resize import legacy_bilinear_resize
 from imagefolder_jax.parallel import BATCH_AXES, batch_sharding, make_mesh, replicated
+from imagefolder_jax.progress import Progress
+from imagefolder_jax.storage.bundle import BundleError, load_bundle
 
 DEFAULT_PER_DEVICE_BATCH = 50
 FEATURE_KEYS = ("pool_3", "spatial", "logits")

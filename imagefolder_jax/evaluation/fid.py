@@ -12,11 +12,12 @@ import warnings
 import numpy as np
 from scipy import linalg
 
+from imagefolder_jax.errors import ImageFolderError
 
 log = logging.getLogger("imagefolder_jax.evaluation")
 
 
-class FIDError(ValueError):
+class FIDError(ImageFolderError):
   """Statistics that cannot be compared (shape mismatch, a complex square root)."""
 
 

@@ -38,16 +38,16 @@ class ImageStream:
     """shard: (index, count): this process reads records index, index + count, ... (multi-process)."""
     self.spec, self.batch_size, self.size, self.skipped = spec, batch_size, size, 0
     self.shard = shard
-    kind, _, arg = spec.partition(":")
+    from imagefolder_jax.data.sources import build_source, parse_spec
+    kind, arg = parse_spec(spec, kinds=("demo", "folder", "tfds", "npz"))
     self._npz = None
     self._source = None
-    if kind == "npz" and arg:
+    if kind == "npz":
       ref = load_reference(arg)
       if not ref.has_images:
         raise ValueError(f"{arg}: holds no images (arr_0)")
       self._npz, self._count = arg, ref.num_images
     else:
-      from imagefolder_jax.data.sources import build_source
       self._source = build_source(spec, data_dir=data_dir, split=split)
       self._count = len(self._source)
     if limit is not None:

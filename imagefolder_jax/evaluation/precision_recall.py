@@ -12,6 +12,7 @@ float16 step. Blocks run jitted on the default device.
 from __future__ import annotations
 
 import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -21,8 +21,8 @@ import numpy as np
 import optax
 
 from imagefolder_jax import parallel
-from imagefolder_jax.evaluation.progress import Progress
 from imagefolder_jax.evaluation.tokenizer import EvalInputError, eval_batches
+from imagefolder_jax.progress import Progress
 
 FEATURE_SETS = ("detail", "semantic", "both")
 

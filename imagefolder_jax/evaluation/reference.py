@@ -15,13 +15,14 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+from imagefolder_jax.errors import ImageFolderError
 from imagefolder_jax.evaluation.fid import FeatureStatistics
 
 IMAGES_KEY = "arr_0"
 KNOWN_KEYS = ("arr_0", "mu", "sigma", "mu_s", "sigma_s", "pool_3", "spatial", "labels")
 
 
-class ReferenceError(ValueError):
+class ReferenceBatchError(ImageFolderError):
   """An .npz file is not a usable ADM batch (names the file and the key)."""
 
 
@@ -51,7 +52,7 @@ def save_reference(path: str, *, images: Optional[np.ndarray] = None, pool: Opti
   if images is not None:
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-      raise ReferenceError(f"{path}: arr_0 must be (N, H, W, 3) uint8, got {images.dtype} {images.shape}")
+      raise ReferenceBatchError(f"{path}: arr_0 must be (N, H, W, 3) uint8, got {images.dtype} {images.shape}")
     arrays[IMAGES_KEY] = images
   if pool is not None:
     arrays["mu"], arrays["sigma"] = pool.mu, pool.sigma
@@ -64,7 +65,7 @@ def save_reference(path: str, *, images: Optional[np.ndarray] = None, pool: Opti
   if labels is not None:
     arrays["labels"] = np.asarray(labels, np.int32)
   if not arrays:
-    raise ReferenceError(f"{path}: nothing to write")
+    raise ReferenceBatchError(f"{path}: nothing to write")
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   tmp = path + ".tmp.npz"
@@ -81,14 +82,14 @@ def _read_header(f) -> tuple:
 
 
 def _npy_header(path: str, key: str) -> tuple:
-  """(shape, fortran_order, dtype) of `key` in an .npz without reading its data; `ReferenceError`
+  """(shape, fortran_order, dtype) of `key` in an .npz without reading its data; `ReferenceBatchError`
   when the member is shorter or longer than its header says (a truncated or padded array)."""
   with zipfile.ZipFile(path) as z, z.open(f"{key}.npy") as f:
     shape, fortran, dtype = _read_header(f)
     expected = f.tell() + int(np.prod(shape)) * np.dtype(dtype).itemsize
     size = z.getinfo(f"{key}.npy").file_size
   if size != expected:
-    raise ReferenceError(f"{path}: {key} holds {size} bytes, its header {dtype} {shape} needs {expected} "
+    raise ReferenceBatchError(f"{path}: {key} holds {size} bytes, its header {dtype} {shape} needs {expected} "
                          "(a truncated or damaged file)")
   return shape, fortran, dtype
 
@@ -107,40 +108,42 @@ def _what_file_is(path: str) -> str:
 
 
 def _read_array(data, path: str, key: str) -> np.ndarray:
-  """`data[key]` as a real-valued array, every failure a `ReferenceError` naming file and key."""
+  """`data[key]` as a real-valued array, every failure a `ReferenceBatchError` naming file and key."""
   try:
     x = data[key]
   except _READ_ERRORS as e:
     if "allow_pickle" in str(e):
-      raise ReferenceError(f"{path}: {key} holds pickled Python objects, not numbers (never unpickled)") from e
-    raise ReferenceError(f"{path}: {key} is unreadable ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from e
+      raise ReferenceBatchError(f"{path}: {key} holds pickled Python objects, not numbers (never unpickled)") from e
+    reason = " ".join(str(e).split())[:200]
+    raise ReferenceBatchError(f"{path}: {key} is unreadable ({type(e).__name__}: {reason})") from e
   if x.dtype.kind not in "fiu":
-    raise ReferenceError(f"{path}: {key} must hold real numbers, got dtype {x.dtype}")
+    raise ReferenceBatchError(f"{path}: {key} must hold real numbers, got dtype {x.dtype}")
   if x.dtype.kind == "f" and not np.all(np.isfinite(x)):
-    raise ReferenceError(f"{path}: {key} holds NaN/inf")
+    raise ReferenceBatchError(f"{path}: {key} holds NaN/inf")
   return x
 
 
 def _check_statistics(path: str, mean: str, cov: str, stats: FeatureStatistics) -> None:
   d = stats.mu.shape[0] if stats.mu.ndim == 1 else None
   if d is None or stats.sigma.shape != (d, d):
-    raise ReferenceError(f"{path}: {mean} must be (D,) and {cov} (D, D), got {stats.mu.shape} and "
+    raise ReferenceBatchError(f"{path}: {mean} must be (D,) and {cov} (D, D), got {stats.mu.shape} and "
                          f"{stats.sigma.shape}")
 
 
 def _check_features(path: str, key: str, x: np.ndarray, stats: Optional[FeatureStatistics], mean: str) -> None:
   if x.ndim != 2 or x.shape[0] < 1:
-    raise ReferenceError(f"{path}: {key} must be (N, D) features, got shape {x.shape}")
+    raise ReferenceBatchError(f"{path}: {key} must be (N, D) features, got shape {x.shape}")
   if stats is None and x.shape[0] < 2:
-    raise ReferenceError(f"{path}: {key} holds {x.shape[0]} feature row(s) and no {mean}; statistics need at least 2")
+    raise ReferenceBatchError(f"{path}: {key} holds {x.shape[0]} feature row(s) and no {mean}; "
+                              "statistics need at least 2")
   if stats is not None and x.shape[1] != stats.mu.shape[0]:
-    raise ReferenceError(f"{path}: {key} has D={x.shape[1]} but {mean} has D={stats.mu.shape[0]}")
+    raise ReferenceBatchError(f"{path}: {key} has D={x.shape[1]} but {mean} has D={stats.mu.shape[0]}")
 
 
 def load_reference(path: str) -> ReferenceBatch:
   """Reads statistics and features (allow_pickle=False); images stay on disk.
 
-  Raises `ReferenceError` (one line naming the file and the key) for anything that is not a usable
+  Raises `ReferenceBatchError` (one line naming the file and the key) for anything that is not a usable
   ADM batch: not a zip of .npy arrays, a damaged member, pickled objects, non-real or non-finite
   numbers, statistics or features of inconsistent shapes, an image array that is not
   (N >= 1, H, W, 3) uint8, or none of images / statistics / features at all.
@@ -152,21 +155,22 @@ def load_reference(path: str) -> ReferenceBatch:
     with open(path, "rb") as f:
       head = f.read(4)
   except OSError as e:
-    raise ReferenceError(f"{path}: unreadable ({type(e).__name__}: {e})") from e
+    raise ReferenceBatchError(f"{path}: unreadable ({type(e).__name__}: {e})") from e
   if head not in _ZIP_SIGNATURES:
-    raise ReferenceError(f"{path}: not an .npz file (a zip of .npy arrays): {what}")
+    raise ReferenceBatchError(f"{path}: not an .npz file (a zip of .npy arrays): {what}")
   try:
     data = np.load(path, allow_pickle=False)
   except _READ_ERRORS as e:
-    raise ReferenceError(f"{path}: not a readable .npz ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from e
+    reason = " ".join(str(e).split())[:200]
+    raise ReferenceBatchError(f"{path}: not a readable .npz ({type(e).__name__}: {reason})") from e
   if not isinstance(data, np.lib.npyio.NpzFile):  # pragma: no cover - the zip signature was checked
-    raise ReferenceError(f"{path}: not an .npz file")
+    raise ReferenceBatchError(f"{path}: not an .npz file")
   with data:
     keys = set(data.files)
     batch = ReferenceBatch(path=path)
     for mean, cov, field in (("mu", "sigma", "pool"), ("mu_s", "sigma_s", "spatial")):
       if (mean in keys) != (cov in keys):
-        raise ReferenceError(f"{path}: holds {mean if mean in keys else cov!r} without "
+        raise ReferenceBatchError(f"{path}: holds {mean if mean in keys else cov!r} without "
                              f"{cov if mean in keys else mean!r}")
       if mean in keys:
         stats = FeatureStatistics(np.asarray(_read_array(data, path, mean), np.float64),
@@ -182,19 +186,20 @@ def load_reference(path: str) -> ReferenceBatch:
     if "labels" in keys:
       batch.labels = _read_array(data, path, "labels")
       if batch.labels.ndim != 1 or batch.labels.dtype.kind not in "iu":
-        raise ReferenceError(f"{path}: labels must be (N,) integers, got {batch.labels.dtype} {batch.labels.shape}")
+        raise ReferenceBatchError(
+            f"{path}: labels must be (N,) integers, got {batch.labels.dtype} {batch.labels.shape}")
   if IMAGES_KEY in keys:
     try:
       shape, _, dtype = _npy_header(path, IMAGES_KEY)
-    except ReferenceError:
+    except ReferenceBatchError:
       raise
     except _READ_ERRORS as e:
-      raise ReferenceError(f"{path}: {IMAGES_KEY} is unreadable ({type(e).__name__}: {e})") from e
+      raise ReferenceBatchError(f"{path}: {IMAGES_KEY} is unreadable ({type(e).__name__}: {e})") from e
     if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or shape[0] < 1:
-      raise ReferenceError(f"{path}: arr_0 must be (N >= 1, H, W, 3) uint8, got {dtype} {shape}")
+      raise ReferenceBatchError(f"{path}: arr_0 must be (N >= 1, H, W, 3) uint8, got {dtype} {shape}")
     batch.num_images, batch.image_shape = int(shape[0]), tuple(shape[1:])
   if not (batch.has_images or batch.pool is not None or batch.pool_3 is not None):
-    raise ReferenceError(f"{path}: holds neither images (arr_0), statistics (mu, sigma) nor features "
+    raise ReferenceBatchError(f"{path}: holds neither images (arr_0), statistics (mu, sigma) nor features "
                          f"(pool_3); keys: {sorted(keys)}")
   return batch
 
@@ -213,9 +218,10 @@ def check_feature_dims(batch: ReferenceBatch, pool: Optional[int], spatial: Opti
   """Refuses a batch whose stored feature dimensions differ from `pool` / `spatial` (those of
   `against`: another file, or the Inception network); None skips that check."""
   have = feature_dims(batch)
-  for name, mine, theirs in (("pool_3 (mu/sigma/pool_3)", have[0], pool), ("spatial (mu_s/sigma_s/spatial)", have[1], spatial)):
+  pairs = (("pool_3 (mu/sigma/pool_3)", have[0], pool), ("spatial (mu_s/sigma_s/spatial)", have[1], spatial))
+  for name, mine, theirs in pairs:
     if mine is not None and theirs is not None and mine != theirs:
-      raise ReferenceError(f"{batch.path}: {name} features have D={mine}, {against} has D={theirs}")
+      raise ReferenceBatchError(f"{batch.path}: {name} features have D={mine}, {against} has D={theirs}")
 
 
 def iter_npz_images(path: str, batch_size: int) -> Iterator[np.ndarray]:
@@ -225,15 +231,15 @@ def iter_npz_images(path: str, batch_size: int) -> Iterator[np.ndarray]:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   with zipfile.ZipFile(path) as z:
     if f"{IMAGES_KEY}.npy" not in z.namelist():
-      raise ReferenceError(f"{path}: no {IMAGES_KEY} (images)")
+      raise ReferenceBatchError(f"{path}: no {IMAGES_KEY} (images)")
     with z.open(f"{IMAGES_KEY}.npy") as f:
       shape, fortran, dtype = _read_header(f)
       if fortran or dtype != np.uint8:
-        raise ReferenceError(f"{path}: arr_0 must be C-ordered uint8, got {dtype} fortran={fortran}")
+        raise ReferenceBatchError(f"{path}: arr_0 must be C-ordered uint8, got {dtype} fortran={fortran}")
       per_image = int(np.prod(shape[1:]))
       for start in range(0, shape[0], batch_size):
         n = min(batch_size, shape[0] - start)
         data = f.read(n * per_image)
         if len(data) != n * per_image:
-          raise ReferenceError(f"{path}: arr_0 is truncated at image {start}")
+          raise ReferenceBatchError(f"{path}: arr_0 is truncated at image {start}")
         yield np.frombuffer(data, np.uint8).reshape((n,) + tuple(shape[1:]))

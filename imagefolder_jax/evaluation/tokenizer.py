@@ -27,11 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from imagefolder_jax import parallel
+from imagefolder_jax.errors import ImageFolderError
 from imagefolder_jax.evaluation import image_metrics
-from imagefolder_jax.evaluation.progress import Progress
+from imagefolder_jax.progress import Progress
 
 
-class EvalInputError(ValueError):
+class EvalInputError(ImageFolderError):
   """An evaluation input (source, batch size) that cannot be used."""
 
 

@@ -1,1 +1,2 @@
-"""Pure Flax linen modules (no I/O): ViT, quantizer, tokenizer, generator, losses' networks."""
+"""Pure Flax linen modules (no I/O): ViT, quantizer, tokenizer, generator, and the networks the
+losses and evaluation use (DINOv2, discriminators, LPIPS, Inception)."""

@@ -1,6 +1,6 @@
 """Frozen DINO / DINOv2 feature networks on the shared `ViTTrunk`.
 
-Two roles (DESIGN.md §2): the tokenizer's semantic teacher (DINOv2-B, 256 px,
+Two roles (docs/design.md §2): the tokenizer's semantic teacher (DINOv2-B, 256 px,
 patch 16: its CLS after the final norm) and the discriminator's frozen DINO
 ViT-S/16 (the patch embedding output and the outputs of blocks {2, 5, 8, 11}).
 

@@ -1,4 +1,4 @@
-"""Discriminators for the tokenizer's adversarial loss (DESIGN §2).
+"""Discriminators for the tokenizer's adversarial loss (docs/design.md §2).
 
 * `DinoDiscriminator`: the official "dino disc" (StyleGAN-T style, as in the official
   `tokenizer/tokenizer_image/discriminator_dino.py`). A frozen DINO ViT-S/16 gives token features at
@@ -273,7 +273,7 @@ def fit_to_resolution(x: jax.Array, size: int, crop_key: Optional[jax.Array], cr
 
 
 class DinoDiscriminator(nn.Module):
-  """The official "dino disc" (DESIGN §2).
+  """The official "dino disc" (docs/design.md §2).
 
   images: (B, H, W, 3) float in [-1, 1] (real or fake, after DiffAugment) -> logits
   (B, num_taps * N) float32 with N = (vit.image_size / vit.patch_size)^2, ordered tap-major

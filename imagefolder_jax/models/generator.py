@@ -1,8 +1,8 @@
-"""Next-scale autoregressive generator with folded tokens (paper §3.2, DESIGN §3).
+"""Next-scale autoregressive generator with folded tokens (paper §3.2, docs/design.md §3).
 
 The official VAR transformer (ImageFolder's released "d17"): position p of scale s carries the
 *pair* (id_branch0, id_branch1, ...) of P product-quantized branches, so one forward predicts
-P x V logits per position. Sequence (README point 7):
+P x V logits per position. Sequence (docs/design.md §3):
 
   x = [class_emb[label] + pos_start | word_embed(next_scale_inputs)] + lvl_embed[scale] + pos_1LC
   per block:  x += gamma1 * attn(LN(x) (1 + scale1) + shift1)
@@ -27,8 +27,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imagefolder_jax.models.layers import Dtype, Initializer, attention, constrain, dense, layer_norm, partitioned, \
-    remat_block
+from imagefolder_jax.models.layers import (
+  Dtype,
+  Initializer,
+  attention,
+  constrain,
+  dense,
+  layer_norm,
+  partitioned,
+  remat_block,
+)
 from imagefolder_jax.ops.masks import block_causal_mask, scale_begin_ends, scale_of_position
 
 RELEASED_SCALES = (1, 1, 2, 3, 3, 4, 5, 6, 8, 11)

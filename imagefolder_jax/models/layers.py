@@ -93,8 +93,8 @@ def attention_implementation(dtype: Dtype, head_dim: int) -> Optional[str]:
   """The fused kernel where the target has one: cuDNN flash attention when compiling for GPUs
   (`platform.target_platform()`) with 16-bit inputs and a supported head size, where cuDNN is
   there to build it (`cudnn_attention_available`); XLA's (plain softmax attention) everywhere else."""
-  if target_platform() == "gpu" and cudnn_attention_available() and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 \
-      and head_dim <= 128:
+  half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+  if target_platform() == "gpu" and cudnn_attention_available() and half and head_dim % 8 == 0 and head_dim <= 128:
     return "cudnn"
   return "xla"
 

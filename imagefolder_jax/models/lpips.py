@@ -5,7 +5,7 @@ d(x, y) = sum over the five VGG16 taps l of
 where f̂ is the tap normalised over channels, f / (sqrt(Σ_c f²) + eps) (eps on
 the norm, not under the root), and w_l are the non-negative per-channel
 weights of the 1×1 heads (no bias). The spatial mean is taken at each tap's
-own resolution. DESIGN.md §2.
+own resolution. docs/design.md §2.
 
 Parameter tree (top level): `vgg/conv{s}_{i}/{kernel (3,3,I,O), bias (O,)}` for
 the 13 convolutions (conv1_1 … conv5_3), `lin{l}/kernel (C_l, 1)` for the five
@@ -156,7 +156,7 @@ class LPIPS(nn.Module):
   """
   config: LPIPSConfig = LPIPSConfig()
   # Highest precision: TPU/GPU default matmul precision (bf16 / TF32 passes) would make the
-  # loss differ from the reference LPIPS (DESIGN.md §2).
+  # loss differ from the reference LPIPS (docs/design.md §2).
   precision: jax.lax.Precision = jax.lax.Precision.HIGHEST
   dtype: Dtype = jnp.float32
 

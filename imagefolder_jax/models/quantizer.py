@@ -1,4 +1,4 @@
-"""Multi-scale residual quantizer (VAR-style) of one ImageFolder branch (paper §3.1, DESIGN §2).
+"""Multi-scale residual quantizer (VAR-style) of one ImageFolder branch (paper §3.1, docs/design.md §2).
 
 Per scale s with side n_s, on a latent `f: (B, n, n, Cq)` (n = last scale):
   r   = area_downsample(f_rest, n_s)                (the last scale uses f_rest as is)

@@ -1,4 +1,4 @@
-"""The ImageFolder tokenizer: ViT encoder, P product-quantized branches, ViT decoder (DESIGN §1-2).
+"""The ImageFolder tokenizer: ViT encoder, P product-quantized branches, ViT decoder (docs/design.md §1-2).
 
 Product quantization splits *tokens*, not channels: the encoder emits P sets of n x n latent
 tokens (n = last scale), each projected to Cq channels by one shared 1x1 conv and quantized by

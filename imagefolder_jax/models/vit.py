@@ -14,8 +14,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from imagefolder_jax.models.layers import Dtype, attention, constrain, dense, layer_norm, TRUNC_NORMAL_02, \
-    partitioned, remat_block
+from imagefolder_jax.models.layers import (
+  TRUNC_NORMAL_02,
+  Dtype,
+  attention,
+  constrain,
+  dense,
+  layer_norm,
+  partitioned,
+  remat_block,
+)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Top-k then top-p (nucleus) filtering, exactly as the official `sample_with_top_k_top_p_`.
 
-Official semantics (README point 10), along the last axis (one branch's vocabulary):
+Official semantics (docs/design.md §3), along the last axis (one branch's vocabulary):
   * top-k: remove entries strictly below the k-th largest value (ties with it survive);
   * top-p on the top-k-filtered logits: sort ascending, softmax, float32 cumsum, remove entries
     whose cumsum is <= 1 - top_p; the largest entry always survives.

@@ -1,4 +1,4 @@
-"""Attention masks over the next-scale token sequence (DESIGN §3, README point 7).
+"""Attention masks over the next-scale token sequence (docs/design.md §3).
 
 Tokens run over scales in order and, within a scale, row-major over (h, w). A token sees every
 token of its own scale and of earlier scales: the official `attn_bias_for_masking`

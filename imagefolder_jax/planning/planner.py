@@ -27,7 +27,8 @@ import ml_collections
 import numpy as np
 
 from imagefolder_jax.planning import hlo
-from imagefolder_jax.planning.chips import CHIPS as CHIP_SPECS, ChipSpec
+from imagefolder_jax.planning.chips import CHIPS as CHIP_SPECS
+from imagefolder_jax.planning.chips import ChipSpec
 from imagefolder_jax.planning.errors import PlanError
 from imagefolder_jax.planning.topology import Topology, compile_only_devices
 
@@ -158,7 +159,7 @@ def per_device_bytes(abstract: Any, shardings: Any) -> float:
 
 def chip_peak_and_memory(chip: str) -> tuple[float, float]:
   """(peak FLOP/s, memory bytes) of one device of `chip`; 'cpu' measures this machine's matmul rate."""
-  from imagefolder_jax import flops
+  from imagefolder_jax.planning import flops
   if chip == "cpu":
     import os
     return flops.measure_cpu_matmul_rate(), float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
@@ -249,6 +250,7 @@ def compile_for(lowered, compiler: str, warnings: Optional[list] = None):
   """(compiled program or None, the compiler's out-of-memory refusal as one line or ''); the
   compiler's warnings (`compiler_warnings`) are appended to `warnings`."""
   from jax._src import config as jax_config
+
   from imagefolder_jax._startup import captured_stderr
   options = GPU_COMPILER_OPTIONS if compiler == "gpu" else {}
   compiled, error = None, None
@@ -330,7 +332,8 @@ def plan(stage: str, config: ml_collections.ConfigDict, mesh_sizes: dict, device
     and batch bytes are exact, the compiled numbers are then unknown (NaN).
   A program too large for the chip is a plan that does not fit (`out_of_memory`), not an error.
   """
-  from imagefolder_jax import flops, parallel
+  from imagefolder_jax import parallel
+  from imagefolder_jax.planning import flops
   from imagefolder_jax.train import checkpointing, loop
   if not 0 < mfu <= 1:
     raise PlanError(f"--mfu {mfu}: must be in (0, 1]")

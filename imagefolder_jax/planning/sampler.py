@@ -11,8 +11,15 @@ import ml_collections
 import numpy as np
 
 from imagefolder_jax.planning.errors import PlanError
-from imagefolder_jax.planning.planner import (GPU_COMPILER_OPTIONS, Plan, per_device_bytes, analyze_compiled, compile_for,
-                                           default_mesh_sizes, make_task)
+from imagefolder_jax.planning.planner import (
+  GPU_COMPILER_OPTIONS,
+  Plan,
+  analyze_compiled,
+  compile_for,
+  default_mesh_sizes,
+  make_task,
+  per_device_bytes,
+)
 from imagefolder_jax.planning.topology import Topology, compile_only_devices
 
 
@@ -22,9 +29,10 @@ def plan_sampler(config: ml_collections.ConfigDict, mesh_sizes: dict, topology: 
   """Compiles the sampler of `config`'s generator (and its tokenizer: config.tokenizer_bundle's, or
   the released layout) for `batch` samples over `topology` (batch sharded over every chip, weights
   replicated), with the paper's filters by default. dtype: the generator's compute dtype."""
-  from imagefolder_jax import flops, parallel
+  from imagefolder_jax import parallel
+  from imagefolder_jax.inference.sampling import SamplerSettings, make_sampler
   from imagefolder_jax.models.generator import NextScaleGenerator
-  from imagefolder_jax.sampling import SamplerSettings, make_sampler
+  from imagefolder_jax.planning import flops
   devices = compile_only_devices(topology)
   sizes = default_mesh_sizes(topology, {}, mesh_sizes)
   try:

@@ -168,6 +168,7 @@ def compile_only_devices(topology: Topology) -> list[Any]:
   """The devices of `topology` for jax's compiler (nothing can run on them), in id order."""
   _check_compiler(topology.platform)
   from jax.experimental import topologies
+
   from imagefolder_jax._startup import filtered_stderr
   if topology.platform == "gpu":
     nodes, per_node = topology.shape

@@ -24,15 +24,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from typing import Any, Optional
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from imagefolder_jax.checkpoint import _dotted, exception_summary as _one_line, quiet_orbax as _quiet_orbax
-from imagefolder_jax.checkpoint import file_record, record_problem
+from imagefolder_jax.errors import ImageFolderError
+from imagefolder_jax.storage.bundle import dotted_path
+from imagefolder_jax.storage.integrity import exception_summary as _one_line
+from imagefolder_jax.storage.integrity import file_record, record_problem
+from imagefolder_jax.storage.integrity import quiet_orbax as _quiet_orbax
 
 log = logging.getLogger("imagefolder_jax.train")
 
@@ -42,15 +44,12 @@ COMMIT_MARKER = "commit_success.txt"
 INTEGRITY_FILE = "imagefolder_integrity.json"
 INTEGRITY_FORMAT = 1
 DAMAGED_DIR = "checkpoints.damaged"
-# Test hook (only tests set it): "STEP:MARKER" blocks the asynchronous writer of step STEP forever,
-# after touching MARKER, so a test can SIGKILL the process while that save is in flight.
-BLOCK_SAVE_ENV = "IMAGEFOLDER_JAX_TEST_BLOCK_SAVE"
 # Not covered by the integrity record: the record itself, and orbax's step metadata (timestamps;
 # orbax may rewrite it, and restores without it).
 _UNSEALED_FILES = (INTEGRITY_FILE, "_CHECKPOINT_METADATA")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ImageFolderError):
   """A checkpoint directory exists but no step in it is usable by the current run."""
 
 
@@ -72,15 +71,20 @@ class _SealingManager(ocp.CheckpointManager):
       _seal(self, step, self.unsealed.pop(step))
 
 
-def make_manager(workdir: str, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+def make_manager(workdir: str, keep: int, async_save: bool = True,
+                 meta_handler: Optional[ocp.CheckpointHandler] = None) -> ocp.CheckpointManager:
+  """The checkpoint manager of `workdir`/checkpoints, keeping the newest `keep` steps.
+
+  meta_handler: handler of the 'meta' item (JSON) instead of orbax's; fault-injection tests pass one
+  whose save never commits, to kill a process while a save is in flight.
+  """
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
   # Every process saves its own shards; process 0 writes metadata and commits the step.
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
                                          multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=0))
-  block = _blocking_hook() if async_save else None
-  if block is not None:
+  if meta_handler is not None:
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
-    state_handler, meta_handler = ocp.StandardCheckpointHandler(), _BlockingJsonHandler(*block)
+    state_handler = ocp.StandardCheckpointHandler()
     for args in (ocp.args.StandardSave, ocp.args.StandardRestore):
       registry.add("state", args, state_handler)
     for args in (ocp.args.JsonSave, ocp.args.JsonRestore):
@@ -173,7 +177,7 @@ def _report_skipped(directory: str, skipped: list[tuple[int, str]], quarantine: 
       log.warning("checkpoint step %d is unusable (%s); %s %s (not deleted); restoring step %d",
                   step, reason, "moved it to" if quarantine else "it stays in", where, restored_step)
   if quarantine:
-    from imagefolder_jax.multihost import sync
+    from imagefolder_jax.parallel.multihost import sync
     sync("checkpoint quarantine")
 
 
@@ -229,7 +233,7 @@ def _agree(value, how: str) -> int:
   """The min or max of an int verdict over all processes (the value itself on one process),
   through the coordination service: a process still reading a large checkpoint may arrive minutes
   after the others."""
-  from imagefolder_jax.multihost import exchange
+  from imagefolder_jax.parallel.multihost import exchange
   values = [int(v) for v in exchange(f"checkpoint verdict ({how})", str(int(value)))]
   return min(values) if how == "min" else max(values)
 
@@ -286,7 +290,7 @@ def _check_files(path: str, checksums: bool) -> Optional[str]:
 
 
 # ----------------------------------------------------------------------------- array specs
-_key_name = _dotted
+_key_name = dotted_path
 
 
 def _array_specs(tree: Any) -> dict[str, tuple]:
@@ -313,7 +317,8 @@ def _spec_difference(on_disk: dict, wanted: dict) -> str:
   if extra:
     return f"unexpected array {extra[0]} ({len(extra)} in all)"
   name = next(k for k in sorted(wanted) if wanted[k] != on_disk[k])
-  return f"array {name} is {on_disk[name][1]}{list(on_disk[name][0])}, expected {wanted[name][1]}{list(wanted[name][0])}"
+  (disk_shape, disk_dtype), (want_shape, want_dtype) = on_disk[name], wanted[name]
+  return f"array {name} is {disk_dtype}{list(disk_shape)}, expected {want_dtype}{list(want_shape)}"
 
 
 def _config_mismatch(path: str, expected: dict) -> Optional[str]:
@@ -333,45 +338,3 @@ def _first_non_finite(state: Any) -> Optional[str]:
     if not all(np.isfinite(np.asarray(s)).all() for s in shards):
       return _key_name(path)
   return None
-
-
-# ----------------------------------------------------------------------------- test hook
-def _blocking_hook() -> Optional[tuple[int, str]]:
-  value = os.environ.get(BLOCK_SAVE_ENV)
-  if not value:
-    return None
-  step, sep, marker = value.partition(":")
-  if not step.isdigit() or not sep or not marker:
-    raise ValueError(f"{BLOCK_SAVE_ENV} must be STEP:MARKER_PATH, got {value!r}")
-  return int(step), marker
-
-
-class _BlockingFuture:
-  """A commit future that never completes (touches `marker` when the writer starts waiting on it)."""
-
-  def __init__(self, marker: str):
-    self.marker = marker
-
-  def result(self, timeout=None):
-    with open(self.marker, "w") as f:
-      f.write(str(os.getpid()))
-    while True:
-      time.sleep(3600)
-
-  def cancel(self):
-    return None
-
-
-class _BlockingJsonHandler(ocp.JsonCheckpointHandler):
-  """The meta item's handler, whose save of `block_step` never commits (test hook only)."""
-
-  def __init__(self, block_step: int, marker: str):
-    super().__init__()
-    self.block_step, self.marker = block_step, marker
-
-  async def async_save(self, directory, item=None, args=None):
-    futures = list(await super().async_save(directory, item=item, args=args) or [])
-    # The step directory is `<step>.orbax-checkpoint-tmp-*/meta` while the save is in flight.
-    if os.path.basename(os.path.dirname(os.fspath(directory))).split(".")[0] == str(self.block_step):
-      futures.append(_BlockingFuture(self.marker))
-    return futures

@@ -16,8 +16,10 @@ from typing import Sequence
 
 import ml_collections
 
+from imagefolder_jax.errors import ImageFolderError
 
-class ConfigFileError(ValueError):
+
+class ConfigFileError(ImageFolderError):
   """A config file or override is invalid."""
 
 

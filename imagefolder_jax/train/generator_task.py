@@ -1,4 +1,4 @@
-"""Generator training (DESIGN §3): teacher-forced next-scale prediction of folded token pairs.
+"""Generator training (docs/design.md §3): teacher-forced next-scale prediction of folded token pairs.
 
 Each step tokenizes the batch with the frozen tokenizer bundle (inside the same jitted program),
 builds the folded next-scale inputs (f_hat accumulated through the tokenizer's quantizer and phi,
@@ -19,10 +19,15 @@ import numpy as np
 import optax
 
 from imagefolder_jax import parallel
-from imagefolder_jax.checkpoint import BundleError, load_bundle, read_bundle_configs
-from imagefolder_jax.models.generator import GeneratorConfig, NextScaleGenerator, flatten_ids, generator_loss, \
-    unflatten_ids
+from imagefolder_jax.models.generator import (
+  GeneratorConfig,
+  NextScaleGenerator,
+  flatten_ids,
+  generator_loss,
+  unflatten_ids,
+)
 from imagefolder_jax.models.tokenizer import ImageFolderTokenizer, TokenizerConfig
+from imagefolder_jax.storage.bundle import BundleError, load_bundle, read_bundle_configs
 from imagefolder_jax.train import optim
 
 log = logging.getLogger("imagefolder_jax.train")
@@ -183,7 +188,7 @@ class GeneratorTask:
   def sample(self, state: dict, frozen: dict, labels: jax.Array, key: jax.Array, cfg: float = 2.0,
              top_k: int = 0, top_p: float = 0.0) -> jax.Array:
     """Samples images (B, H, W, 3) in [-1, 1] with the EMA weights."""
-    from imagefolder_jax.sampling import SamplerSettings, make_sampler
+    from imagefolder_jax.inference.sampling import SamplerSettings, make_sampler
     key_settings = (top_k, top_p)
     if key_settings not in self._samplers:  # one compiled sampler per static setting
       self._samplers[key_settings] = make_sampler(self.model, self.tokenizer, SamplerSettings(top_k=top_k, top_p=top_p))

@@ -1,7 +1,7 @@
 """One training loop for both stages (tokenizer, generator): mesh, grain data, jitted step,
 orbax checkpoints with the data-iterator state, clu metrics and images, progress with ETA.
 
-A `Task` supplies the model-specific parts (see `imagefolder_jax.train.tasks`):
+A `Task` supplies the model-specific parts (`train/tokenizer_task.py`, `train/generator_task.py`):
   init_state(rng, example_batch) -> state      (a pytree; state['step'] is the step counter)
   load_pretrained(state) -> state               (host-side: weights from local files, once)
   frozen                                        (frozen networks' params, passed beside the state)
@@ -15,19 +15,21 @@ import json
 import logging
 import os
 import sys
-import time
+from typing import Any, Callable, Optional
 
 import jax
 import ml_collections
 import numpy as np
 
 from imagefolder_jax import parallel
+from imagefolder_jax.errors import ImageFolderError
+from imagefolder_jax.progress import TrainingProgress
 from imagefolder_jax.train import checkpointing
 
 log = logging.getLogger("imagefolder_jax.train")
 
 
-class ConfigError(ValueError):
+class ConfigError(ImageFolderError):
   """A config value is invalid (raised before any long work starts)."""
 
 
@@ -44,6 +46,7 @@ def jit_train_step(task, mesh, rules, state_shardings, frozen_shardings, *, dona
   models' activation constraints apply); call it inside `jax.set_mesh(mesh)`. The state's buffers
   are donated (the new state reuses them) unless `donate=False`."""
   import flax.linen as nn
+
   from imagefolder_jax.ops.platform import compiling_for
 
   def step(state, frozen, batch):
@@ -55,60 +58,10 @@ def jit_train_step(task, mesh, rules, state_shardings, frozen_shardings, *, dona
                  donate_argnums=(0,) if donate else ())
 
 
-class Progress:
-  """Step/s, images/s, ETA and MFU; a live line on an interactive terminal, log lines otherwise.
-
-  flops_per_step: analytic model FLOPs of one global step (`imagefolder_jax.flops`); peak_per_device:
-  the device's peak FLOP/s (CPU: its measured matmul rate). MFU uses the rate since the previous
-  `rates` call, so the first interval (which holds compilation) is not mixed into later ones.
-  """
-
-  def __init__(self, total_steps: int, start_step: int, global_batch: int, *, flops_per_step: float = 0.0,
-               num_devices: int = 1, peak_per_device: float = 0.0):
-    self.total, self.start, self.batch = total_steps, start_step, global_batch
-    self.flops_per_step, self.num_devices, self.peak = flops_per_step, num_devices, peak_per_device
-    self.t0 = time.perf_counter()
-    self.last = (self.t0, start_step)
-    self.tty = sys.stderr.isatty()
-
-  def rates(self, step: int) -> dict:
-    now = time.perf_counter()
-    elapsed = max(now - self.t0, 1e-9)
-    done = max(step - self.start, 1)
-    steps_per_s = done / elapsed
-    out = dict(steps_per_s=steps_per_s, images_per_s=steps_per_s * self.batch,
-               eta_s=(self.total - step) / steps_per_s)
-    last_time, last_step = self.last
-    self.last = (now, step)
-    if self.flops_per_step > 0 and step > last_step and self.peak > 0:
-      from imagefolder_jax import flops
-      interval = (now - last_time) / (step - last_step)
-      out.update(flops.mfu(self.flops_per_step, interval, self.num_devices, self.peak))
-      out["model_tflops_per_step"] = self.flops_per_step / 1e12
-    return out
-
-  def line(self, step: int, metrics: dict) -> str:
-    r = self.rates(step) if "steps_per_s" not in metrics else metrics
-    shown = " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if k.endswith("loss"))
-    eta = time.strftime("%H:%M:%S", time.gmtime(r["eta_s"]))
-    mfu = (f" | {r['tflops_per_device']:.3g} TFLOP/s/device MFU {100 * r['mfu']:.1f}%"
-           if "mfu" in r else "")
-    return (f"step {step}/{self.total} {shown} | {r['images_per_s']:.1f} img/s "
-            f"{r['steps_per_s']:.2f} step/s{mfu} | ETA {eta}")
-
-  def tick(self, step: int, metrics: dict) -> None:
-    if self.tty:
-      elapsed = max(time.perf_counter() - self.t0, 1e-9)
-      steps_per_s = max(step - self.start, 1) / elapsed
-      eta = time.strftime("%H:%M:%S", time.gmtime((self.total - step) / steps_per_s))
-      print(f"\rstep {step}/{self.total} | {steps_per_s * self.batch:.1f} img/s | ETA {eta}"[:160], end="",
-            file=sys.stderr, flush=True)
-
-
 def step_flop_budget(task, mesh, example: dict, global_batch: int) -> tuple[float, float]:
   """(analytic model FLOPs of one global step, peak FLOP/s per device). The CPU's peak is its matmul
   rate measured here; every process uses process 0's measurement, so all log the same MFU."""
-  from imagefolder_jax import flops
+  from imagefolder_jax.planning import flops
   try:
     per_example = flops.train_flops_per_example(task, pretokenized="codes" in example)["total"]
   except TypeError:  # a task flops.py does not know (tests' toy tasks): no MFU
@@ -135,7 +88,8 @@ def config_fingerprint(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.model.to_json_best_effort())
 
 
-def run(task, config: ml_collections.ConfigDict, workdir: str, *, loader_factory) -> dict:
+def run(task, config: ml_collections.ConfigDict, workdir: str, *, loader_factory,
+        after_step: Optional[Callable[[int, Any], None]] = None) -> dict:
   """Trains `task` until `config.train.num_steps`, resuming from `workdir` if it holds checkpoints.
 
   loader_factory(batch_rows, start_position) -> grain loader of this process's rows `batch_rows`
@@ -144,6 +98,8 @@ def run(task, config: ml_collections.ConfigDict, workdir: str, *, loader_factory
   process 0 alone writes logs, metrics.jsonl, TensorBoard events and PNG grids, and all processes
   write the orbax checkpoints together (each its own shards; the data-iterator states of all
   processes go into the checkpoint's metadata).
+  after_step(step, manager): called on every process after each step and its checkpoint save (if
+  that step saves one), e.g. to stop or inspect a run; tests inject faults through it.
   Returns the final metrics (floats) and the final `state` (global arrays).
   """
   from clu import metric_writers
@@ -192,13 +148,9 @@ def run(task, config: ml_collections.ConfigDict, workdir: str, *, loader_factory
                                        "train step", mesh)
   writer = metric_writers.create_default_writer(workdir, asynchronous=False) if primary else None
   flops_per_step, peak = step_flop_budget(task, mesh, first, global_batch)
-  progress = Progress(t.num_steps, start_step, global_batch, flops_per_step=flops_per_step,
+  progress = TrainingProgress(t.num_steps, start_step, global_batch, flops_per_step=flops_per_step,
                       num_devices=mesh.devices.size, peak_per_device=peak)
   images_dir = os.path.join(workdir, "images")
-  # Test hooks: exit abruptly (like kill -9) after this step, on every process or only on one.
-  fail_at = t.get("fail_at_step", -1)
-  if t.get("fail_process", -1) not in (-1, jax.process_index()):
-    fail_at = -1
   if primary and jax.process_count() > 1:
     log.info("%d processes x %d devices, mesh %s, %d rows of each global batch of %d per process",
              jax.process_count(), jax.local_device_count(), dict(mesh.shape), len(rows), global_batch)
@@ -237,11 +189,8 @@ def run(task, config: ml_collections.ConfigDict, workdir: str, *, loader_factory
         _write_images(task, writer, state, global_batch_arrays, step, images_dir)
       if step % t.checkpoint_every == 0 or step == t.num_steps:
         checkpoint(step, state)
-      if step == fail_at:
-        if jax.process_count() == 1 or t.get("fail_process", -1) == -1:
-          manager.wait_until_finished()  # (a lone failing process must not wait for the others)
-          parallel.sync("fail_at_step")
-        os._exit(137)
+      if after_step is not None:
+        after_step(step, manager)
   except KeyboardInterrupt:
     # One process alone cannot write a multi-process checkpoint (the others are not saving).
     if jax.process_count() == 1:
@@ -280,6 +229,7 @@ def _to_global(mesh, batch: dict, global_batch: int) -> dict:
 def _write_images(task, writer, state, batch, step: int, images_dir: str) -> None:
   """Every process computes the grids (they may need sharded state); process 0 writes them."""
   from PIL import Image
+
   from imagefolder_jax.data import image_grid
   grids = task.image_grids(state, batch)
   host = parallel.to_host({name: images for name, (images, _) in grids.items()})

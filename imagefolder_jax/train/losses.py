@@ -1,4 +1,4 @@
-"""Tokenizer training losses (DESIGN §2): pixel, quantizer, semantic, adversarial.
+"""Tokenizer training losses (docs/design.md §2): pixel, quantizer, semantic, adversarial.
 
 Pure functions of arrays; no module state. Conventions follow the official
 `tokenizer/tokenizer_image/vq_loss.py` and `quant.py`:
@@ -9,7 +9,7 @@ Pure functions of arrays; no module state. Conventions follow the official
 * G loss: mse + LPIPS + disc_weight (0.5) * adaptive_weight * hinge_g_loss + vq + commit + 0.1 * semantic.
 
 Means are over whatever array is passed: under `jax.jit` with globally sharded inputs they are
-global-batch means (the semantic loss in particular must see the whole global batch, DESIGN §2).
+global-batch means (the semantic loss in particular must see the whole global batch, docs/design.md §2).
 """
 from __future__ import annotations
 
@@ -185,7 +185,7 @@ def vq_losses(f_hat_per_scale: Sequence[jax.Array], f: jax.Array, beta: float = 
 
   Returns:
     VQLosses(vq = Σ_s mse(f̂_s, sg f) / S, commit = β Σ_s mse(sg f̂_s, f) / S); total = vq + commit
-    (DESIGN: "(commit + vq) / 10" with S = 10).
+    (docs/design.md §2: "(commit + vq) / 10" with S = 10).
   """
   num_scales = len(f_hat_per_scale)
   if num_scales == 0:

@@ -1,4 +1,4 @@
-"""Tokenizer training (DESIGN §2): pixel L2 + LPIPS + vq/commit + semantic + adaptive hinge GAN
+"""Tokenizer training (docs/design.md §2): pixel L2 + LPIPS + vq/commit + semantic + adaptive hinge GAN
 with LeCam, one generator and one discriminator update per step, weight EMA.
 
 State (a pytree, checkpointed whole):
@@ -130,7 +130,7 @@ class TokenizerTask:
       params = nn.unbox(DinoV2(vit).init(jax.random.key(17), jnp.zeros((1, size, size, 3))))["params"]
       return vit, params
     if spec.startswith("bundle:"):
-      from imagefolder_jax.checkpoint import load_bundle
+      from imagefolder_jax.storage.bundle import load_bundle
       configs, variables = load_bundle(spec[len("bundle:"):])
       if "semantic_teacher" not in configs:
         raise ValueError(f"{spec}: the bundle holds no semantic_teacher")

@@ -71,7 +71,7 @@ def train(stage: str, config: ml_collections.ConfigDict, workdir: str) -> dict:
   # written collectively (process 0 writes its metadata).
   bundle = os.path.join(workdir, "bundle")
   configs, variables = task.export(result.pop("state"))
-  from imagefolder_jax.checkpoint import save_bundle
+  from imagefolder_jax.storage.bundle import save_bundle
   save_bundle(bundle, configs, variables)
   if parallel.is_primary():
     log.info("wrote inference bundle %s", bundle)
@@ -116,7 +116,7 @@ def _workdir_task(workdir: str, stage: str, config: ml_collections.ConfigDict, m
 
 def export(workdir: str, out: str) -> int:
   """Writes the bundle of the latest checkpoint in `workdir` (EMA weights). Returns its step."""
-  from imagefolder_jax.checkpoint import save_bundle
+  from imagefolder_jax.storage.bundle import save_bundle
   stage, config = load_workdir_config(workdir)
   mesh, rules = parallel.mesh_from_config({"rules": config.get("mesh", {}).get("rules")})
   task, abstract, shardings = _workdir_task(workdir, stage, config, mesh, rules)

@@ -16,11 +16,12 @@ process as the CLI does (one line, exit 3).
 import sys
 import time
 
-from imagefolder_jax import multihost  # first: imports jax as the CLI does
-
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from imagefolder_jax.parallel import multihost  # first: imports jax as the CLI does
 
 
 def cross_process_sum(me: int) -> float:

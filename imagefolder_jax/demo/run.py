@@ -111,7 +111,7 @@ def run_demo(workdir: str, overrides_tokenizer=(), overrides_generator=(), sampl
   real_acc = float(classifier.score(class_features(val_images), val_labels))
   sample_acc = float(classifier.score(class_features(samples), labels))
   from imagefolder_jax import data
-  from imagefolder_jax.evaluation import demo_report
+  from imagefolder_jax.demo import report as demo_report
   net, absent = demo_report.load_inception_or_reason(inception)
   evaluation = demo_report.demo_evaluation(
       tok, val_images, recon, samples, (data.DemoSource(32, split="train"), data.DemoSource(16, split="validation")),
@@ -146,13 +146,14 @@ def _markdown(r: dict) -> str:
   if curve and shown[-1] is not curve[-1]:
     shown.append(curve[-1])
   rows = "\n".join(f"| {p['step']} | {p['loss']:.3f} |" for p in shown)
+  usage = ", ".join(f"branch {i}: {u:.1%}" for i, u in enumerate(t["codebook_usage_per_branch"]))
   return f"""# imagefolder-jax demo report
 
 Total time: {r['total_minutes']:.1f} min on {', '.join(r['devices'])}.
 
 ## Tokenizer ({t['steps']} steps, {t['minutes']:.1f} min)
 - Validation PSNR: **{t['val_psnr_db']:.2f} dB** (held-out crops, eval transform)
-- Codebook usage on 64 validation images: {', '.join(f'branch {i}: {u:.1%}' for i, u in enumerate(t['codebook_usage_per_branch']))}
+- Codebook usage on 64 validation images: {usage}
 
 ![reconstructions](reconstructions.png)
 

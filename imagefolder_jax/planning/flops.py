@@ -184,7 +184,8 @@ def generator_train_flops(gc, tc=None, *, pretokenized: bool = False) -> dict:
                                  + parts["quantizer_resample"] + parts["quantizer_phi"])
     inputs = 0.0
     for si in range(len(q.scales) - 1):
-      inputs += (resize_forward(q.scales[si], q.grid, q.latent_dim) + matmul(q.grid ** 2, 9 * q.latent_dim, q.latent_dim)
+      inputs += (resize_forward(q.scales[si], q.grid, q.latent_dim)
+                 + matmul(q.grid ** 2, 9 * q.latent_dim, q.latent_dim)
                  + resize_forward(q.grid, q.scales[si + 1], q.latent_dim))
     out["next_scale_inputs"] = tc.num_branches * inputs
   out["total"] = sum(out.values())

@@ -20,6 +20,7 @@ from typing import Callable, Optional
 import jax
 import numpy as np
 
+from imagefolder_jax.errors import ImageFolderError
 
 # Environment variables read by `initialize_distributed` (launch/local.sh sets the first three).
 ENV_COORDINATOR = "IFJ_COORDINATOR"        # host:port of process 0's coordination service
@@ -42,7 +43,7 @@ ENV_BARRIER_TIMEOUT = "IFJ_BARRIER_TIMEOUT"
 DEFAULT_BARRIER_TIMEOUT = 1800
 
 
-class DistributedError(RuntimeError):
+class DistributedError(ImageFolderError):
   """Multi-process setup is inconsistent (bad coordinator, process id out of range, ...)."""
 
 

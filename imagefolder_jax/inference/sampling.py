@@ -1,4 +1,4 @@
-"""The jitted batch sampler: next-scale generation with a KV cache, guidance and forcing (DESIGN §3).
+"""The jitted batch sampler: next-scale generation with a KV cache, guidance and forcing (docs/design.md §3).
 
 One compiled program samples a whole batch: the scales are unrolled (they are static), each scale
 runs one cached forward of the generator on all of its positions at once, the P branches of every
@@ -13,8 +13,9 @@ The head is affine, so the mix is taken on its input and the head runs on B rows
 Randomness: one key per call; sample b gets `fold_in(key, indices[b])` (indices default to
 0..B-1; pass global sample numbers when one run is split into batches, devices or processes) and
 draws its uniforms from it, a few per (position, branch), all scales at once, so a sample's draws
-depend only on (key, its index, settings), not on the batch size or on how the batch is sharded. Each draw is inverse-CDF from the top-k distribution, redrawn when top-p
-removes it (exact top-p fallback after `top_p_rounds` draws): the law of the official sampler.
+depend only on (key, its index, settings), not on the batch size or on how the batch is sharded.
+Each draw is inverse-CDF from the top-k distribution, redrawn when top-p removes it (exact top-p
+fallback after `top_p_rounds` draws): the law of the official sampler.
 
 Forcing (teacher-forced conditional generation, paper §4.3): `forced = {branch: [ids (B, n_s, n_s)
 per scale]}` replaces the drawn ids of those branches (e.g. force the detail branch of a reference

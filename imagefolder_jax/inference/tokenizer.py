@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imagefolder_jax.checkpoint import BundleError, load_bundle, save_bundle
 from imagefolder_jax.models.tokenizer import ImageFolderTokenizer, TokenizerConfig
 from imagefolder_jax.parallel import Mesh, put_global, replicated, shard_batch, to_host
+from imagefolder_jax.storage.bundle import BundleError, load_bundle, save_bundle
 
 
 @dataclasses.dataclass
@@ -74,7 +74,8 @@ class Codes:
         raise ValueError(f"codes branch {b} has {len(branch)} scales, the tokenizer has {len(scales)}")
       for s, (ids, side) in enumerate(zip(branch, scales)):
         if ids.ndim != 3 or ids.shape[1:] != (side, side) or ids.shape[0] != self.batch_size:
-          raise ValueError(f"codes[{b}][{s}] has shape {tuple(ids.shape)}, expected ({self.batch_size}, {side}, {side})")
+          raise ValueError(f"codes[{b}][{s}] has shape {tuple(ids.shape)}, "
+                           f"expected ({self.batch_size}, {side}, {side})")
         lo, hi = int(jnp.min(ids)), int(jnp.max(ids))
         if lo < 0 or hi >= config.quantizer.codebook_size:
           raise ValueError(f"codes[{b}][{s}] holds ids outside [0, {config.quantizer.codebook_size}): {lo}..{hi}")

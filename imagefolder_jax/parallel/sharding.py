@@ -18,13 +18,10 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-# Process lifecycle lives in `multihost`; re-exported here because every caller of the sharding
-# helpers needs them too.
-from imagefolder_jax.multihost import (  # noqa: F401
-    BarrierError, DistributedError, allgather_bytes, any_process, compile_then_sync, exchange,
-    initialize_distributed, is_primary, spans_processes, sync)
+from imagefolder_jax.errors import ImageFolderError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -56,7 +53,7 @@ MESH_KEYS = ("data", "fsdp", "tensor", "dcn_data", "dcn_fsdp", "dcn_tensor")
 FROZEN_REPLICATE_BELOW_MB = 512
 
 
-class MeshConfigError(ValueError):
+class MeshConfigError(ImageFolderError):
   """A mesh or sharding-rule setting is invalid."""
 
 
@@ -128,7 +125,8 @@ def mesh_from_config(mesh_config: Any = None, devices: Optional[Sequence[jax.Dev
   m.pop("frozen_replicate_below_mb", None)
   unknown = sorted(set(m) - set(MESH_KEYS))
   if unknown:
-    raise MeshConfigError(f"unknown mesh settings {unknown} (known: {MESH_KEYS + ('rules', 'frozen_replicate_below_mb')})")
+    known = MESH_KEYS + ("rules", "frozen_replicate_below_mb")
+    raise MeshConfigError(f"unknown mesh settings {unknown} (known: {known})")
   return make_mesh(**{k: int(v) for k, v in m.items()}, devices=devices), rules
 
 

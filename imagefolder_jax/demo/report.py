@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-from imagefolder_jax.evaluation.generation import to_uint8
+from imagefolder_jax.data.images import to_uint8
 
 log = logging.getLogger("imagefolder_jax.train")
 
@@ -36,8 +36,13 @@ def demo_evaluation(tokenizer, val_images: np.ndarray, recon: np.ndarray, sample
   """val_images, recon (N, H, W, 3) and samples (M, H, W, 3) float in [-1, 1]; probe_sources:
   (train source, validation source) with labels; inception: `InceptionFeatures` or None."""
   from imagefolder_jax.evaluation.fid import compute_statistics
-  from imagefolder_jax.evaluation.probe import FEATURE_SETS, ProbeSettings, feature_sets, tokenizer_features
-  from imagefolder_jax.evaluation.probe import train_linear_probe
+  from imagefolder_jax.evaluation.probe import (
+    FEATURE_SETS,
+    ProbeSettings,
+    feature_sets,
+    tokenizer_features,
+    train_linear_probe,
+  )
   out: dict = {"note": "small-sample numbers (a few hundred images): biased, comparable only between demo runs"}
   if inception is None:
     out["fid"] = out["rfid"] = None
@@ -71,8 +76,10 @@ def markdown(e: dict) -> str:
     fid = (f"- FID, {e['fid_num_samples']} samples vs {e['fid_num_real']} held-out real crops: **{e['fid']:.1f}**\n"
            f"- rFID, reconstructions vs originals of those {e['fid_num_real']} crops: **{e['rfid']:.1f}**")
   probe = ", ".join(f"{name} {acc:.1%}" for name, acc in e["linear_probe"].items())
+  crops = (f"{e['linear_probe_num_train']} train / {e['linear_probe_num_val']} validation crops, "
+           f"chance {e['linear_probe_chance']:.1%}")
   return f"""
 ## Evaluation ({e['note']})
 {fid}
-- Linear probe top-1 on mean-pooled quantized features ({e['linear_probe_num_train']} train / {e['linear_probe_num_val']} validation crops, chance {e['linear_probe_chance']:.1%}): {probe}
+- Linear probe top-1 on mean-pooled quantized features ({crops}): {probe}
 """

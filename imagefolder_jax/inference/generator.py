@@ -17,13 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imagefolder_jax.api import Codes, Tokenizer
-from imagefolder_jax.checkpoint import BundleError, load_bundle, save_bundle
-from imagefolder_jax.multihost import compile_then_sync
+from imagefolder_jax.inference.sampling import SamplerSettings, check_compatible, make_sampler
+from imagefolder_jax.inference.tokenizer import Codes, Tokenizer
 from imagefolder_jax.models.generator import DTYPES, GeneratorConfig, NextScaleGenerator
 from imagefolder_jax.models.tokenizer import ImageFolderTokenizer, TokenizerConfig
 from imagefolder_jax.parallel import BATCH_AXES, Mesh, put_global, replicated, shard_batch
-from imagefolder_jax.sampling import SamplerSettings, check_compatible, make_sampler
+from imagefolder_jax.parallel.multihost import compile_then_sync
+from imagefolder_jax.storage.bundle import BundleError, load_bundle, save_bundle
 
 Force = Mapping[int, Union[Codes, Sequence[Any]]]
 
