@@ -18,7 +18,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                      beta=0.25, codebook_update="ema", ema_decay=0.95, dead_code_threshold=0.05),
       num_branches=2, dropout_start=3, dropout_fraction=0.1)
   full = arg == "full"
-  # vq 0.1: from scratch the commitment pull otherwise outruns the reconstruction signal (README).
+  # vq 0.1: from scratch the commitment pull otherwise outruns the reconstruction signal
+  # (docs/training.md, "The offline demo").
   c.loss.update(vq=0.1, lpips=0.1 if full else 0.0, semantic=0.0, gan=0.1 if full else 0.0, discriminator="patchgan",
                 gan_start=300, patchgan_features=32)
   c.optim.update(lr=1e-3, warmup_steps=50, ema_decay=0.99, disc_lr=4e-4)

@@ -4,7 +4,7 @@ The bf16 generator (matmuls in bf16, parameters, head, filtering, draws and toke
 draws with the float32 sampler's uniforms. Given the same context (teacher forcing on one float32
 sample) most draws are equal; free running, one flipped token changes every later scale's context,
 and the fixture's random weights give near-flat top-k distributions where a small logit change
-moves an inverse-CDF draw, so the free-running share is low (bench/bench_bf16.py, README).
+moves an inverse-CDF draw, so the free-running share is low (bench/bench_bf16.py, docs/benchmarks.md).
 """
 from __future__ import annotations
 

@@ -38,7 +38,8 @@ def official_mask(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def guided_s5(parity_expected):
-  """The stored official guided logits of scale 5 as (B, 16, P, V) (README: feed these, not ours)."""
+  """The stored official guided logits of scale 5 as (B, 16, P, V) (feed these, not ours:
+  tests/fixtures/parity_tiny/README.md)."""
   return parity_expected["gen_guided_s5"].reshape(2, 16, 2, 4096)
 
 

@@ -180,7 +180,8 @@ def test_tokenizer_from_the_ar_checkpoint(official, tmp_path):
 
 # ------------------------------------------------------------------------------------ parity
 def _full_logits(head_in, expected):
-  """Official full logits rebuilt from the stored head inputs (README: bit-exact with F.linear)."""
+  """Official full logits rebuilt from the stored head inputs (bit-exact with F.linear:
+  tests/fixtures/parity_tiny/README.md)."""
   import torch
   sd = _fixture_state_dict()["trainer"]["var_wo_ddp"]
   out = torch.nn.functional.linear(torch.from_numpy(head_in), sd["head.weight"], sd["head.bias"])

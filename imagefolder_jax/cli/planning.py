@@ -12,11 +12,12 @@ from imagefolder_jax.cli.common import CliError
 
 def _add_plan(sub) -> None:
   p = sub.add_parser(
-      "plan", help="compile a training step for a TPU/GPU topology (or fake CPU devices): memory per chip, fits?, "
-                   "collectives, step time",
-      description="Compiles the train step of a config against abstract inputs (nothing is allocated). With "
-                  "--topology, the TPU or GPU compiler compiles it for compile-only devices of that topology on "
-                  "this machine (needs the tpu / gpu-compile extra) and prints per chip the arguments, outputs, "
+      "plan", help="compile a training step or the sampler for a TPU/GPU topology (or fake CPU devices): "
+                   "memory per chip, fits?, collectives, step time",
+      description="Compiles the train step of a config (or, with --program sample, the sampler) against abstract "
+                  "inputs (nothing is allocated). With --topology, the TPU or GPU compiler compiles it for "
+                  "compile-only devices of that topology on this machine (needs the tpu / gpu-compile extra) "
+                  "and prints per chip the arguments, outputs, "
                   "temporaries and peak against the chip's memory, FLOPs, collectives and a roofline step time. "
                   "Without it, --devices fake CPU devices (XLA:CPU's buffers) and --chip's peak at --mfu. "
                   "Examples: imagefolder-jax plan --stage generator --config configs/generator_imagenet.py "

@@ -74,6 +74,6 @@ VERBS = [
                            "imagefolder-jax train-tokenizer --config configs/tokenizer_demo.py --workdir runs/tok"),
     lambda sub: _add_train(sub, "train-generator", "generator",
                            "imagefolder-jax train-generator --config configs/generator_demo.py --workdir runs/gen "
-                           "--config.tokenizer_bundle=runs/tok_bundle"),
+                           "--config.tokenizer_bundle=runs/tok/bundle"),
     _add_export, _add_demo,
 ]

@@ -180,7 +180,7 @@ class Generator:
       dtype: the generator's compute dtype for this call ('float32', 'bfloat16', 'float16'; None =
         the config's). 'bfloat16' runs the transformer's matmuls in bf16 (the backend accumulates
         in float32), the head, filtering, draws and the tokenizer in float32; the draws use the
-        same uniforms, so most ids equal the float32 sampler's (README "bf16 sampling").
+        same uniforms, so most ids equal the float32 sampler's (docs/benchmarks.md, "bf16 sampling").
 
     Returns Samples(codes, images (B, H, W, 3) float32 in [-1, 1], labels).
     """
