@@ -23,15 +23,11 @@ import argparse
 import dataclasses
 import os
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 from bench_sampling import cpu_name  # noqa: E402
 
 from imagefolder_jax.inference.sampling import SamplerSettings, make_sampler  # noqa: E402

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import time
 
 import jax
@@ -33,8 +32,6 @@ import optax
 import torch
 import torch.nn as tnn
 import torch.nn.functional as F
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch_reference as ref  # noqa: E402
 from bench_vs_official import blocked_medians, convert  # noqa: E402
 

@@ -4,7 +4,7 @@
 
 For each size: random weights are drawn in the official state-dict layout (bench/torch_reference.py,
 the official op sequence in eager PyTorch, pinned to the official parity fixture by
-tests/test_torch_reference.py) and converted to ours with the official-checkpoint converters. Then:
+tests/convert/test_torch_reference.py) and converted to ours with the official-checkpoint converters. Then:
 
   * check (first batch): both samplers run with the ids the official one drew; the max relative
     error of the guided logits of every scale and the max abs difference of the images are printed;
@@ -25,10 +25,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import torch
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import stage_breakdown  # noqa: E402
+import torch
 import torch_reference as ref  # noqa: E402
 from bench_sampling import cpu_name, decoder_flops, generator_flops, matmul_flops_per_s  # noqa: E402
 

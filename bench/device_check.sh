@@ -14,8 +14,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 echo "== parity (float32, jax_default_matmul_precision=highest)"
 # Every test that checks our numbers against the official parity fixture or the official torch modules.
-PARITY=(tests/test_tokenizer_parity.py tests/test_generator.py)
-if [[ -n "$SMOKE" ]]; then PARITY=(tests/test_tokenizer_parity.py); fi
+PARITY=(tests/models/test_tokenizer.py tests/models/test_generator.py)
+if [[ -n "$SMOKE" ]]; then PARITY=(tests/models/test_tokenizer.py); fi
 JAX_DEFAULT_MATMUL_PRECISION=highest "$PYTHON" -m pytest -q -p no:cacheprovider "${PARITY[@]}" 2>&1 | tail -3
 
 echo "== speed"

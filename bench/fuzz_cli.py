@@ -3,7 +3,7 @@
   JAX_PLATFORMS=cpu python bench/fuzz_cli.py --cases 1000 --seed 0 --workdir /tmp/fuzz [--workers 3]
 
 Case i draws (verb family, damage kind) from `numpy.random.default_rng((seed, i))`:
-  images    -> `reconstruct` (a random mix of 1-6 odd/corrupt images, tests/fuzz_cases.IMAGE_KINDS)
+  images    -> `reconstruct` (a random mix of 1-6 odd/corrupt images, bench/fuzz_cases.IMAGE_KINDS)
   reference -> `sample --reference` (one image; decodable ones are stopped by --classes 99999)
   bundle    -> `sample` / `reconstruct` on a damaged copy of the parity bundle (BUNDLE_DAMAGE)
   official  -> `convert-official` on a damaged copy of the parity tokenizer checkpoint (OFFICIAL_DAMAGE)
@@ -41,7 +41,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 import fuzz_cases  # noqa: E402
 import numpy as np  # noqa: E402

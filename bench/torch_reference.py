@@ -14,7 +14,7 @@ it costs what the official sampler costs on the same machine:
     ViT decoder with its position table resampled (bicubic, antialiased) on every call.
 
 Weights load with `load_state_dict(strict=True)` from official-layout state dicts, so a checkpoint
-that loads here has the official key names and shapes. tests/test_torch_reference.py checks this
+that loads here has the official key names and shapes. tests/convert/test_torch_reference.py checks this
 module against the official parity fixture (teacher-forced logits, guided logits per scale,
 top-k/top-p masks, decoded images), which is what makes it a faithful stand-in.
 """

@@ -1,6 +1,6 @@
 # shellcheck shell=bash
 # Sourced by launch/slurm.sbatch and launch/gpu_node.sh: XLA flags of the usual large-scale GPU
-# recipes, each checked against XLA's flag table by tests/test_launchers.py.
+# recipes, each checked against XLA's flag table by tests/cli/test_launchers.py.
 ifj_gpu_xla_flags=(
   # Overlap FSDP all-gathers and gradient reduce-scatters with compute instead of running them alone.
   --xla_gpu_enable_latency_hiding_scheduler=true

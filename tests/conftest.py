@@ -1,16 +1,15 @@
 """Shared fixtures: the official tiny parity model and small random tokenizers."""
 from __future__ import annotations
 
+# isort: off
+import imagefolder_jax  # noqa: F401  # first: imports jax quietly beside the compiler extras (_startup)
+# isort: on
 import os
 
 import jax
 import numpy as np
 import pytest
-
-import imagefolder_jax  # noqa: F401  # first: imports jax quietly beside the compiler extras (_startup)
-
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
-PARITY_DIR = os.path.join(FIXTURES, "parity_tiny")
+from support import FAULTS_DIR, PARITY_DIR, ROOT
 
 
 @pytest.fixture(scope="session")
@@ -34,25 +33,13 @@ def parity_bundle(tmp_path_factory):
   return out
 
 
-def relative_error(actual, expected) -> float:
-  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-  return float(np.abs(actual - expected).max() / max(np.abs(expected).max(), 1e-12))
-
-
-def nchw(x):
-  return np.asarray(x).transpose(0, 3, 1, 2)
-
-
 def pytest_configure(config):
   # Persistent XLA cache: subprocess tests (CLI runs, 8-device runs) reuse each other's compiles.
-  cache = os.path.join(os.path.dirname(__file__), "..", ".jax_cache")
+  cache = os.path.join(ROOT, ".jax_cache")
   os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.abspath(cache))
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
   jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
-FAULTS_DIR = os.path.join(os.path.dirname(__file__), "programs", "faults")
 
 
 @pytest.fixture(scope="session")
@@ -64,3 +51,10 @@ def faults():
     return {"IFJ_FAULTS": ",".join(f"{k}={v}" for k, v in items.items()),
             "PYTHONPATH": FAULTS_DIR + (os.pathsep + path if path else "")}
   return env
+
+
+def pytest_collection_modifyitems(config, items):
+  # A test that reads the official tiny model or its outputs is a parity test, wherever it lives.
+  for item in items:
+    if {"parity_bundle", "parity_expected"} & set(getattr(item, "fixturenames", ())):
+      item.add_marker("parity")

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from support import FIXTURES
 
 from imagefolder_jax.convert.discriminator import (
   convert_dino_disc_heads,
@@ -362,7 +363,7 @@ def test_official_head_layout_matches_reference_tsv():
   fixtures/official_layout/dinodisc_state_dict.tsv."""
   import ast
   import os
-  path = os.path.join(os.path.dirname(__file__), "fixtures", "official_layout", "dinodisc_state_dict.tsv")
+  path = os.path.join(FIXTURES, "official_layout", "dinodisc_state_dict.tsv")
   sd = {}
   with open(path) as f:
     next(f)

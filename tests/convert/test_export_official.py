@@ -13,7 +13,6 @@ import csv
 import dataclasses
 import os
 import re
-import sys
 
 import jax
 import numpy as np
@@ -21,7 +20,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import FIXTURES, PARITY_DIR, relative_error  # noqa: E402
+import torch_reference as ref  # noqa: E402
+from support import FIXTURES, PARITY_DIR, ROOT, relative_error  # noqa: E402
 
 import imagefolder_jax as ifj  # noqa: E402
 from imagefolder_jax.cli import main  # noqa: E402
@@ -36,11 +36,10 @@ from imagefolder_jax.models.tokenizer import ImageFolderTokenizer, TokenizerConf
 from imagefolder_jax.models.vit import ViTConfig  # noqa: E402
 from imagefolder_jax.storage.bundle import load_bundle, save_bundle  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "bench"))
-import torch_reference as ref  # noqa: E402
-
 SCALES = (1, 2, 3, 5)  # 5 -> 3 and 5 -> 2 area windows overlap; 4 phi convs (official ticks for K = 4)
+
+
+pytestmark = pytest.mark.parity
 
 
 def _load(path):

@@ -11,8 +11,8 @@ import textwrap
 
 import numpy as np
 import pytest
+from support import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch")
 SCRIPTS = ["local.sh", "gpu_node.sh", "gpu_flags.sh", "slurm.sbatch", "tpu_pod.sh"]
 

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from support import PARITY_DIR
 
 from imagefolder_jax.convert import dinov2 as convert
 from imagefolder_jax.models.dinov2 import DinoV2, dinov2_config
 
-PARITY = pathlib.Path(__file__).parent / "fixtures" / "parity_tiny"
+PARITY = pathlib.Path(PARITY_DIR)
 WIDTH, DEPTH, HEADS, PATCH, IMAGE = 64, 2, 2, 14, 56
 
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import relative_error
+from support import PROGRAMS, relative_error
 
 from imagefolder_jax.inference.generator import Generator
 from imagefolder_jax.inference.sampling import SamplerSettings, guidance_weights, make_sampler
@@ -201,32 +200,12 @@ def test_generator_rejects_bad_arguments(micro_bundle, kwargs, match):
     generator.sample(kwargs.pop("labels"), **kwargs)
 
 
-SHARDED_SCRIPT = textwrap.dedent("""
-    import sys
-    import numpy as np, jax
-    from imagefolder_jax.inference.tokenizer import Codes
-    from imagefolder_jax.inference.generator import Generator
-    from imagefolder_jax.parallel import make_mesh
-    assert jax.device_count() == 8, jax.devices()
-    single = Generator.load(sys.argv[1])
-    sharded = Generator.load(sys.argv[1], mesh=make_mesh())
-    labels = np.arange(8) % 10
-    rng = np.random.default_rng(0)
-    detail = [rng.integers(0, 64, (8, s, s)) for s in (1, 2, 3)]
-    a = single.sample(labels, seed=3, cfg=2.0, top_k=8, top_p=0.9, force={0: detail})
-    b = sharded.sample(labels, seed=3, cfg=2.0, top_k=8, top_p=0.9, force={0: detail})
-    np.testing.assert_array_equal(a.codes.flat(), b.codes.flat())
-    np.testing.assert_allclose(np.asarray(a.images), np.asarray(b.images), atol=1e-5)
-    assert len(b.images.sharding.device_set) == 8
-    print("OK")
-""")
 
 
 def test_sampling_sharded_over_8_devices_equals_one(micro_bundle, tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  script = tmp_path / "sharded_sampling.py"
-  script.write_text(SHARDED_SCRIPT)
-  result = subprocess.run([sys.executable, str(script), micro_bundle], env=env, capture_output=True, text=True,
+  script = os.path.join(PROGRAMS, "sampling_sharded.py")
+  result = subprocess.run([sys.executable, script, micro_bundle], env=env, capture_output=True, text=True,
                           timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "OK" in result.stdout

@@ -4,10 +4,10 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
+from support import PROGRAMS
 
 from imagefolder_jax.evaluation import image_metrics
 from imagefolder_jax.evaluation.tokenizer import usage_summary
@@ -89,30 +89,12 @@ def test_usage_summary_numbers():
   assert summary[1]["scales"][1] == {"side": 2, "used": 0.0, "perplexity": None}
 
 
-SHARDED = textwrap.dedent("""
-    import json, sys
-    import numpy as np, jax
-    from imagefolder_jax.inference.tokenizer import Tokenizer
-    from imagefolder_jax.data.sources import build_source
-    from imagefolder_jax.evaluation.tokenizer import evaluate_tokenizer
-    from imagefolder_jax.parallel import make_mesh
-    assert jax.device_count() == 8, jax.devices()
-    source = build_source("demo", split="validation", crops_per_class=2)
-    out = {}
-    for name, devices in (("one", jax.devices()[:1]), ("eight", jax.devices())):
-      mesh = make_mesh(devices=devices)
-      tok = Tokenizer.load(sys.argv[1], mesh=mesh)
-      # 11 of 18 records with global batches of 8: the second batch is padded with 5 invalid rows.
-      out[name] = evaluate_tokenizer(tok, source, mesh=mesh, batch_size=8, limit=11)
-    print("RESULT" + json.dumps(out))
-""")
 
 
 def test_evaluate_tokenizer_8_devices_equal_1(parity_bundle, tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  script = tmp_path / "sharded.py"
-  script.write_text(SHARDED)
-  run = subprocess.run([sys.executable, str(script), parity_bundle], env=env, capture_output=True, text=True,
+  script = os.path.join(PROGRAMS, "eval_tokenizer_sharded.py")
+  run = subprocess.run([sys.executable, script, parity_bundle], env=env, capture_output=True, text=True,
                        timeout=900)
   assert run.returncode == 0, run.stderr[-3000:]
   out = json.loads(run.stdout.split("RESULT", 1)[1])

@@ -3,13 +3,16 @@ import os
 
 import numpy as np
 import pytest
-from conftest import PARITY_DIR, nchw, relative_error
+from support import PARITY_DIR, nchw, relative_error
 
 import imagefolder_jax as ifj
 from imagefolder_jax.convert.common import ConversionError
 from imagefolder_jax.convert.official import convert_tokenizer
 
 TOL = 1e-4
+
+
+pytestmark = pytest.mark.parity
 
 
 @pytest.fixture(scope="module")

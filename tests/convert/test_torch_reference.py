@@ -8,19 +8,19 @@ logits, guided logits of every scale and the final f_hat of the recorded teacher
 from __future__ import annotations
 
 import os
-import sys
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import PARITY_DIR, relative_error  # noqa: E402
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 import torch_reference as ref  # noqa: E402
+from support import PARITY_DIR, relative_error  # noqa: E402
 
 TINY = ref.OfficialShape(var_depth=2, vit_width=64, vit_depth=2, vit_heads=2)
+
+
+pytestmark = pytest.mark.parity
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Seeded generators of odd and corrupt inputs: image files, damaged bundles, damaged official checkpoints,
 ADM .npz files, training workdirs, pre-tokenized codes and TorchScript files.
 
-Shared by `tests/test_reliability.py` (a representative subset) and `bench/fuzz_cli.py` (1,000 cases).
+Shared by `tests/cli/test_reliability.py` (a representative subset) and `bench/fuzz_cli.py` (1,000 cases).
 Every generator takes a `numpy.random.Generator`, so a case is reproduced from (seed, index).
 
 Image kinds say whether our decoder must read them (`DECODABLE`) or skip them with a reason.

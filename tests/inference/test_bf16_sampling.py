@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import PARITY_DIR
+from support import PARITY_DIR
 
 from imagefolder_jax.convert.official import convert_tokenizer
 from imagefolder_jax.convert.official_generator import convert_generator
@@ -26,6 +26,9 @@ from imagefolder_jax.models.tokenizer import ImageFolderTokenizer
 from imagefolder_jax.ops.filtering import sample_with_retries
 
 LABELS = [1, 207, 360, 980]
+
+
+pytestmark = pytest.mark.parity
 
 
 @pytest.fixture(scope="module")

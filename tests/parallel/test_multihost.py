@@ -15,12 +15,15 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
+from support import ROOT
 
 from imagefolder_jax.storage.bundle import load_bundle
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOCAL = os.path.join(ROOT, "launch", "local.sh")
 TINY_TOKENIZER = os.path.join(ROOT, "configs", "tokenizer_tiny.py")
+
+
+pytestmark = pytest.mark.multiprocess
 
 
 def _env(devices: int, **extra) -> dict:

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from support import ROOT
 
 from imagefolder_jax import planning
 from imagefolder_jax.planning import hlo
 from imagefolder_jax.train.configuration import load_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_GENERATOR = os.path.join(ROOT, "configs", "generator_tiny.py")
 TINY_TOKENIZER = os.path.join(ROOT, "configs", "tokenizer_tiny.py")
 

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import PARITY_DIR, relative_error
+from support import PARITY_DIR, relative_error
 
 from imagefolder_jax.convert.common import ConversionError
 from imagefolder_jax.convert.official import convert_tokenizer

@@ -5,13 +5,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from support import ROOT
 
 import imagefolder_jax as ifj
 from imagefolder_jax.cli import main
 from imagefolder_jax.train.configuration import load_config
 from imagefolder_jax.train.generator_task import GeneratorTask
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
 
 

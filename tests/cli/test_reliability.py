@@ -18,12 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from support import ROOT
 
 from imagefolder_jax.cli import main
 from imagefolder_jax.train import checkpointing
 from imagefolder_jax.train.checkpointing import CheckpointError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tokenizer_tiny.py")
 PARITY = os.path.join(ROOT, "tests", "fixtures", "parity_tiny")
 
