@@ -10,6 +10,7 @@ crop), so an uploaded file gives the tokens `imagefolder-jax sample --reference 
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
@@ -38,7 +39,10 @@ def check_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int
       with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as pil:
         width, height = pil.size
   except Image.DecompressionBombError as e:
-    raise BadImage(f"the image is too large to decode ({' '.join(str(e).split())[:160]})") from None
+    # PIL refuses headers beyond twice its own limit before returning the size; its message has the count.
+    found = re.search(r"\((\d+) pixels\)", str(e))
+    size = f"{int(found.group(1)) / 1e6:.1f} megapixels" if found else "too many pixels"
+    raise BadImage(f"the image is {size}, more than the {max_pixels / 1e6:g}-megapixel limit") from None
   except UnidentifiedImageError:
     raise BadImage(f"the upload is not an image in a supported format ({', '.join(ACCEPTED_FORMATS)})") from None
   except Exception as e:  # PIL raises SyntaxError, ValueError, OSError... on malformed headers
