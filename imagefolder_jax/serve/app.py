@@ -5,6 +5,7 @@ Routes (bodies are JSON unless an image is uploaded, then multipart/form-data):
   GET  /api/info             classes, scales, defaults, limits
   GET  /api/health           queue length and counters
   POST /api/sample           {classes, count, seed, cfg, top_k, top_p, temperature, format: json|png|npz}
+                             (JSON, or the same fields as form fields)
   POST /api/scales           {ids: (P, L) token ids of one image, format: json|png} -> image after each scale
   POST /api/reconstruct      image (file) or demo (photo name) -> reconstruction, PSNR, ids
   POST /api/resample         image|demo, keep (detail|semantic), classes, count, seed, cfg, ... -> samples
@@ -135,6 +136,8 @@ class Service:
     self.num_branches = gen.config.num_branches
     self.resolution = self.tokenizer.resolution
     self.decode_slots = asyncio.Semaphore(DECODE_SLOTS)
+    # The page's and the API's defaults are the settings whose programs were compiled at start.
+    self.defaults = dict(defaults_for(self.codebook_size), top_k=engine.settings.top_k, top_p=engine.settings.top_p)
 
   # ----------------------------------------------------------------------------- helpers
   async def _json_body(self, request: Request) -> dict:
@@ -186,7 +189,7 @@ class Service:
         "bundle": self.bundle, "classes": self.names, "class_names_from": self.names_origin,
         "num_classes": len(self.names) - 1, "scales": list(self.scales), "resolution": self.resolution,
         "num_branches": self.num_branches, "codebook_size": self.codebook_size,
-        "branches": ["detail", "semantic"][:self.num_branches], "defaults": defaults_for(self.codebook_size),
+        "branches": ["detail", "semantic"][:self.num_branches], "defaults": self.defaults,
         "limits": {"max_per_class": limits.max_per_class, "max_samples": limits.max_samples,
                    "max_cfg": limits.max_cfg, "max_temperature": limits.max_temperature,
                    "max_upload_bytes": limits.max_upload_bytes, "max_pixels": limits.max_pixels},
@@ -198,9 +201,15 @@ class Service:
 
   async def sample(self, request: Request) -> Response:
     started = time.perf_counter()
-    body = await self._json_body(request)
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+      # `curl -F classes=207,360 -F count=4 ...`: the same fields as strings.
+      form = await request.form(max_files=0, max_fields=16, max_part_size=64 * 1024)
+      body = {k: v for k, v in form.items()}
+    else:
+      body = await self._json_body(request)
     fmt = self._format(body, ("json", "png", "npz"))
-    params = sample_params(body, self.names, self.codebook_size, self.limits)
+    params = sample_params(body, self.names, self.codebook_size, self.limits, self.defaults)
     rows = default_rows(params.labels, params.seed, params.cfg, params.temperature)
     out = await self.engine.sample(rows, params.top_k, params.top_p, guidance=params.cfg > 0)
     command = params.command(self.bundle)
@@ -254,7 +263,7 @@ class Service:
     fields = {k: v for k, v in form.items() if isinstance(v, str) and k not in ("demo", "keep")}
     keep_name = form.get("keep", "detail")
     keep = branch_name(keep_name, self.num_branches)
-    params = sample_params(fields, self.names, self.codebook_size, self.limits)
+    params = sample_params(fields, self.names, self.codebook_size, self.limits, self.defaults)
     image, reference = await self._image(form, "image")
     ids, recon = await self.engine.run(lambda: self._encode_decode(image[None]))
     n = len(params.labels)

@@ -62,7 +62,7 @@ def _run_serve(args) -> None:
   from imagefolder_jax.serve.app import create_app
   from imagefolder_jax.serve.classes import class_names
   from imagefolder_jax.serve.engine import Engine, EngineSettings
-  from imagefolder_jax.serve.params import Limits
+  from imagefolder_jax.serve.params import Limits, defaults_for
 
   sizes = _parse_batch_sizes(args.batch_sizes)
   for flag, value in (("--max-queue", args.max_queue), ("--request-timeout", args.request_timeout),
@@ -82,8 +82,9 @@ def _run_serve(args) -> None:
   try:
     gen = load_model(Generator, args.bundle)
     names, origin = class_names(args.bundle, gen.config.num_classes, args.class_names)
-    engine = Engine(gen, EngineSettings(batch_sizes=sizes, max_queue=args.max_queue,
-                                        request_timeout=args.request_timeout))
+    defaults = defaults_for(gen.config.codebook_size)  # the CLI's sample defaults: what gets compiled
+    engine = Engine(gen, EngineSettings(batch_sizes=sizes, max_queue=args.max_queue, request_timeout=args.request_timeout,
+                                        top_k=defaults["top_k"], top_p=defaults["top_p"]))
     log = logging.getLogger("imagefolder_jax.serve")
     log.setLevel(logging.INFO)
     log.info("serve: compiling the sampler for batch sizes %s and the tokenizer programs...",

@@ -42,7 +42,7 @@ class EngineSettings:
   """batch_sizes: compiled sampler batch sizes, ascending; a call is padded up to the next one and
   max(batch_sizes) is the largest call. max_queue: requests admitted at once (waiting + running).
   request_timeout: seconds from admission to answer. top_k, top_p: the settings whose programs
-  are compiled at start (others compile on first use)."""
+  are compiled at start (others compile on first use); the page and the API default to them."""
   batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16)
   max_queue: int = 64
   request_timeout: float = 120.0

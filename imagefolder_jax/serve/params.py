@@ -114,12 +114,13 @@ def defaults_for(codebook_size: int) -> dict:
 
 
 def sample_params(body: Mapping[str, Any], names: Sequence[str], codebook_size: int, limits: Limits,
-                  allowed_extra: Sequence[str] = ()) -> SampleParams:
-  """Validates {classes, count, seed, cfg, top_k, top_p, temperature} (missing -> `defaults_for`).
-  top_k is in [0, V]: every k >= V is the same filter and would only compile another program."""
+                  defaults: Optional[Mapping[str, Any]] = None) -> SampleParams:
+  """Validates {classes, count, seed, cfg, top_k, top_p, temperature}; missing values come from
+  `defaults` (None: `defaults_for(codebook_size)`). top_k is in [0, V]: every k >= V is the same
+  filter and would only compile another program."""
   if not isinstance(body, Mapping):
     raise BadRequest(f"the request must be a JSON object, got {type(body).__name__}")
-  known = {"classes", *DEFAULTS, *allowed_extra}
+  known = {"classes", *DEFAULTS}
   unknown = sorted(set(body) - known)
   if unknown:
     raise BadRequest(f"unknown parameter {unknown[0]!r:.60} (known: {', '.join(sorted(known))})")
@@ -129,7 +130,7 @@ def sample_params(body: Mapping[str, Any], names: Sequence[str], codebook_size: 
   if not isinstance(classes, (list, tuple)) or not classes:
     raise BadRequest("classes must be a non-empty list of class ids or names")
   ids = tuple(resolve_class(c, names) for c in classes)
-  defaults = defaults_for(codebook_size)
+  defaults = defaults_for(codebook_size) if defaults is None else defaults
   get = lambda key: body.get(key, defaults[key])  # noqa: E731
   count = _int("count", get("count"), 1, limits.max_per_class)
   if len(ids) * count > limits.max_samples:

@@ -262,9 +262,12 @@ def test_cli_verb_binds_localhost_and_needs_the_extra(tiny_bundle):
   from imagefolder_jax.cli import build_parser
   assert build_parser().parse_args(["serve", "--bundle", "b"]).host == "127.0.0.1"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  missing = ("import sys; sys.modules['starlette'] = None; from imagefolder_jax.cli import main; "
+  # Without the serve extra: --help still lists the verb; the verb itself is a one-line error, exit 2.
+  missing = ("import sys; sys.modules['starlette'] = sys.modules['uvicorn'] = None; "
+             "from imagefolder_jax.cli import main; print('help exit', main(['--help'])); "
              f"sys.exit(main(['serve', '--bundle', {tiny_bundle!r}]))")
   result = subprocess.run([sys.executable, "-c", missing], env=env, capture_output=True, text=True, timeout=120)
+  assert "help exit 0" in result.stdout and "serve" in result.stdout
   assert result.returncode == 2
   assert result.stderr.strip().count("\n") == 0 and 'pip install -e ".[serve]"' in result.stderr
   proc = subprocess.Popen([sys.executable, "-m", "imagefolder_jax.cli", "serve", "--bundle", tiny_bundle, "--port", "0",

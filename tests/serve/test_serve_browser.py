@@ -13,7 +13,7 @@ from PIL import Image
 
 from imagefolder_jax.data import load_image_file, to_uint8
 
-from .helpers import NUM_CLASSES, SERVE_SCALES, ServerThread
+from .helpers import NUM_CLASSES, SERVE_SCALES, TOP_K, ServerThread
 
 CHROMIUM = "/usr/bin/chromium"
 # Without the background-networking switches chromium keeps calling out to a network that is closed.
@@ -54,7 +54,8 @@ def browser():
 
 @pytest.fixture
 def page(browser, server):
-  context = browser.new_context(viewport={"width": 1200, "height": 900})
+  # The page's Content-Security-Policy forbids eval, which Playwright's wait_for_function uses.
+  context = browser.new_context(viewport={"width": 1200, "height": 900}, bypass_csp=True)
   page = context.new_page()
   page.set_default_timeout(TIMEOUT_MS)
   page.goto(server.url + "/")
@@ -78,14 +79,13 @@ def sample_class(page, class_id: int, count: int) -> None:
 def test_a_sample_appears_for_a_chosen_class(page):
   options = page.eval_on_selector_all(".class-option", "els => els.length")
   assert options == NUM_CLASSES + 1  # and the unconditional class
-  page.fill("#top-k", "8")
-  page.fill("#top-p", "0.9")
+  assert page.input_value("#top-k") == str(TOP_K)  # the server's warm settings are the page's defaults
   sample_class(page, 6, 3)
   assert natural_sizes(page, "#samples img") == [[32, 32]] * 3
   captions = page.eval_on_selector_all("#samples figcaption", "els => els.map(e => e.textContent)")
   assert all(c.startswith("class 6") for c in captions), captions
   command = page.inner_text("#command-text")
-  assert "--classes 6 --per-class 3" in command and "--top-k 8" in command
+  assert "--classes 6 --per-class 3" in command and f"--top-k {TOP_K}" in command
   assert page.get_attribute("#download-png", "href").startswith("data:image/png")
   assert page.is_hidden("#error")
   # A bad setting shows the server's one-line message on the page; the next request works.
@@ -99,8 +99,6 @@ def test_a_sample_appears_for_a_chosen_class(page):
 
 
 def test_the_scale_view_shows_every_scale(page):
-  page.fill("#top-k", "8")
-  page.fill("#top-p", "0.9")
   sample_class(page, 2, 1)
   page.click("#samples img")
   page.wait_for_function(f"document.querySelectorAll('#scales img').length === {len(SERVE_SCALES)}")
