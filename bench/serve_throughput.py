@@ -124,8 +124,8 @@ def main() -> None:
   finally:
     proc.terminate()
     proc.wait(timeout=60)
-  cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(["lscpu"], capture_output=True, text=True)
-              .stdout.splitlines() if line.startswith("Model name")), "unknown")
+  lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+  cpu = next((line.split(":", 1)[1].strip() for line in lscpu if line.startswith("Model name")), "unknown")
   print(json.dumps({
       "bundle": args.bundle, "batch": args.batch, "concurrency": args.concurrency, "settings": settings,
       "direct_images_per_s": round(statistics.median(direct), 3),

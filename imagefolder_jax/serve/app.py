@@ -128,7 +128,8 @@ class Service:
   """The request handlers over one engine (state shared by the routes)."""
 
   def __init__(self, engine: Engine, bundle: str, names: list[str], names_origin: str, limits: Limits):
-    self.engine, self.bundle, self.names, self.names_origin, self.limits = engine, bundle, names, names_origin, limits
+    self.engine, self.bundle, self.limits = engine, bundle, limits
+    self.names, self.names_origin = names, names_origin
     gen = engine.generator
     self.tokenizer = gen.tokenizer
     self.scales = tuple(gen.config.scales)
@@ -137,7 +138,8 @@ class Service:
     self.resolution = self.tokenizer.resolution
     self.decode_slots = asyncio.Semaphore(DECODE_SLOTS)
     # The page's and the API's defaults are the settings whose programs were compiled at start.
-    self.defaults = dict(defaults_for(self.codebook_size), top_k=engine.settings.top_k, top_p=engine.settings.top_p)
+    self.defaults = dict(defaults_for(self.codebook_size), top_k=engine.settings.top_k,
+                         top_p=engine.settings.top_p)
 
   # ----------------------------------------------------------------------------- helpers
   async def _json_body(self, request: Request) -> dict:
@@ -196,8 +198,9 @@ class Service:
         "demo_photos": list(DEMO_PHOTOS), "max_batch": self.engine.settings.max_batch})
 
   async def health(self, request: Request) -> Response:
-    return JSONResponse({"status": "ok", "queued": self.engine.queued(), "max_queue": self.engine.settings.max_queue,
-                         "stats": dict(self.engine.stats)})
+    engine = self.engine
+    return JSONResponse({"status": "ok", "queued": engine.queued(), "max_queue": engine.settings.max_queue,
+                         "stats": dict(engine.stats)})
 
   async def sample(self, request: Request) -> Response:
     started = time.perf_counter()
@@ -254,7 +257,8 @@ class Service:
     form = await request.form(max_files=1, max_fields=8, max_part_size=64 * 1024)
     image, _ = await self._image(form, "image")
     ids, recon = await self.engine.run(lambda: self._encode_decode(image[None]))
-    return JSONResponse({"original": data_url(png_bytes(image)), "reconstruction": data_url(png_bytes(recon[0])),
+    return JSONResponse({"original": data_url(png_bytes(image)),
+                         "reconstruction": data_url(png_bytes(recon[0])),
                          "psnr": round(psnr(image, recon[0]), 3), "ids": flat_ids(ids)[0].tolist()})
 
   async def resample(self, request: Request) -> Response:
@@ -272,7 +276,8 @@ class Service:
     out = await self.engine.sample(rows, params.top_k, params.top_p, guidance=params.cfg > 0)
     command = params.command(self.bundle, reference=reference, force=keep_name)
     result = self._samples_json(params, out, command, started)
-    result.update(reference=data_url(png_bytes(image)), reconstruction=data_url(png_bytes(recon[0])), kept=keep_name)
+    result.update(reference=data_url(png_bytes(image)), reconstruction=data_url(png_bytes(recon[0])),
+                  kept=keep_name)
     return JSONResponse(result)
 
   async def swap(self, request: Request) -> Response:
@@ -284,7 +289,8 @@ class Service:
 
     def work():
       # One image per call: the batch-1 programs compiled at start serve it (no compile at run time).
-      (ids_a, recon_a), (ids_b, recon_b) = self._encode_decode(image_a[None]), self._encode_decode(image_b[None])
+      ids_a, recon_a = self._encode_decode(image_a[None])
+      ids_b, recon_b = self._encode_decode(image_b[None])
       mixed = [self.tokenizer.decode([detail, semantic])
                for detail, semantic in ((ids_a[0], ids_b[1]), (ids_b[0], ids_a[1]))]
       return np.concatenate([recon_a, recon_b]), np.concatenate([np.asarray(m) for m in mixed])
@@ -294,7 +300,8 @@ class Service:
         "a": data_url(png_bytes(image_a)), "b": data_url(png_bytes(image_b)),
         "reconstruction_a": data_url(png_bytes(recon[0])), "reconstruction_b": data_url(png_bytes(recon[1])),
         "psnr_a": round(psnr(image_a, recon[0]), 3), "psnr_b": round(psnr(image_b, recon[1]), 3),
-        "detail_a_semantic_b": data_url(png_bytes(mixed[0])), "detail_b_semantic_a": data_url(png_bytes(mixed[1]))})
+        "detail_a_semantic_b": data_url(png_bytes(mixed[0])),
+        "detail_b_semantic_a": data_url(png_bytes(mixed[1]))})
 
   async def demo_photo(self, request: Request) -> Response:
     return Response(_demo_photo_png(request.path_params["name"]), media_type="image/png",
@@ -354,6 +361,7 @@ def create_app(engine: Engine, bundle: str, names: list[str], names_origin: str 
       Route("/api/demo-photo/{name}", service.demo_photo),
       Mount("/static", app=StaticFiles(directory=STATIC_DIR), name="static"),
   ]
-  handlers = {e: _on_error for e in (BadRequest, BadImage, BodyTooLarge, Busy, TimedOut, HTTPException, Exception)}
+  errors = (BadRequest, BadImage, BodyTooLarge, Busy, TimedOut, HTTPException, Exception)
+  handlers = {e: _on_error for e in errors}
   app = Starlette(routes=routes, exception_handlers=handlers)
   return LimitBody(app, limits.max_upload_bytes)

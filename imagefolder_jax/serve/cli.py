@@ -19,10 +19,10 @@ def _add_serve(sub) -> None:
       "serve", help="a local web page and HTTP API: sample, decode scale by scale, explore the two branches",
       description="Serves a page (class-conditional sampling, the image after each scale, reconstruction, "
                   "teacher-forced resampling of one branch, branch swaps) and an HTTP API (POST /api/sample "
-                  "-> JSON, PNG or .npz; see docs/serving.md) over warm compiled programs. Concurrent requests "
-                  "share sampler calls of up to the largest --batch-sizes entry; beyond --max-queue requests "
-                  "the answer is 503 busy. Binds 127.0.0.1 unless --host says otherwise. Needs the serve "
-                  f"extra: {EXTRA_HINT}")
+                  "-> JSON, PNG or .npz; see docs/serving.md) over warm compiled programs. Concurrent "
+                  "requests share sampler calls of up to the largest --batch-sizes entry; beyond --max-queue "
+                  "requests the answer is 503 busy. Binds 127.0.0.1 unless --host says otherwise. Needs "
+                  f"the serve extra: {EXTRA_HINT}")
   p.add_argument("--bundle", required=True, help="bundle with a tokenizer and a generator")
   p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
   p.add_argument("--port", type=int, default=8000)
@@ -30,13 +30,15 @@ def _add_serve(sub) -> None:
                  help="compiled sampler batch sizes (calls are padded up to the next; the largest is the "
                       "most rows one call takes)")
   p.add_argument("--max-queue", type=int, default=64, help="requests admitted at once; more get 503 busy")
-  p.add_argument("--request-timeout", type=float, default=120.0, help="seconds a request may take (504 after)")
+  p.add_argument("--request-timeout", type=float, default=120.0,
+                 help="seconds a request may take (504 after)")
   p.add_argument("--max-upload-mb", type=float, default=16.0, help="largest request body in MiB (413 above)")
   p.add_argument("--max-megapixels", type=float, default=40.0,
                  help="largest uploaded image (width x height), checked from its header before decoding")
   p.add_argument("--max-samples", type=int, default=64, help="samples one request may ask for")
-  p.add_argument("--class-names", help="text file: one class name per line, in class-id order (default: "
-                                       "from the bundle's training run, ImageNet for 1000 classes, else numbers)")
+  p.add_argument("--class-names",
+                 help="text file: one class name per line, in class-id order (default: from the bundle's "
+                      "training run, ImageNet for 1000 classes, else numbers)")
   p.add_argument("--no-warm", action="store_true", help="compile on first use instead of at start")
   p.set_defaults(run=_run_serve)
 
@@ -73,7 +75,8 @@ def _run_serve(args) -> None:
   if not 0 <= args.port < 65536:
     raise CliError(f"--port must be in [0, 65535], got {args.port}")
   limits = Limits(max_samples=args.max_samples, max_per_class=min(16, args.max_samples),
-                  max_upload_bytes=int(args.max_upload_mb * 2 ** 20), max_pixels=int(args.max_megapixels * 1e6))
+                  max_upload_bytes=int(args.max_upload_mb * 2 ** 20),
+                  max_pixels=int(args.max_megapixels * 1e6))
   # Bound before the (slow) compiles so that a port in use fails at once.
   try:
     sock = socket.create_server((args.host, args.port), reuse_port=False)
@@ -83,8 +86,9 @@ def _run_serve(args) -> None:
     gen = load_model(Generator, args.bundle)
     names, origin = class_names(args.bundle, gen.config.num_classes, args.class_names)
     defaults = defaults_for(gen.config.codebook_size)  # the CLI's sample defaults: what gets compiled
-    engine = Engine(gen, EngineSettings(batch_sizes=sizes, max_queue=args.max_queue, request_timeout=args.request_timeout,
-                                        top_k=defaults["top_k"], top_p=defaults["top_p"]))
+    engine = Engine(gen, EngineSettings(batch_sizes=sizes, max_queue=args.max_queue,
+                                        request_timeout=args.request_timeout, top_k=defaults["top_k"],
+                                        top_p=defaults["top_p"]))
     log = logging.getLogger("imagefolder_jax.serve")
     log.setLevel(logging.INFO)
     log.info("serve: compiling the sampler for batch sizes %s and the tokenizer programs...",

@@ -81,8 +81,9 @@ class _Job:
 
 
 def _take(rows: Rows, start: int, stop: int) -> Rows:
-  return Rows(rows.labels[start:stop], rows.seeds[start:stop], rows.cfg[start:stop], rows.temperature[start:stop],
-              rows.indices[start:stop], {b: [s[start:stop] for s in scales] for b, scales in rows.forced.items()})
+  forced = {b: [s[start:stop] for s in scales] for b, scales in rows.forced.items()}
+  return Rows(rows.labels[start:stop], rows.seeds[start:stop], rows.cfg[start:stop],
+              rows.temperature[start:stop], rows.indices[start:stop], forced)
 
 
 def _concat(parts: Sequence[Rows]) -> Rows:
@@ -101,7 +102,8 @@ class Engine:
   `await run(fn)` from the event loop, and `stop()` at shutdown. Counters for /api/health: `stats`.
   """
 
-  def __init__(self, generator, settings: EngineSettings = EngineSettings(), sampler: Optional[RowSampler] = None):
+  def __init__(self, generator, settings: EngineSettings = EngineSettings(),
+               sampler: Optional[RowSampler] = None):
     """sampler: a `RowSampler` of `generator` to share (its compiled programs) with another engine."""
     self.generator = generator
     self.tokenizer = generator.tokenizer
@@ -122,8 +124,8 @@ class Engine:
     start = time.perf_counter()
     s = self.settings
     for size in s.batch_sizes:
-      rows = Rows(np.zeros(1, np.int32), np.zeros(1, np.int64), np.ones(1, np.float32), np.ones(1, np.float32),
-                  np.zeros(1, np.int32), {})
+      rows = Rows(np.zeros(1, np.int32), np.zeros(1, np.int64), np.ones(1, np.float32),
+                  np.ones(1, np.float32), np.zeros(1, np.int32), {})
       self.sampler(rows, s.top_k, s.top_p, True, size)
       log.info("serve: sampler for batch %d compiled (%.0f s so far)", size, time.perf_counter() - start)
     r = self.tokenizer.resolution
@@ -159,7 +161,9 @@ class Engine:
   async def _wait(self, job: _Job):
     remaining = job.deadline - time.monotonic()
     try:
-      return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job.future)), timeout=max(remaining, 0.0))
+      # shield: giving up on the answer must not cancel the job's future under the worker.
+      answer = asyncio.shield(asyncio.wrap_future(job.future))
+      return await asyncio.wait_for(answer, timeout=max(remaining, 0.0))
     except asyncio.TimeoutError:
       self.stats["timed_out"] += 1
       raise TimedOut(f"the request took longer than the {self.settings.request_timeout:g} s limit") from None

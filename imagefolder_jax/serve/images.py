@@ -44,7 +44,8 @@ def check_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int
     size = f"{int(found.group(1)) / 1e6:.1f} megapixels" if found else "too many pixels"
     raise BadImage(f"the image is {size}, more than the {max_pixels / 1e6:g}-megapixel limit") from None
   except UnidentifiedImageError:
-    raise BadImage(f"the upload is not an image in a supported format ({', '.join(ACCEPTED_FORMATS)})") from None
+    formats = ", ".join(ACCEPTED_FORMATS)
+    raise BadImage(f"the upload is not an image in a supported format ({formats})") from None
   except Exception as e:  # PIL raises SyntaxError, ValueError, OSError... on malformed headers
     raise BadImage(f"the image header is unreadable ({type(e).__name__})") from None
   if width * height > max_pixels:

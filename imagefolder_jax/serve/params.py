@@ -104,7 +104,8 @@ def resolve_class(value: Any, names: Sequence[str]) -> int:
   if isinstance(value, bool) or not isinstance(value, numbers.Integral):
     raise BadRequest(f"a class must be an id or a name, got {value!r:.60}")
   if not 0 <= value <= num_classes:
-    raise BadRequest(f"unknown class id {value}: ids are 0..{num_classes - 1} ({num_classes} = unconditional)")
+    raise BadRequest(f"unknown class id {value}: ids are 0..{num_classes - 1} "
+                     f"({num_classes} = unconditional)")
   return int(value)
 
 

@@ -101,8 +101,8 @@ class RowSampler:
     def row(gen_vars, tok_vars, label, seed_key, cfg, temperature, forced, index):
       with compiling_for(self._platform), jax.default_matmul_precision(gen.precision):
         out = sample(gen.module, gen.tokenizer.module, settings, gen_vars, tok_vars, label[None],
-                     jax.random.wrap_key_data(seed_key), cfg, temperature, jax.tree.map(lambda x: x[None], forced),
-                     index[None])
+                     jax.random.wrap_key_data(seed_key), cfg, temperature,
+                     jax.tree.map(lambda x: x[None], forced), index[None])
       return {"ids": jax.tree.map(lambda x: x[0], out["ids"]), "images": out["images"][0]}
 
     batched = jax.vmap(row, in_axes=(None, None, 0, 0, 0, 0, 0, 0))
@@ -189,5 +189,5 @@ def default_rows(labels, seed: int, cfg: float, temperature: float, forced: Opti
   """Rows of one request as the CLI numbers them: sample i of `labels` gets index i."""
   labels = np.asarray(labels, np.int32)
   n = labels.shape[0]
-  return Rows(labels, np.full(n, seed, np.int64), np.full(n, cfg, np.float32), np.full(n, temperature, np.float32),
-              np.arange(n, dtype=np.int32), forced or {})
+  return Rows(labels, np.full(n, seed, np.int64), np.full(n, cfg, np.float32),
+              np.full(n, temperature, np.float32), np.arange(n, dtype=np.int32), forced or {})

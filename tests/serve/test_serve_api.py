@@ -2,6 +2,7 @@
 a one-line 4xx and leaves the server serving, concurrency is batched and bounded, time limits hold."""
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import io
 import json
@@ -80,6 +81,10 @@ def bomb_png(side: int = 30000) -> bytes:
   return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
 
 
+def from_data_url(url: str) -> np.ndarray:
+  return np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",")[1]))))
+
+
 def sample_ok(url: str) -> dict:
   status, _, body = request(url + "/api/sample", GOOD)
   assert status == 200, body[:300]
@@ -122,8 +127,8 @@ def test_scales_end_at_the_decoded_image(server):
   assert status == 200, raw[:300]
   scales = json.loads(raw)
   assert scales["scales"] == list(SERVE_SCALES) and len(scales["images"]) == len(SERVE_SCALES)
-  decode = lambda url: np.asarray(Image.open(io.BytesIO(__import__("base64").b64decode(url.split(",")[1]))))  # noqa
-  last, first, final = decode(scales["images"][-1]), decode(scales["images"][0]), decode(out["images"][0])
+  last, first, final = (from_data_url(scales["images"][-1]), from_data_url(scales["images"][0]),
+                        from_data_url(out["images"][0]))
   assert np.abs(last.astype(int) - final).max() <= 1
   assert np.abs(first.astype(int) - final).max() > 10  # one token per branch is not the whole image
 
@@ -149,7 +154,19 @@ def test_upload_reconstruct_resample_swap(server):
   body, kind = multipart({"demo_b": "coffee"}, {"image_a": image})
   status, _, raw = request(server.url + "/api/swap", body, kind)
   assert status == 200, raw[:300]
-  assert {"detail_a_semantic_b", "detail_b_semantic_a", "reconstruction_a", "reconstruction_b"} <= set(json.loads(raw))
+  swapped = json.loads(raw)
+  wanted = {"detail_a_semantic_b", "detail_b_semantic_a", "reconstruction_a", "reconstruction_b"}
+  assert wanted <= swapped.keys()
+  # The swap decodes A's detail tokens with B's semantic tokens (and the reverse).
+  from imagefolder_jax.data import to_uint8
+  from imagefolder_jax.data.sources import demo_photo
+  from imagefolder_jax.serve.images import decode_upload, model_input
+  tokenizer = server.generator.tokenizer
+  a = tokenizer.encode(decode_upload(image, 32)[None]).ids
+  b = tokenizer.encode(model_input(demo_photo("coffee"), 32)[None]).ids
+  for key, ids in (("detail_a_semantic_b", [a[0], b[1]]), ("detail_b_semantic_a", [b[0], a[1]])):
+    want = to_uint8(np.asarray(tokenizer.decode(ids))[0])
+    assert np.abs(from_data_url(swapped[key]).astype(int) - want).max() <= 1, key
 
 
 # ------------------------------------------------------------------------------------ bad input
@@ -196,7 +213,8 @@ def test_bad_input_is_one_line_4xx_and_the_next_request_works(server, name):
 
 
 def test_paths_stay_inside_the_package(server):
-  for path in ("/static/../../bundle.json", "/static/%2e%2e/%2e%2e/pyproject.toml", "/api/demo-photo/..%2Fapp.py"):
+  paths = ("/static/../../bundle.json", "/static/%2e%2e/%2e%2e/pyproject.toml", "/api/demo-photo/..%2Fapp.py")
+  for path in paths:
     status, _, raw = request(server.url + path, method="GET")
     assert status in (400, 404), (path, status, raw[:200])
   status, headers, _ = request(server.url + "/api/demo-photo/coffee", method="GET")
@@ -209,7 +227,8 @@ def _concurrent_samples(url: str, count: int, per_request: int) -> list[tuple[in
 
   def one(i):
     barrier.wait()
-    body = {"classes": [i % NUM_CLASSES], "count": per_request, "seed": 100 + i, "top_k": TOP_K, "top_p": TOP_P}
+    body = {"classes": [i % NUM_CLASSES], "count": per_request, "seed": 100 + i, "top_k": TOP_K,
+            "top_p": TOP_P}
     status, _, raw = request(url + "/api/sample", body)
     return status, json.loads(raw)
 
@@ -266,12 +285,14 @@ def test_cli_verb_binds_localhost_and_needs_the_extra(tiny_bundle):
   missing = ("import sys; sys.modules['starlette'] = sys.modules['uvicorn'] = None; "
              "from imagefolder_jax.cli import main; print('help exit', main(['--help'])); "
              f"sys.exit(main(['serve', '--bundle', {tiny_bundle!r}]))")
-  result = subprocess.run([sys.executable, "-c", missing], env=env, capture_output=True, text=True, timeout=120)
+  result = subprocess.run([sys.executable, "-c", missing], env=env, capture_output=True, text=True,
+                          timeout=120)
   assert "help exit 0" in result.stdout and "serve" in result.stdout
   assert result.returncode == 2
   assert result.stderr.strip().count("\n") == 0 and 'pip install -e ".[serve]"' in result.stderr
-  proc = subprocess.Popen([sys.executable, "-m", "imagefolder_jax.cli", "serve", "--bundle", tiny_bundle, "--port", "0",
-                           "--no-warm"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  command = [sys.executable, "-m", "imagefolder_jax.cli", "serve", "--bundle", tiny_bundle, "--port", "0",
+             "--no-warm"]
+  proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
     line = proc.stdout.readline()
     assert "http://127.0.0.1:" in line, (line, proc.stderr.read() if proc.poll() is not None else "")

@@ -133,7 +133,8 @@ async function sample() {
 async function showScales() {
   selectTab("scales");
   if (!state.selected) return;
-  $("scales-hint").textContent = `${state.selected.caption}: the image decoded from scales 1..k of both branches`;
+  $("scales-hint").textContent =
+    `${state.selected.caption}: the image decoded from scales 1..k of both branches`;
   $("scales-source").replaceChildren(figure(state.selected.src, "final"));
   const strip = $("scales");
   strip.replaceChildren();
@@ -156,7 +157,10 @@ function imageForm(fileInput, demoSelect, field) {
   const file = $(fileInput).files[0];
   if (file) form.append("image" + field, file);
   else if ($(demoSelect).value) form.append("demo" + field, $(demoSelect).value);
-  else throw new Error(`choose an image file or a demo photo for image ${field ? field.slice(1).toUpperCase() : "A"}`);
+  else {
+    const which = field ? field.slice(1).toUpperCase() : "A";
+    throw new Error(`choose an image file or a demo photo for image ${which}`);
+  }
   return form;
 }
 
@@ -206,7 +210,8 @@ async function swap() {
 
 // ------------------------------------------------------------------------ set-up
 function selectTab(name) {
-  document.querySelectorAll(".tabs button").forEach((b) => b.classList.toggle("active", b.dataset.tab === name));
+  document.querySelectorAll(".tabs button").forEach(
+    (b) => b.classList.toggle("active", b.dataset.tab === name));
   document.querySelectorAll(".tab").forEach((t) => { t.hidden = t.id !== `tab-${name}`; });
 }
 
@@ -218,7 +223,8 @@ async function init() {
     return;
   }
   const info = state.info;
-  $("bundle-info").textContent = `${info.bundle} · ${info.num_classes} classes (${info.class_names_from}) · ` +
+  $("bundle-info").textContent =
+    `${info.bundle} · ${info.num_classes} classes (${info.class_names_from}) · ` +
     `${info.resolution} px · scales ${info.scales.join(", ")}`;
   const d = info.defaults;
   $("cfg").value = d.cfg;
@@ -238,7 +244,8 @@ async function init() {
     if (b.dataset.tab === "scales") showScales(); else selectTab(b.dataset.tab);
   }));
   $("sample-btn").addEventListener("click", () => busy($("sample-btn"), $("sample-status"), sample));
-  $("reconstruct-btn").addEventListener("click", () => busy($("reconstruct-btn"), $("branch-status"), reconstruct));
+  $("reconstruct-btn").addEventListener("click",
+    () => busy($("reconstruct-btn"), $("branch-status"), reconstruct));
   $("keep-detail-btn").addEventListener("click",
     () => busy($("keep-detail-btn"), $("branch-status"), () => resample("detail")));
   $("keep-semantic-btn").addEventListener("click",
