@@ -44,7 +44,7 @@ class ProgramKey:
 class Rows:
   """A batch of sampler rows (host arrays), R rows.
 
-  labels (R,) int32; seeds (R,) int (>= 0, < 2**31); cfg, temperature (R,) float32; indices (R,)
+  labels (R,) int32; seeds (R,) int in [0, 2**31); cfg, temperature (R,) float32; indices (R,)
   int32 (the sample's number within its request, as the CLI numbers them); forced {branch: [ids
   (R, n_s, n_s) int32 per scale]}.
   """
@@ -68,11 +68,6 @@ class Rows:
                 {b: [pad(s) for s in scales] for b, scales in self.forced.items()})
 
 
-def key_data(seed: int) -> np.ndarray:
-  """(2,) uint32: the raw data of `jax.random.key(seed)`, the key `Generator.sample` builds."""
-  return np.asarray(jax.random.key_data(jax.random.key(int(seed))))
-
-
 class RowSampler:
   """Compiled per-row samplers of one `Generator`, cached per `ProgramKey` (least recently used out
   beyond `max_programs`, so that a client cycling top-k values cannot grow memory without end).
@@ -85,7 +80,6 @@ class RowSampler:
     self.max_programs = max_programs
     self._programs: collections.OrderedDict[ProgramKey, Any] = collections.OrderedDict()
     self._lock = threading.Lock()
-    self._key_data_cache: dict[int, np.ndarray] = {}
     # The library's program for `Generator.sample` uses these XLA options (they change how float
     # reductions are ordered); the vmapped program must use the same so its tokens are the same.
     self._platform = platform_of(None)
@@ -98,11 +92,13 @@ class RowSampler:
 
     # The body of `sampling.make_sampler`'s program for a batch of one row (a nested jit may not
     # carry compiler options, so the library function is called here and the outer jit carries them).
-    def row(gen_vars, tok_vars, label, seed_key, cfg, temperature, forced, index):
+    # The key is built in the program from the int32 seed: `jax.random.key` of a seed in [0, 2**31)
+    # gives the same key traced as from the Python int `Generator.sample` passes (no host call per seed).
+    def row(gen_vars, tok_vars, label, seed, cfg, temperature, forced, index):
       with compiling_for(self._platform), jax.default_matmul_precision(gen.precision):
         out = sample(gen.module, gen.tokenizer.module, settings, gen_vars, tok_vars, label[None],
-                     jax.random.wrap_key_data(seed_key), cfg, temperature,
-                     jax.tree.map(lambda x: x[None], forced), index[None])
+                     jax.random.key(seed), cfg, temperature, jax.tree.map(lambda x: x[None], forced),
+                     index[None])
       return {"ids": jax.tree.map(lambda x: x[0], out["ids"]), "images": out["images"][0]}
 
     batched = jax.vmap(row, in_axes=(None, None, 0, 0, 0, 0, 0, 0))
@@ -120,16 +116,6 @@ class RowSampler:
         self._programs.popitem(last=False)
     return fn
 
-  def _keys(self, seeds: np.ndarray) -> np.ndarray:
-    out = []
-    for seed in seeds.tolist():
-      if seed not in self._key_data_cache:
-        if len(self._key_data_cache) > 4096:
-          self._key_data_cache.clear()
-        self._key_data_cache[seed] = key_data(seed)
-      out.append(self._key_data_cache[seed])
-    return np.stack(out)
-
   def __call__(self, rows: Rows, top_k: int, top_p: float, guidance: bool, padded_rows: int) -> dict:
     """Samples `rows` padded to `padded_rows`. Returns host arrays for the real rows: ids[branch][scale]
     (R, n_s, n_s) int32 and images (R, H, W, 3) float32 in [-1, 1]."""
@@ -139,7 +125,7 @@ class RowSampler:
     gen = self.generator
     forced = {b: [jnp.asarray(s, jnp.int32) for s in scales] for b, scales in full.forced.items()}
     out = self.program(key)(gen.variables, gen.tokenizer.variables, jnp.asarray(full.labels, jnp.int32),
-                            jnp.asarray(self._keys(full.seeds)), jnp.asarray(full.cfg, jnp.float32),
+                            jnp.asarray(full.seeds, jnp.int32), jnp.asarray(full.cfg, jnp.float32),
                             jnp.asarray(full.temperature, jnp.float32), forced,
                             jnp.asarray(full.indices, jnp.int32))
     out = jax.device_get(out)
