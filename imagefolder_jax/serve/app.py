@@ -161,6 +161,7 @@ class Service:
   async def _image(self, form, field: str) -> tuple[np.ndarray, str]:
     """(image (R, R, 3) in [-1, 1], label for the CLI line) from an uploaded file `field` or a
     demo photo named by `demo` + the field's suffix."""
+    self.engine.check_capacity()  # a full queue answers busy before an upload is decoded for nothing
     demo_field = "demo" + field[len("image"):]
     upload, demo = form.get(field), form.get(demo_field)
     if upload is not None and not isinstance(upload, str):
@@ -235,9 +236,11 @@ class Service:
       raise BadRequest(f"unknown parameter {unknown[0]!r:.60} (known: ids, format)")
     total = sum(s * s for s in self.scales)
     try:
-      flat = np.asarray(body.get("ids"), dtype=np.int64)
+      flat = np.asarray(body.get("ids"))
     except (TypeError, ValueError, OverflowError):
-      raise BadRequest(f"ids must be a ({self.num_branches}, {total}) list of token ids") from None
+      flat = np.asarray(None)
+    if flat.dtype.kind not in "iu":  # floats would be truncated to ids silently; bools are no ids
+      raise BadRequest(f"ids must be a ({self.num_branches}, {total}) list of integer token ids")
     if flat.shape != (self.num_branches, total):
       raise BadRequest(f"ids must have shape ({self.num_branches}, {total}), got {flat.shape}")
     if flat.min() < 0 or flat.max() >= self.codebook_size:

@@ -147,6 +147,14 @@ class Engine:
       self._thread.join(timeout=30)
 
   # ----------------------------------------------------------------------------- submission
+  def check_capacity(self) -> None:
+    """Raises Busy when no request can be admitted now (a cheap check before costly preparation)."""
+    with self._cond:
+      full = self._admitted >= self.settings.max_queue
+    if full:
+      self.stats["busy"] += 1
+      raise Busy(f"busy: {self.settings.max_queue} requests queued (the limit); retry shortly")
+
   def _admit(self, job: _Job) -> None:
     with self._cond:
       if self._stopping:

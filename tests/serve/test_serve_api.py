@@ -189,6 +189,7 @@ BAD_REQUESTS = {
     "unknown parameter": ("/api/sample", dict(GOOD, cfgg=1), 400, "unknown parameter 'cfgg'"),
     "not json": ("/api/sample", b"{classes: 1", 400, "not valid JSON"),
     "bad ids": ("/api/scales", {"ids": [[1, 2]]}, 400, "shape"),
+    "fractional ids": ("/api/scales", {"ids": [[0.5] * NUM_TOKENS] * 2}, 400, "integer token ids"),
     "non-image upload": ("/api/reconstruct", {"image": b"this is not an image"}, 400, "not an image"),
     "truncated image": ("/api/reconstruct", {"image": png(300, 300)[:2000]}, 400, "truncated"),
     "50 MB upload": ("/api/reconstruct", {"image": BIG}, 413, "larger than"),
@@ -263,13 +264,22 @@ def test_queue_bound_4_answers_busy_and_recovers(server, tiny_bundle):
     small.close()
 
 
-def test_time_limit_answers_504_and_the_server_goes_on(server, tiny_bundle):
-  stalled = ServerThread(tiny_bundle, request_timeout=0.5, share=server, start=False)
+def test_time_limit_answers_504_and_a_full_queue_refuses_uploads(server, tiny_bundle):
+  """A stalled worker (not started): one request fills a queue of 1 and times out; an upload meanwhile
+  is refused as busy; once the worker runs, the late request is dropped unrun and the next one works."""
+  stalled = ServerThread(tiny_bundle, max_queue=1, request_timeout=2.0, share=server, start=False)
   try:
-    started = time.monotonic()
-    status, _, raw = request(stalled.url + "/api/sample", GOOD)
-    assert status == 504 and "0.5 s limit" in json.loads(raw)["error"]
-    assert time.monotonic() - started < 10
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+      started = time.monotonic()
+      waiting = pool.submit(request, stalled.url + "/api/sample", GOOD)
+      while stalled.engine.queued() == 0:
+        time.sleep(0.01)
+      body, kind = multipart({}, {"image": png()})
+      status, headers, raw = request(stalled.url + "/api/reconstruct", body, kind)
+      assert status == 503 and "busy" in json.loads(raw)["error"] and headers["Retry-After"] == "1"
+      status, _, raw = waiting.result()
+    assert status == 504 and "2 s limit" in json.loads(raw)["error"]
+    assert 2.0 <= time.monotonic() - started < 15
     stalled.engine.start(warm=False)
     assert len(sample_ok(stalled.url)["images"]) == 2
     assert stalled.engine.stats["expired"] == 1  # the late request was dropped, never computed
