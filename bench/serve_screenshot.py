@@ -29,8 +29,9 @@ def main() -> None:
   args = parser.parse_args()
   from playwright.sync_api import sync_playwright
   env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
-  server = subprocess.Popen([sys.executable, "-m", "imagefolder_jax.cli", "serve", "--bundle", args.bundle,
-                             "--port", "0", "--batch-sizes", "1,4,16"], stdout=subprocess.PIPE, text=True, env=env)
+  command = [sys.executable, "-m", "imagefolder_jax.cli", "serve", "--bundle", args.bundle, "--port", "0",
+             "--batch-sizes", "1,4,16"]
+  server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
   line = server.stdout.readline()
   if "http://" not in line:
     server.kill()

@@ -96,8 +96,8 @@ def test_sample_equals_cli_tokens_and_formats(server, tmp_path):
   """The page's command line, run through the CLI, writes the same ids the API returned."""
   from imagefolder_jax.cli import main
   # The largest seed: the server builds keys from int32 seeds in its program, the CLI from a Python int.
-  body = {"classes": [1, "class 4"], "count": 2, "seed": 2 ** 31 - 1, "cfg": 2.0, "top_k": TOP_K, "top_p": TOP_P,
-          "temperature": 0.9}
+  body = {"classes": [1, "class 4"], "count": 2, "seed": 2 ** 31 - 1, "cfg": 2.0, "top_k": TOP_K,
+          "top_p": TOP_P, "temperature": 0.9}
   status, _, raw = request(server.url + "/api/sample", body)
   assert status == 200, raw[:300]
   out = json.loads(raw)
