@@ -74,6 +74,7 @@ class _Job:
   call: Optional[Callable[[], Any]] = None
   done_rows: int = 0
   outputs: list = dataclasses.field(default_factory=list)
+  finished: bool = False
 
   @property
   def remaining(self) -> int:
@@ -151,8 +152,9 @@ class Engine:
     """Raises Busy when no request can be admitted now (a cheap check before costly preparation)."""
     with self._cond:
       full = self._admitted >= self.settings.max_queue
+      if full:
+        self.stats["busy"] += 1
     if full:
-      self.stats["busy"] += 1
       raise Busy(f"busy: {self.settings.max_queue} requests queued (the limit); retry shortly")
 
   def _admit(self, job: _Job) -> None:
@@ -199,9 +201,16 @@ class Engine:
   # ----------------------------------------------------------------------------- worker
   def _finish(self, job: _Job, result=None, error: Optional[BaseException] = None) -> None:
     with self._cond:
+      if job.finished:  # answered already (an error after part of a batch was delivered)
+        return
+      job.finished = True
       self._admitted -= 1
-    if not job.future.done():
-      job.future.set_exception(error) if error is not None else job.future.set_result(result)
+    if job.future.done():  # cancelled: nobody waits for it
+      return
+    if error is not None:
+      job.future.set_exception(error)
+    else:
+      job.future.set_result(result)
 
   def _next_batch(self) -> Optional[list[_Job]]:
     """Waits for work; drops expired jobs; returns [call job] or the sample jobs of the next call
