@@ -23,7 +23,9 @@ def _add_serve(sub) -> None:
                   "requests share sampler calls of up to the largest --batch-sizes entry; beyond --max-queue "
                   "requests the answer is 503 busy. Binds 127.0.0.1 unless --host says otherwise. Needs "
                   f"the serve extra: {EXTRA_HINT}")
-  p.add_argument("--bundle", required=True, help="bundle with a tokenizer and a generator")
+  p.add_argument("--bundle", required=True,
+                 help="bundle with a tokenizer and a generator (or a demo / train-generator workdir "
+                      "holding one)")
   p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
   p.add_argument("--port", type=int, default=8000)
   p.add_argument("--batch-sizes", default="1,2,4,8,16",
@@ -41,6 +43,16 @@ def _add_serve(sub) -> None:
                       "training run, ImageNet for 1000 classes, else numbers)")
   p.add_argument("--no-warm", action="store_true", help="compile on first use instead of at start")
   p.set_defaults(run=_run_serve)
+
+
+def _resolve_bundle(path: str) -> str:
+  """The bundle itself, or the generator bundle inside a demo / training workdir given instead
+  (`--bundle runs/demo` serves runs/demo/generator/bundle)."""
+  import os
+  for candidate in (path, os.path.join(path, "bundle"), os.path.join(path, "generator", "bundle")):
+    if os.path.isfile(os.path.join(candidate, "bundle.json")):
+      return candidate
+  return path  # load_model names what is wrong with it
 
 
 def _parse_batch_sizes(text: str) -> tuple[int, ...]:
@@ -83,8 +95,9 @@ def _run_serve(args) -> None:
   except OSError as e:
     raise CliError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
   try:
-    gen = load_model(Generator, args.bundle)
-    names, origin = class_names(args.bundle, gen.config.num_classes, args.class_names)
+    bundle = _resolve_bundle(args.bundle)
+    gen = load_model(Generator, bundle)
+    names, origin = class_names(bundle, gen.config.num_classes, args.class_names)
     defaults = defaults_for(gen.config.codebook_size)  # the CLI's sample defaults: what gets compiled
     engine = Engine(gen, EngineSettings(batch_sizes=sizes, max_queue=args.max_queue,
                                         request_timeout=args.request_timeout, top_k=defaults["top_k"],
@@ -94,9 +107,9 @@ def _run_serve(args) -> None:
     log.info("serve: compiling the sampler for batch sizes %s and the tokenizer programs...",
              ",".join(map(str, engine.settings.batch_sizes)))
     engine.start(warm=not args.no_warm)
-    app = create_app(engine, args.bundle, names, origin, limits)
+    app = create_app(engine, bundle, names, origin, limits)
     host, port = sock.getsockname()[:2]
-    print(f"{PROG} serve: http://{host if ':' not in host else f'[{host}]'}:{port}/ (bundle {args.bundle}, "
+    print(f"{PROG} serve: http://{host if ':' not in host else f'[{host}]'}:{port}/ (bundle {bundle}, "
           f"{gen.config.num_classes} classes named from {origin}; Ctrl-C stops)", flush=True)
     config = uvicorn.Config(app, log_level="warning", server_header=False, timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])

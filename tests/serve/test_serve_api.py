@@ -301,15 +301,17 @@ def test_cli_verb_binds_localhost_and_needs_the_extra(tiny_bundle):
   assert "help exit 0" in result.stdout and "serve" in result.stdout
   assert result.returncode == 2
   assert result.stderr.strip().count("\n") == 0 and 'pip install -e ".[serve]"' in result.stderr
-  command = [sys.executable, "-m", "imagefolder_jax.cli", "serve", "--bundle", tiny_bundle, "--port", "0",
-             "--no-warm"]
+  # The workdir holding bundle/ is accepted as --bundle (the demo's runs/demo serves its generator bundle).
+  command = [sys.executable, "-m", "imagefolder_jax.cli", "serve", "--bundle", os.path.dirname(tiny_bundle),
+             "--port", "0", "--no-warm"]
   proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
     line = proc.stdout.readline()
     assert "http://127.0.0.1:" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
     url = line.split("http://")[1].split("/")[0]
     status, _, raw = request(f"http://{url}/api/info", method="GET")
-    assert status == 200 and json.loads(raw)["num_classes"] == NUM_CLASSES
+    info = json.loads(raw)
+    assert status == 200 and info["num_classes"] == NUM_CLASSES and info["bundle"] == tiny_bundle
   finally:
     proc.terminate()
     proc.wait(timeout=30)
