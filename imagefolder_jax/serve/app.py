@@ -168,7 +168,8 @@ class Service:
       data = await upload.read()
       async with self.decode_slots:
         image = await run_in_threadpool(decode_upload, data, self.resolution, self.limits.max_pixels)
-      return image, "YOUR_IMAGE"
+      # The client's file name only labels the command line shown (quoted there); nothing opens it.
+      return image, os.path.basename(upload.filename or "") or "YOUR_IMAGE"
     if demo:
       return model_input(_demo_photo_array(str(demo)), self.resolution), f"{demo}.png"
     raise BadRequest(f"send an image file as '{field}' or a demo photo name as '{demo_field}'")

@@ -167,10 +167,6 @@ def warm_progressive(tokenizer: Tokenizer, batch: int = 1) -> None:
   progressive_decode(tokenizer, zeros)
 
 
-def branch_scales(tokenizer: Tokenizer) -> tuple[int, ...]:
-  return tuple(tokenizer.config.quantizer.scales)
-
-
 def default_rows(labels, seed: int, cfg: float, temperature: float, forced: Optional[dict] = None) -> Rows:
   """Rows of one request as the CLI numbers them: sample i of `labels` gets index i."""
   labels = np.asarray(labels, np.int32)
