@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import time
+import urllib.parse
 from typing import Any, Optional
 
 import numpy as np
@@ -152,6 +153,19 @@ class Service:
       raise BadRequest(f"the body must be a JSON object, got {type(body).__name__}")
     return body
 
+  async def _fields_or_json(self, request: Request) -> dict:
+    """The body as a dict: JSON, or form fields (`curl -F classes=207,360 -F count=4`, strings).
+    `curl -d '{...}'` without a Content-Type header says urlencoded but sends JSON: read as JSON."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+      form = await request.form(max_files=0, max_fields=16, max_part_size=64 * 1024)
+      return {k: v for k, v in form.items()}
+    if content_type.startswith("application/x-www-form-urlencoded"):
+      raw = await request.body()
+      if not raw.lstrip().startswith(b"{"):
+        return dict(urllib.parse.parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True))
+    return await self._json_body(request)
+
   def _format(self, body: dict, allowed: tuple[str, ...]) -> str:
     fmt = body.pop("format", "json")
     if fmt not in allowed:
@@ -206,13 +220,7 @@ class Service:
 
   async def sample(self, request: Request) -> Response:
     started = time.perf_counter()
-    content_type = request.headers.get("content-type", "")
-    if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
-      # `curl -F classes=207,360 -F count=4 ...`: the same fields as strings.
-      form = await request.form(max_files=0, max_fields=16, max_part_size=64 * 1024)
-      body = {k: v for k, v in form.items()}
-    else:
-      body = await self._json_body(request)
+    body = await self._fields_or_json(request)
     fmt = self._format(body, ("json", "png", "npz"))
     params = sample_params(body, self.names, self.codebook_size, self.limits, self.defaults)
     rows = default_rows(params.labels, params.seed, params.cfg, params.temperature)

@@ -110,7 +110,7 @@ def _run_serve(args) -> None:
     app = create_app(engine, bundle, names, origin, limits)
     host, port = sock.getsockname()[:2]
     print(f"{PROG} serve: http://{host if ':' not in host else f'[{host}]'}:{port}/ (bundle {bundle}, "
-          f"{gen.config.num_classes} classes named from {origin}; Ctrl-C stops)", flush=True)
+          f"{gen.config.num_classes} classes, names: {origin}; Ctrl-C stops)", flush=True)
     config = uvicorn.Config(app, log_level="warning", server_header=False, timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])
   finally:

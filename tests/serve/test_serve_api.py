@@ -14,6 +14,7 @@ import threading
 import struct
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zlib
 from typing import Any
@@ -122,6 +123,18 @@ def test_sample_equals_cli_tokens_and_formats(server, tmp_path):
   assert np.abs(grid.astype(int) - cli_grid).max() <= 1
 
 
+def test_form_fields_and_json_without_its_content_type(server):
+  """`curl -F`/`-d a=b` fields and `curl -d '{...}'` (sent as urlencoded) give the JSON request's ids."""
+  want = sample_ok(server.url)["ids"]
+  fields = {k: str(v) if not isinstance(v, list) else ",".join(map(str, v)) for k, v in GOOD.items()}
+  for body, kind in ((urllib.parse.urlencode(fields).encode(), "application/x-www-form-urlencoded"),
+                     (json.dumps(GOOD).encode(), "application/x-www-form-urlencoded"),
+                     multipart(fields, {})):
+    status, _, raw = request(server.url + "/api/sample", body, kind)
+    assert status == 200, raw[:300]
+    assert json.loads(raw)["ids"] == want
+
+
 def test_scales_end_at_the_decoded_image(server):
   out = sample_ok(server.url)
   status, _, raw = request(server.url + "/api/scales", {"ids": out["ids"][0]})
@@ -171,6 +184,10 @@ def test_upload_reconstruct_resample_swap(server):
 
 
 # ------------------------------------------------------------------------------------ bad input
+class Form(dict):
+  """Fields sent urlencoded (as `curl -d classes=3 ...`)."""
+
+
 BIG = b"\x89PNG" + b"\x00" * (50 * 1024 * 1024)
 BAD_REQUESTS = {
     "unknown class id": ("/api/sample", {"classes": [NUM_CLASSES + 1]}, 400, "unknown class id"),
@@ -188,6 +205,7 @@ BAD_REQUESTS = {
     "seed negative": ("/api/sample", dict(GOOD, seed=-3), 400, "seed"),
     "unknown parameter": ("/api/sample", dict(GOOD, cfgg=1), 400, "unknown parameter 'cfgg'"),
     "not json": ("/api/sample", b"{classes: 1", 400, "not valid JSON"),
+    "form field out of range": ("/api/sample", Form(classes="3", count="2", top_p="2"), 400, "top_p"),
     "bad ids": ("/api/scales", {"ids": [[1, 2]]}, 400, "shape"),
     "fractional ids": ("/api/scales", {"ids": [[0.5] * NUM_TOKENS] * 2}, 400, "integer token ids"),
     "non-image upload": ("/api/reconstruct", {"image": b"this is not an image"}, 400, "not an image"),
@@ -206,6 +224,9 @@ def test_bad_input_is_one_line_4xx_and_the_next_request_works(server, name):
     files = {k: v for k, v in payload.items() if isinstance(v, bytes)}
     body, kind = multipart({k: v for k, v in payload.items() if isinstance(v, str)}, files)
     status, _, raw = request(server.url + path, body, kind)
+  elif isinstance(payload, Form):
+    status, _, raw = request(server.url + path, urllib.parse.urlencode(payload).encode(),
+                             "application/x-www-form-urlencoded")
   else:
     status, _, raw = request(server.url + path, payload)
   message = json.loads(raw)["error"]
