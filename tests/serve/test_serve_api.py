@@ -9,9 +9,9 @@ import json
 import os
 import shlex
 import subprocess
+import struct
 import sys
 import threading
-import struct
 import time
 import urllib.error
 import urllib.parse
