@@ -81,7 +81,7 @@ def class_names(bundle_dir: str, num_classes: int, names_file: Optional[str] = N
       from imagefolder_jax.data import DemoSource
       demo = list(DemoSource(crops_per_class=1).class_names)
       if len(demo) == num_classes:
-        names, origin = demo, "the demo's photos (the training run's data source)"
+        names, origin = demo, "demo photos, from the training run's data source"
     reported = _demo_report_classes(bundle_dir)
     if names is None and reported is not None and len(reported) == num_classes:
       names, origin = reported, "the demo's report.json"
