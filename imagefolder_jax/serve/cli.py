@@ -47,9 +47,13 @@ def _add_serve(sub) -> None:
 
 def _resolve_bundle(path: str) -> str:
   """The bundle itself, or the generator bundle inside a demo / training workdir given instead
-  (`--bundle runs/demo` serves runs/demo/generator/bundle)."""
+  (`--bundle runs/demo` serves runs/demo/generator/bundle). A missing `WORKDIR/bundle` also falls
+  back to `WORKDIR/generator/bundle`, where the demo writes the bundle that has a generator."""
   import os
-  for candidate in (path, os.path.join(path, "bundle"), os.path.join(path, "generator", "bundle")):
+  candidates = [path, os.path.join(path, "bundle"), os.path.join(path, "generator", "bundle")]
+  if not os.path.exists(path) and os.path.basename(os.path.normpath(path)) == "bundle":
+    candidates.append(os.path.join(os.path.dirname(os.path.normpath(path)), "generator", "bundle"))
+  for candidate in candidates:
     if os.path.isfile(os.path.join(candidate, "bundle.json")):
       return candidate
   return path  # load_model names what is wrong with it

@@ -1,4 +1,4 @@
-"""Class names for the page (no model needed): operator file, training run, ImageNet, numbers."""
+"""Class names for the page and the --bundle argument (no model needed)."""
 from __future__ import annotations
 
 import json
@@ -45,3 +45,15 @@ def test_classes_resolve_by_id_or_name():
                      (True, "an id or a name"), (2.5, "an id or a name")):
     with pytest.raises(BadRequest, match=match):
       resolve_class(bad, names)
+
+
+def test_bundle_argument_accepts_a_workdir(tmp_path):
+  from imagefolder_jax.serve.cli import _resolve_bundle
+  generator = tmp_path / "demo" / "generator" / "bundle"
+  generator.mkdir(parents=True)
+  (generator / "bundle.json").write_text("{}")
+  demo = tmp_path / "demo"
+  assert _resolve_bundle(str(generator)) == str(generator)
+  assert _resolve_bundle(str(demo)) == str(generator)
+  assert _resolve_bundle(str(demo / "bundle")) == str(generator)  # absent: the demo's generator bundle
+  assert _resolve_bundle(str(tmp_path / "nothing")) == str(tmp_path / "nothing")  # load_model says why
