@@ -22,6 +22,7 @@ export), then what runs it at scale:
   storage/     inference bundles and the integrity records of what is written to disk
   parallel/    device meshes, sharding rules, multi-process jobs
   planning/    FLOP model, compile-only plans for TPU / GPU topologies (memory, time, collectives)
+  serve/       `imagefolder-jax serve`: a local web page and HTTP API over warm compiled programs
   demo/        the offline demo and its report
   cli/         the `imagefolder-jax` command (one module per group of verbs)
 """

@@ -38,7 +38,9 @@ class _Parser(argparse.ArgumentParser):
 
 def _verbs() -> list[Callable]:
   from imagefolder_jax.cli import convert, evaluation, inference, planning, training
-  return [*convert.VERBS, *inference.VERBS, *training.VERBS, *evaluation.VERBS, *planning.VERBS]
+  from imagefolder_jax.serve import cli as serve  # argparse only; the web stack is imported when it runs
+  return [*convert.VERBS, *inference.VERBS, *training.VERBS, *evaluation.VERBS, *planning.VERBS,
+          *serve.VERBS]
 
 
 def build_parser() -> argparse.ArgumentParser:
