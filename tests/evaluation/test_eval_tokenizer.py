@@ -1,13 +1,10 @@
 """eval-tokenizer pieces: SSIM / PSNR against float64 restatements (and skimage), codebook usage
 numbers, and the whole evaluation on 8 fake devices equal to one device."""
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from support import PROGRAMS
+from support import run_program
 
 from imagefolder_jax.evaluation import image_metrics
 from imagefolder_jax.evaluation.tokenizer import usage_summary
@@ -91,11 +88,8 @@ def test_usage_summary_numbers():
 
 
 
-def test_evaluate_tokenizer_8_devices_equal_1(parity_bundle, tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  script = os.path.join(PROGRAMS, "eval_tokenizer_sharded.py")
-  run = subprocess.run([sys.executable, script, parity_bundle], env=env, capture_output=True, text=True,
-                       timeout=900)
+def test_evaluate_tokenizer_8_devices_equal_1(parity_bundle):
+  run = run_program("eval_tokenizer_sharded.py", parity_bundle, devices=8)
   assert run.returncode == 0, run.stderr[-3000:]
   out = json.loads(run.stdout.split("RESULT", 1)[1])
   one, eight = out["one"], out["eight"]

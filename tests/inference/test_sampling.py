@@ -2,16 +2,12 @@
 devices == 1 device. (Official-generator parity of the sampler lives in test_generator.py.)"""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from support import PROGRAMS, relative_error
+from support import relative_error, run_program
 
 from imagefolder_jax.inference.generator import Generator
 from imagefolder_jax.inference.sampling import SamplerSettings, guidance_weights, make_sampler
@@ -202,11 +198,8 @@ def test_generator_rejects_bad_arguments(micro_bundle, kwargs, match):
 
 
 
-def test_sampling_sharded_over_8_devices_equals_one(micro_bundle, tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  script = os.path.join(PROGRAMS, "sampling_sharded.py")
-  result = subprocess.run([sys.executable, script, micro_bundle], env=env, capture_output=True, text=True,
-                          timeout=600)
+def test_sampling_sharded_over_8_devices_equals_one(micro_bundle):
+  result = run_program("sampling_sharded.py", micro_bundle, devices=8)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "OK" in result.stdout
 

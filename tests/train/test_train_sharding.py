@@ -9,19 +9,12 @@ Tolerance: global relative L2 error of all trainable parameters < 1e-5 after 3 A
 sharded reductions sum in another order, ~1e-7 per step, and Adam's normalisation can amplify it on
 near-zero gradients — docs/design.md §4c).
 """
-import os
-import subprocess
-import sys
 
-from support import PROGRAMS, ROOT
+from support import CONFIGS, run_program
 
 
 def test_training_under_logical_rules(tmp_path):
-  root = ROOT
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  script = os.path.join(PROGRAMS, "training_sharded.py")
-  result = subprocess.run([sys.executable, script, os.path.join(root, "configs"), str(tmp_path)],
-                          env=env, capture_output=True, text=True, timeout=1800)
+  result = run_program("training_sharded.py", CONFIGS, str(tmp_path), devices=8, timeout=1800)
   print(result.stdout)
   assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
   assert "plan OK" in result.stdout
