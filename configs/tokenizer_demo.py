@@ -16,7 +16,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                pos_init="sincos", linear_init="xavier"),
       quantizer=dict(codebook_size=512, latent_dim=16, scales=(1, 2, 3, 4, 6, 8), num_phi=4, phi_ratio=0.5,
                      beta=0.25, codebook_update="ema", ema_decay=0.95, dead_code_threshold=0.05),
-      num_branches=2, dropout_start=3, dropout_fraction=0.1)
+      num_branches=2, dropout_start=3, dropout_fraction=0.1,
+      # Patch <-> latent shortcut (not in the paper): without it the from-scratch ViTs spend the whole
+      # budget learning one-to-one attention routing and reconstruct blurred blobs (docs/demo_report.md).
+      patch_skip=True)
   full = arg == "full"
   # vq 0.1: from scratch the commitment pull otherwise outruns the reconstruction signal (README).
   c.loss.update(vq=0.1, lpips=0.1 if full else 0.0, semantic=0.0, gan=0.1 if full else 0.0, discriminator="patchgan",

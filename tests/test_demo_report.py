@@ -93,3 +93,24 @@ def test_teacher_forced_keeps_the_forced_branch(parity_bundle):
   assert out["psnr_db"].shape == (2,) and np.isfinite(out["psnr_db"]).all()
   # The other branch is sampled: the two samples differ.
   assert np.abs(out["samples"][0] - out["samples"][1]).max() > 1e-3
+
+
+def test_patch_skip_is_off_by_default_and_needs_equal_grids():
+  from imagefolder_jax.models.quantizer import QuantizerConfig
+  from imagefolder_jax.models.tokenizer import ImageFolderTokenizer, TokenizerConfig
+  from imagefolder_jax.models.vit import ViTConfig
+  vit = ViTConfig(width=32, depth=1, num_heads=2, patch_size=8, image_size=32)
+  q = QuantizerConfig(codebook_size=32, latent_dim=4, scales=(1, 2, 4), num_phi=2)
+  assert not TokenizerConfig(vit=vit, quantizer=q).patch_skip
+  with pytest.raises(ValueError, match="patch_skip"):
+    TokenizerConfig(vit=vit, quantizer=QuantizerConfig(scales=(1, 2, 4, 8)), patch_skip=True).validate()
+  x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3), minval=-1, maxval=1)
+  outs = {}
+  for skip in (False, True):
+    m = ImageFolderTokenizer(TokenizerConfig(vit=vit, quantizer=q, patch_skip=skip))
+    v = nn.unbox(m.init({"params": jax.random.key(1)}, x[:1]))   # the same parameters either way
+    outs[skip] = m.apply(v, x, method=ImageFolderTokenizer.latents)
+  # With LayerScale 1e-5 the blocks barely act: without the shortcut a latent hardly depends on the
+  # image; with it, it is (through the shared 1x1 conv) its own patch's embedding.
+  spread = lambda lat: float(np.std(np.asarray(lat[0][0]) - np.asarray(lat[0][1])))  # noqa: E731
+  assert spread(outs[True]) > 100 * spread(outs[False])
