@@ -63,9 +63,11 @@ def _run_demo(args) -> None:
     raise CliError(f"--inception directory not found: {args.inception} (write one with convert-inception)")
   report = run_demo(args.workdir, tok, gen, samples_per_class=args.samples_per_class, seed=args.seed,
                     inception=args.inception)
+  c = report["class_consistency"]
   print(f"demo done in {report['total_minutes']:.1f} min: {args.workdir}/reconstructions.png, samples.png, "
-        f"report.md (val PSNR {report['tokenizer']['val_psnr_db']:.2f} dB, sample class accuracy "
-        f"{report['class_consistency']['accuracy_on_samples']:.0%})")
+        f"teacher_forced.png, per_scale.png, report.md (val PSNR {report['tokenizer']['val_psnr_db']:.2f} dB, "
+        f"sample class accuracy {c['accuracy_on_samples']:.0%}, "
+        f"colour-blind 5-NN {c['shape_nn_accuracy_on_samples']:.0%})")
 
 
 

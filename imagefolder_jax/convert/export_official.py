@@ -334,6 +334,8 @@ def architecture_json(tokenizer: TokenizerConfig, generator: Optional[GeneratorC
   fields the official code has no place for (initialisers, EMA settings, dtype).
   """
   t, q, v = tokenizer, tokenizer.quantizer, tokenizer.vit
+  if t.patch_skip:
+    raise ValueError("patch_skip (a demo-only shortcut) has no counterpart in the official tokenizer")
   timm_name = _TIMM_NAMES.get(v.width, "vit_base_patch14_dinov2.lvd142m")
   arch: dict[str, Any] = {
       "format": "imagefolder-jax export-official 1",

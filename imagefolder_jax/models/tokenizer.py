@@ -30,12 +30,17 @@ class TokenizerConfig:
     num_branches: P, product-quantization branches (1, 2 or 4 ...).
     dropout_start: quantizer dropout keeps n ~ U{dropout_start .. S} scales (official `start_drop`).
     dropout_fraction: fraction of each batch hit by quantizer dropout (official `codebook_drop`).
+    patch_skip: not in the paper (off by default; the CPU demo turns it on). With the latent grid equal
+      to the patch grid, the encoder adds each patch's embedding to its latent tokens and the decoder
+      adds each latent token to its patch's mask token. From scratch, attention needs thousands of
+      steps to learn this one-to-one routing, and until then both ViTs blur across patches.
   """
   vit: ViTConfig = ViTConfig()
   quantizer: QuantizerConfig = QuantizerConfig()
   num_branches: int = 2
   dropout_start: int = 3
   dropout_fraction: float = 0.1
+  patch_skip: bool = False
 
   def validate(self) -> None:
     self.vit.validate()
@@ -46,6 +51,9 @@ class TokenizerConfig:
       raise ValueError(f"dropout_start must be in [1, {len(self.quantizer.scales)}], got {self.dropout_start}")
     if not 0.0 <= self.dropout_fraction <= 1.0:
       raise ValueError(f"dropout_fraction must be in [0, 1], got {self.dropout_fraction}")
+    if self.patch_skip and self.latent_grid != self.vit.grid:
+      raise ValueError(f"patch_skip needs the latent grid ({self.latent_grid}) to equal the patch grid "
+                       f"({self.vit.grid})")
 
   @property
   def latent_grid(self) -> int:
@@ -102,6 +110,8 @@ class Encoder(nn.Module):
     pos = latent_position_embedding(vit.pos_embed(), c.vit.grid, c.latent_grid)
     latents = latent_tokens.reshape(c.num_branches, n2, c.vit.width) + pos
     latents = jnp.broadcast_to(latents.reshape(1, -1, c.vit.width), (b, c.num_branches * n2, c.vit.width))
+    if c.patch_skip:  # (B, g*g, C) patches (with their positions) onto every branch's same-place token
+      latents = latents + jnp.tile(x[:, 1:], (1, c.num_branches, 1)).astype(latents.dtype)
     levels = jnp.concatenate([jnp.zeros((x.shape[1],), jnp.int32)] +
                              [jnp.full((n2,), 1 + i, jnp.int32) for i in range(c.num_branches)])
     x = jnp.concatenate([x, latents.astype(x.dtype)], axis=1) + lvl_embed(levels)[None].astype(x.dtype)
@@ -135,6 +145,8 @@ class Decoder(nn.Module):
     image_side = jnp.broadcast_to(mask_token.astype(self.dtype), (1, g * g, width)) + pos[:, 1:]
     latent_pos = latent_position_embedding(vit.pos_embed(), g, c.latent_grid).astype(self.dtype)
     first = jnp.broadcast_to(jnp.concatenate([cls, image_side], axis=1), (b, 1 + g * g, width))
+    if c.patch_skip:  # each latent token onto its patch's mask token (grids equal: validated)
+      first = first + jnp.pad(latents.astype(self.dtype), ((0, 0), (1, 0), (0, 0)))
     second = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, width)), latents.astype(self.dtype) + latent_pos],
                              axis=1)
     levels = jnp.concatenate([jnp.zeros((1 + g * g,), jnp.int32), jnp.ones((second.shape[1],), jnp.int32)])
