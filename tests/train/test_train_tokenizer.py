@@ -1,7 +1,6 @@
-"""Tokenizer trainer: learning, non-finite skip, kill-and-resume equality, export round trip, errors."""
+"""Tokenizer trainer: learning, non-finite skip, one-line config errors. Kill-and-resume and export
+from a workdir: tests/train/test_checkpointing.py."""
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +8,6 @@ import numpy as np
 import pytest
 from support import ROOT
 
-import imagefolder_jax as ifj
 from imagefolder_jax.cli import main
 from imagefolder_jax.train.configuration import load_config
 from imagefolder_jax.train.tokenizer_task import TokenizerTask
@@ -59,47 +57,6 @@ def test_non_finite_step_is_skipped(task):
   assert int(state["skipped"]) == 1 and int(state["step"]) == 1
   for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state["params"])):
     np.testing.assert_array_equal(a, b)
-
-
-def _cli(args, env_extra=None, timeout=900):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", **(env_extra or {}))
-  return subprocess.run([sys.executable, "-m", "imagefolder_jax.cli", *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=timeout)
-
-
-def _params(workdir):
-  return ifj.Tokenizer.load(os.path.join(workdir, "bundle")).variables
-
-
-@pytest.mark.slow
-def test_kill_and_resume_equals_uninterrupted(tmp_path, faults):
-  common = ["train-tokenizer", "--config", f"{TINY}:nogan", "--config.train.num_steps=5",
-            "--config.train.checkpoint_every=2"]
-  straight = str(tmp_path / "straight")
-  r = _cli(common + ["--workdir", straight])
-  assert r.returncode == 0, r.stderr[-2000:]
-  crashed = str(tmp_path / "crashed")
-  r = _cli(common + ["--workdir", crashed], env_extra=faults(fail_at_step=3))
-  assert r.returncode == 137, r.stderr[-2000:]
-  assert not os.path.exists(os.path.join(crashed, "bundle"))
-  r = _cli(common + ["--workdir", crashed])
-  assert r.returncode == 0, r.stderr[-2000:]
-  assert "resumed from step 2" in r.stderr
-  a, b = _params(straight), _params(crashed)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(x, y)
-  # Export from the workdir gives the same bundle as the one written at the end of training.
-  out = str(tmp_path / "exported")
-  assert main(["export", "--workdir", crashed, "--out", out]) == 0
-  tok = ifj.Tokenizer.load(out)
-  for x, y in zip(jax.tree.leaves(tok.variables), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(x, y)
-  images = np.asarray(fixed_batch(2)["image"])
-  assert tok.reconstruct(images).shape == (2, 32, 32, 3)
-  # Rerunning a finished run does nothing and succeeds; a changed architecture is refused.
-  assert _cli(common + ["--workdir", crashed]).returncode == 0
-  r = _cli(common + ["--workdir", crashed, "--config.model.vit.width=64"])
-  assert r.returncode == 2 and "different model" in r.stderr
 
 
 @pytest.mark.parametrize("override,message", [
