@@ -58,3 +58,11 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if {"parity_bundle", "parity_expected"} & set(getattr(item, "fixturenames", ())):
       item.add_marker("parity")
+
+
+@pytest.fixture(scope="session")
+def micro_bundle(tmp_path_factory):
+  """The micro tokenizer + generator pair as a bundle (support.micro_configs: 64 px, scales 1, 2, 3,
+  10 classes, random weights)."""
+  from support import save_micro_bundle
+  return save_micro_bundle(str(tmp_path_factory.mktemp("micro") / "bundle"))

@@ -34,3 +34,61 @@ def run_program(name: str, *args: str, devices: int = 1, timeout: int = 900, **e
   full_env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
   return subprocess.run([sys.executable, os.path.join(PROGRAMS, name), *args], cwd=ROOT, env=full_env,
                         capture_output=True, text=True, timeout=timeout)
+
+
+# A micro tokenizer + generator pair (64 px, 3 scales, 64-entry codebooks, random weights) keeps
+# compiles to a few seconds: for tests whose property does not depend on the model (sampling
+# mechanics, multi-process equality, launchers). Parity with the official model uses parity_tiny.
+MICRO_SCALES = (1, 2, 3)
+
+
+def micro_configs():
+  """(TokenizerConfig, GeneratorConfig) of the micro pair."""
+  from imagefolder_jax.models.generator import GeneratorConfig
+  from imagefolder_jax.models.quantizer import QuantizerConfig
+  from imagefolder_jax.models.tokenizer import TokenizerConfig
+  from imagefolder_jax.models.vit import ViTConfig
+  tokenizer = TokenizerConfig(
+      vit=ViTConfig(width=32, depth=1, num_heads=2, patch_size=16, image_size=64),
+      quantizer=QuantizerConfig(codebook_size=64, latent_dim=8, scales=MICRO_SCALES, num_phi=2,
+                                codebook_update="gradient"),
+      num_branches=2)
+  generator = GeneratorConfig(depth=2, width=32, num_heads=2, num_classes=10, num_branches=2, codebook_size=64,
+                              latent_dim=8, scales=MICRO_SCALES)
+  return tokenizer, generator
+
+
+def random_variables(module, *args, scale: float, seed: int):
+  """Variables of `module` with N(0, scale^2) entries (peaked logits; the official init is near-uniform)."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  shapes = nn.unbox(jax.eval_shape(module.init, jax.random.key(0), *args))
+  rng = np.random.default_rng(seed)
+  # Integer state (codebook usage step counters) keeps its dtype: bundles check dtypes on load.
+  return jax.tree.map(lambda x: (scale * rng.standard_normal(x.shape)).astype(np.float32)
+                      if jnp.issubdtype(x.dtype, jnp.floating) else np.zeros(x.shape, x.dtype), shapes)
+
+
+def micro_models():
+  """(tokenizer module, its variables, generator module, its variables) of the micro pair."""
+  import jax.numpy as jnp
+
+  from imagefolder_jax.models.generator import NextScaleGenerator
+  from imagefolder_jax.models.tokenizer import ImageFolderTokenizer
+  tok_config, gen_config = micro_configs()
+  tok, gen = ImageFolderTokenizer(tok_config), NextScaleGenerator(gen_config)
+  tok_vars = random_variables(tok, jnp.zeros((1, 64, 64, 3)), scale=0.3, seed=1)
+  n = gen_config.num_tokens
+  gen_vars = random_variables(gen, jnp.zeros((1,), jnp.int32), jnp.zeros((1, n - 1, 16)), scale=0.2, seed=2)
+  return tok, tok_vars, gen, gen_vars
+
+
+def save_micro_bundle(path: str) -> str:
+  """Writes the micro pair as a bundle (tokenizer + generator) at `path`; returns `path`."""
+  from imagefolder_jax.inference.generator import Generator
+  from imagefolder_jax.inference.tokenizer import Tokenizer
+  tok_config, gen_config = micro_configs()
+  _, tok_vars, _, gen_vars = micro_models()
+  Generator(Tokenizer(tok_config, tok_vars), gen_config, gen_vars).save(path)
+  return path

@@ -2,52 +2,26 @@
 devices == 1 device. (Official-generator parity of the sampler lives in test_generator.py.)"""
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from support import relative_error, run_program
+from support import MICRO_SCALES, micro_configs, micro_models, relative_error, run_program
 
 from imagefolder_jax.inference.generator import Generator
 from imagefolder_jax.inference.sampling import SamplerSettings, guidance_weights, make_sampler
-from imagefolder_jax.inference.tokenizer import Codes, Tokenizer
-from imagefolder_jax.models.generator import GeneratorConfig, NextScaleGenerator
-from imagefolder_jax.models.quantizer import QuantizerConfig
-from imagefolder_jax.models.tokenizer import ImageFolderTokenizer, TokenizerConfig
-from imagefolder_jax.models.vit import ViTConfig
+from imagefolder_jax.inference.tokenizer import Codes
+from imagefolder_jax.models.tokenizer import ImageFolderTokenizer
 from imagefolder_jax.ops.filtering import top_k_top_p_mask
 from imagefolder_jax.ops.masks import scale_begin_ends
 
-# A micro model pair (3 scales, 64-entry codebooks) keeps compiles to a few seconds.
-MICRO_SCALES = (1, 2, 3)
-MICRO_TOKENIZER = TokenizerConfig(
-    vit=ViTConfig(width=32, depth=1, num_heads=2, patch_size=16, image_size=64),
-    quantizer=QuantizerConfig(codebook_size=64, latent_dim=8, scales=MICRO_SCALES, num_phi=2,
-                              codebook_update="gradient"),
-    num_branches=2)
-MICRO_GENERATOR = GeneratorConfig(depth=2, width=32, num_heads=2, num_classes=10, num_branches=2,
-                                  codebook_size=64, latent_dim=8, scales=MICRO_SCALES)
+MICRO_TOKENIZER, MICRO_GENERATOR = micro_configs()
 SETTINGS = SamplerSettings(top_k=8, top_p=0.9, guidance=True, return_logits=True)
-
-
-def random_variables(module, *args, scale: float, seed: int):
-  """Variables of `module` with N(0, scale^2) entries (peaked logits; the official init is near-uniform)."""
-  shapes = nn.unbox(jax.eval_shape(module.init, jax.random.key(0), *args))
-  rng = np.random.default_rng(seed)
-  # Integer state (codebook usage step counters) keeps its dtype: bundles check dtypes on load.
-  return jax.tree.map(lambda x: (scale * rng.standard_normal(x.shape)).astype(np.float32)
-                      if jnp.issubdtype(x.dtype, jnp.floating) else np.zeros(x.shape, x.dtype), shapes)
 
 
 @pytest.fixture(scope="module")
 def micro():
-  tok = ImageFolderTokenizer(MICRO_TOKENIZER)
-  gen = NextScaleGenerator(MICRO_GENERATOR)
-  tok_vars = random_variables(tok, jnp.zeros((1, 64, 64, 3)), scale=0.3, seed=1)
-  n = MICRO_GENERATOR.num_tokens
-  gen_vars = random_variables(gen, jnp.zeros((1,), jnp.int32), jnp.zeros((1, n - 1, 16)), scale=0.2, seed=2)
-  return tok, tok_vars, gen, gen_vars
+  return micro_models()
 
 
 @pytest.fixture(scope="module")
@@ -143,15 +117,6 @@ def test_cfg_zero_equals_conditional_only_sampling(micro, micro_sampler, detail_
 
 
 # ------------------------------------------------------------------------------------ public API
-@pytest.fixture(scope="module")
-def micro_bundle(micro, tmp_path_factory):
-  tok, tok_vars, gen, gen_vars = micro
-  generator = Generator(Tokenizer(MICRO_TOKENIZER, tok_vars), MICRO_GENERATOR, gen_vars)
-  path = str(tmp_path_factory.mktemp("gen") / "bundle")
-  generator.save(path)
-  return path
-
-
 def random_codes(batch: int, seed: int) -> Codes:
   rng = np.random.default_rng(seed)
   return Codes(ids=[[rng.integers(0, 64, (batch, s, s)) for s in MICRO_SCALES] for _ in range(2)])

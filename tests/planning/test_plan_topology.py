@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +43,9 @@ def _compiled_collectives(devices, fn, *shapes):
   mesh = Mesh(np.asarray(devices), ("x",))
   body = jax.shard_map(fn, mesh=mesh, in_specs=P("x"), out_specs=P("x"))
   args = [jax.ShapeDtypeStruct(s, jnp.float32, sharding=NamedSharding(mesh, P("x"))) for s in shapes]
-  return hlo.collectives(jax.jit(body).lower(*args).compile().as_text(), devices)
+  from jax._src import config as jax_config
+  with jax_config.enable_compilation_cache(False):   # compile-only programs cannot be cached
+    return hlo.collectives(jax.jit(body).lower(*args).compile().as_text(), devices)
 
 
 @pytest.mark.parametrize("topology", ["v5e-4", "h100-4"])
@@ -66,8 +69,23 @@ def _plan(stage, topology, mesh="", slices=1, *overrides, config=None):
                        pretokenized=stage == "generator" or None)
 
 
-def test_generator_step_on_tpu_fsdp_and_slices():
-  data = _plan("generator", "v5e-4", "data=4")
+def _cli(*args, env=None):
+  return subprocess.run([sys.executable, "-m", "imagefolder_jax.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                        env=env or dict(os.environ, JAX_PLATFORMS="cpu"), timeout=600)
+
+
+@pytest.fixture(scope="module")
+def generator_data_plan():
+  """`plan --json` of the tiny generator's step on v5e-4 (data=4), from a fresh CLI process: (the
+  JSON object, the process's stderr)."""
+  r = _cli("plan", "--stage", "generator", "--config", TINY_GENERATOR, "--topology", "v5e-4", "--pretokenized",
+           "--mesh", "data=4", "--json")
+  assert r.returncode == 0, r.stderr[-2000:]
+  return json.loads(r.stdout), r.stderr
+
+
+def test_generator_step_on_tpu_fsdp_and_slices(generator_data_plan):
+  data = types.SimpleNamespace(**generator_data_plan[0])
   assert data.compiler == "tpu" and data.fits and data.devices == 4
   assert 0 < data.compiled_peak_bytes < data.memory_limit and data.argument_bytes > 0
   assert data.collectives["all-reduce"]["count"] >= 1                  # the gradient reduction
@@ -112,28 +130,22 @@ def test_oversized_config_is_a_verdict_not_an_error(tmp_path):
   assert "DOES NOT FIT" in text and "15.75" in text
 
 
-def _cli(*args, env=None):
-  return subprocess.run([sys.executable, "-m", "imagefolder_jax.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                        env=env or dict(os.environ, JAX_PLATFORMS="cpu"), timeout=600)
-
-
-def test_cli_plan_topology_json_and_errors():
-  r = _cli("plan", "--stage", "generator", "--config", TINY_GENERATOR, "--topology", "v5e-4", "--pretokenized",
-           "--json")
-  assert r.returncode == 0, r.stderr[-2000:]
-  out = json.loads(r.stdout)
+def test_cli_plan_topology_json_and_errors(generator_data_plan, capsys):
+  out, stderr = generator_data_plan
   for key in ("compiler", "topology", "chips", "argument_bytes", "output_bytes", "temp_bytes", "alias_bytes",
               "peak_bytes", "chip_memory", "fits", "roofline_seconds", "optimal_seconds", "flops_per_chip",
               "collectives"):
     assert key in out, key
   assert out["compiler"] == "tpu" and out["chips"] == 4 and out["fits"] is True and out["roofline_seconds"] > 0
   assert out["optimal_seconds"] is None or out["optimal_seconds"] > 0
-  assert not r.stderr.strip(), r.stderr   # libtpu's start-up lines are filtered
+  assert not stderr.strip(), stderr   # libtpu's start-up lines are filtered
+  from imagefolder_jax.cli import main
   for args, message in ((["--topology", "v7-8"], "expected NAME-COUNT"),
                         (["--topology", "v5e-4", "--devices", "4"], "leave out --devices"),
                         (["--devices", "2"], "needs --topology NAME, or --devices N and --chip")):
-    r = _cli("plan", "--stage", "generator", "--config", TINY_GENERATOR, *args)
-    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert main(["plan", "--stage", "generator", "--config", TINY_GENERATOR, *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
 
 
 def test_the_compiler_extras_leave_other_commands_quiet():
@@ -149,11 +161,23 @@ def test_the_compiler_extras_leave_other_commands_quiet():
     assert r.returncode == 0 and r.stdout.strip() == "cpu" and r.stderr == "", (platforms, r.stderr)
 
 
-def test_sampler_compiles_for_tpu(parity_bundle):
+@pytest.fixture(scope="module")
+def tiny_tokenizer_bundle(tmp_path_factory):
+  """The tiny tokenizer config with random weights, as a bundle (the sampler decodes through it)."""
+  from imagefolder_jax.storage.bundle import save_bundle
+  from imagefolder_jax.train.tokenizer_task import TokenizerTask
+  task = TokenizerTask(load_config(TINY_TOKENIZER, ["--config.loss.lpips=0.0", "--config.loss.semantic=0.0",
+                                                    "--config.loss.gan=0.0"]), load_frozen=False)
+  out = str(tmp_path_factory.mktemp("tok") / "bundle")
+  save_bundle(out, *task.export(task.init_state(jax.random.key(0), {"image": np.zeros((1, 32, 32, 3), np.float32)})))
+  return out
+
+
+def test_sampler_compiles_for_tpu(tiny_tokenizer_bundle):
   """`plan --program sample`: the generator's batch sampler (guidance, top-k / top-p) over 4 v5e
-  chips, the tiny official tokenizer's decode included."""
+  chips, the tokenizer's decode included."""
   from imagefolder_jax.planning.sampler import plan_sampler
-  config = load_config(TINY_GENERATOR, [f"--config.tokenizer_bundle={parity_bundle}"])
+  config = load_config(TINY_GENERATOR, [f"--config.tokenizer_bundle={tiny_tokenizer_bundle}"])
   p = plan_sampler(config, {}, planning.parse_topology("v5e-4"), 8, top_k=20, top_p=0.9)
   assert p.stage == "sampler" and p.fits and p.mesh["data"] == 4 and p.global_batch == 8
   assert p.params_bytes > 0 and p.compiled_peak_bytes > p.argument_bytes > 0

@@ -1,25 +1,14 @@
 """Helpers of the serve tests: a tiny random bundle and the app served from a thread."""
 from __future__ import annotations
 
-import flax.linen as nn
-import jax
 import jax.numpy as jnp
-import numpy as np
+from support import random_variables
 
 SERVE_SCALES = (1, 2, 3, 4)
 NUM_CLASSES = 10
 # The filter settings the test servers compile at start and default to. Both filters off: the program
 # compiles in half the time (the filters are the library's, tested in tests/inference/test_sampling.py).
 TOP_K, TOP_P = 0, 1.0
-
-
-def random_variables(module, *args, scale: float, seed: int):
-  """Variables of `module` with N(0, scale^2) float entries (integer state stays zero, as bundles
-  check dtypes on load)."""
-  shapes = nn.unbox(jax.eval_shape(module.init, jax.random.key(0), *args))
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda x: (scale * rng.standard_normal(x.shape)).astype(np.float32)
-                      if jnp.issubdtype(x.dtype, jnp.floating) else np.zeros(x.shape, x.dtype), shapes)
 
 
 def build_tiny_bundle(path: str) -> str:
