@@ -1,8 +1,8 @@
 """Several processes on one machine (CPU devices): training, sampling, pretokenize and failure.
 
 Each test starts real processes through `launch/local.sh` (2 processes x 2 CPU devices) and
-compares with one process of 4 devices (or 1). These are the only tests that start several
-processes; they use the tiny configs and the parity bundle.
+compares with one process of 4 devices (or 1). They use the tiny configs and the micro bundle
+(tests/support.py): what they test does not depend on the model.
 """
 from __future__ import annotations
 
@@ -138,12 +138,12 @@ def _read_images(directory: str) -> dict:
   return {n: np.asarray(Image.open(os.path.join(images, n)), np.int16) for n in sorted(os.listdir(images))}
 
 
-def test_sample_directory_two_processes_equals_one_with_uneven_work_and_resumes(tmp_path, parity_bundle):
+def test_sample_directory_two_processes_equals_one_with_uneven_work_and_resumes(tmp_path, micro_bundle):
   """`sample --out-dir` on 2 processes gives the samples of 1 process also when the processes have
   unequal work: one shard for two processes, and a rerun in which process 1's shards are finished
   and process 0's are not (each used to wait at a barrier the other never reached)."""
   from imagefolder_jax.inference.sample_runner import read_directory
-  common = ["sample", "--bundle", parity_bundle, "--classes", "0,1,2,3", "--per-class", "2", "--seed", "3",
+  common = ["sample", "--bundle", micro_bundle, "--classes", "0,1,2,3", "--per-class", "2", "--seed", "3",
             "--cfg", "1.5", "--top-k", "20", "--top-p", "0.9"]
   one = str(tmp_path / "one")
   _ok(_one(common + ["--out-dir", one, "--shard-size", "2", "--batch-size", "4"], devices=4))
@@ -183,9 +183,9 @@ def test_sample_directory_two_processes_equals_one_with_uneven_work_and_resumes(
   assert r.returncode == 2 and "other settings" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-def test_pretokenize_two_processes_equals_one(tmp_path, parity_bundle):
+def test_pretokenize_two_processes_equals_one(tmp_path, micro_bundle):
   """Also with fewer records than processes x batch (process 1 gets no record)."""
-  bundle = parity_bundle
+  bundle = micro_bundle
   few = tmp_path / "few"
   few.mkdir()
   rng = np.random.default_rng(0)
