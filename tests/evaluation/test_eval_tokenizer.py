@@ -1,10 +1,8 @@
 """eval-tokenizer pieces: SSIM / PSNR against float64 restatements (and skimage), codebook usage
 numbers, and the whole evaluation on 8 fake devices equal to one device."""
-import json
 
 import numpy as np
 import pytest
-from support import run_program
 
 from imagefolder_jax.evaluation import image_metrics
 from imagefolder_jax.evaluation.tokenizer import usage_summary
@@ -84,20 +82,3 @@ def test_usage_summary_numbers():
   q = np.asarray([0.25, 0.25, 0.5])
   assert summary[1]["scales"][0]["perplexity"] == pytest.approx(np.exp(-(q * np.log(q)).sum()))
   assert summary[1]["scales"][1] == {"side": 2, "used": 0.0, "perplexity": None}
-
-
-
-
-def test_evaluate_tokenizer_8_devices_equal_1(parity_bundle):
-  run = run_program("eval_tokenizer_sharded.py", parity_bundle, devices=8)
-  assert run.returncode == 0, run.stderr[-3000:]
-  out = json.loads(run.stdout.split("RESULT", 1)[1])
-  one, eight = out["one"], out["eight"]
-  assert one["num_images"] == eight["num_images"] == 11
-  for k in ("psnr", "ssim"):
-    assert eight[k] == pytest.approx(one[k], rel=1e-5, abs=1e-6)
-  for b1, b8 in zip(one["usage"]["branches"], eight["usage"]["branches"]):
-    assert b8["used"] == b1["used"] and b8["perplexity"] == pytest.approx(b1["perplexity"], rel=1e-9)
-    # 11 images: every one of them counted at scale 0 (1 code), none of the padding rows.
-    assert 0 < b1["scales"][0]["used"] <= 11 / 4096
-  assert one["lpips"] is None and "lpips" in one["absent"] and one["rfid"] is None

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from support import MICRO_SCALES, micro_configs, micro_models, relative_error, run_program
+from support import MICRO_SCALES, micro_configs, micro_models, relative_error
 
 from imagefolder_jax.inference.generator import Generator
 from imagefolder_jax.inference.sampling import SamplerSettings, guidance_weights, make_sampler
@@ -161,12 +161,6 @@ def test_generator_rejects_bad_arguments(micro_bundle, kwargs, match):
     generator.sample(kwargs.pop("labels"), **kwargs)
 
 
-
-
-def test_sampling_sharded_over_8_devices_equals_one(micro_bundle):
-  result = run_program("sampling_sharded.py", micro_bundle, devices=8)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert "OK" in result.stdout
 
 
 def test_cli_sample(micro_bundle, tmp_path, capsys):
