@@ -116,12 +116,12 @@ def test_damaged_bundles(kind, parity_bundle, tmp_path, capsys):
   assert not os.path.exists(out)
 
 
-def test_odd_images_reconstruct_and_sample_reference(parity_bundle, tmp_path, capsys):
+def test_odd_images_reconstruct_and_sample_reference(micro_bundle, tmp_path, capsys):
   rng = np.random.default_rng(13)
   kinds = sorted(fuzz_cases.IMAGE_KINDS)
   paths = fuzz_cases.write_images(str(tmp_path / "imgs"), kinds, rng)
   out = str(tmp_path / "recon.png")
-  assert main(["reconstruct", "--bundle", parity_bundle, "--out", out, "--batch-size", "16", *paths]) == 0
+  assert main(["reconstruct", "--bundle", micro_bundle, "--out", out, "--batch-size", "16", *paths]) == 0
   err = capsys.readouterr().err
   skipped = [l for l in err.splitlines() if "skipping" in l]
   assert sorted(l.split("skipping ")[1].split(":")[0] for l in skipped) == sorted(
@@ -130,15 +130,15 @@ def test_odd_images_reconstruct_and_sample_reference(parity_bundle, tmp_path, ca
   good = len(fuzz_cases.DECODABLE)
   assert f"{good} image(s)" in capsys.readouterr().out or True  # printed to stdout
   bad = [p for p, k in zip(paths, kinds) if k not in fuzz_cases.DECODABLE]
-  assert main(["reconstruct", "--bundle", parity_bundle, "--out", out + "2.png", *bad]) == 2
+  assert main(["reconstruct", "--bundle", micro_bundle, "--out", out + "2.png", *bad]) == 2
   assert "no readable image" in _one_error(capsys) and not os.path.exists(out + "2.png")
   for path in bad[:4]:
     target = str(tmp_path / "s.png")
-    assert main(["sample", "--bundle", parity_bundle, "--classes", "0", "--reference", path, "--out", target]) == 2
+    assert main(["sample", "--bundle", micro_bundle, "--classes", "0", "--reference", path, "--out", target]) == 2
     assert "cannot read image file" in _one_error(capsys) and not os.path.exists(target)
 
 
-def test_odd_images_pretokenize_and_train_from_folder(parity_bundle, tmp_path, capsys, caplog):
+def test_odd_images_pretokenize_and_train_from_folder(micro_bundle, tmp_path, capsys, caplog):
   rng = np.random.default_rng(7)
   kinds = sorted(fuzz_cases.IMAGE_KINDS)
   folder = str(tmp_path / "data")
@@ -146,7 +146,7 @@ def test_odd_images_pretokenize_and_train_from_folder(parity_bundle, tmp_path, c
     fuzz_cases.write_images(os.path.join(folder, label), kinds, rng)
   out = str(tmp_path / "codes")
   with caplog.at_level(logging.WARNING):
-    assert main(["pretokenize", "--bundle", parity_bundle, "--source", f"folder:{folder}", "--batch-size", "8",
+    assert main(["pretokenize", "--bundle", micro_bundle, "--source", f"folder:{folder}", "--batch-size", "8",
                  "--out", out]) == 0
   assert f"wrote {2 * len(fuzz_cases.DECODABLE)} records" in capsys.readouterr().out
   assert sorted(os.listdir(out)) == ["codes.array_record", "codes.json"]
@@ -217,13 +217,13 @@ def test_eval_generator_refuses_before_sampling(kind, parity_bundle, tokenizer_o
 
 
 @pytest.fixture(scope="module")
-def codes_dir(parity_bundle, tmp_path_factory):
+def codes_dir(micro_bundle, tmp_path_factory):
   root = tmp_path_factory.mktemp("codes")
   rng = np.random.default_rng(5)
   for label in ("a", "b"):
     fuzz_cases.write_images(str(root / "images" / label), ["rgb_png", "rgb_jpeg"] * 2, rng)
   out = str(root / "codes")
-  assert main(["pretokenize", "--bundle", parity_bundle, "--source", f"folder:{root / 'images'}",
+  assert main(["pretokenize", "--bundle", micro_bundle, "--source", f"folder:{root / 'images'}",
                "--batch-size", "4", "--out", out]) == 0
   return out
 
@@ -234,13 +234,13 @@ CODES_SUBSET = ["codes_json_list", "num_records_mismatch", "other_scales", "trun
 
 
 @pytest.mark.parametrize("kind", CODES_SUBSET)
-def test_damaged_codes_train_generator(kind, codes_dir, parity_bundle, tmp_path, capsys):
+def test_damaged_codes_train_generator(kind, codes_dir, micro_bundle, tmp_path, capsys):
   codes = str(tmp_path / "codes")
   shutil.copytree(codes_dir, codes)
   fuzz_cases.CODES_DAMAGE[kind](codes, np.random.default_rng(CODES_SUBSET.index(kind)))
   workdir = str(tmp_path / "run")
   assert main(["train-generator", "--config", os.path.join(ROOT, "configs", "generator_tiny.py"), "--workdir", workdir,
-               f"--config.tokenizer_bundle={parity_bundle}", f"--config.data.source=codes:{codes}"]) == 2
+               f"--config.tokenizer_bundle={micro_bundle}", f"--config.data.source=codes:{codes}"]) == 2
   line = _one_error(capsys)
   assert codes in line or "do not match the tokenizer bundle" in line, line
   assert not os.path.exists(workdir)  # refused before the run starts
@@ -250,7 +250,7 @@ def test_codes_records_checked_as_read(codes_dir, tmp_path):
   """Opening checks a sample of records; the loader checks every record it decodes."""
   from imagefolder_jax.data.codes import CodesError, CodesSource, make_codes_loader
   source = CodesSource(codes_dir, num_classes=2)
-  assert source.record(len(source) - 1)["codes"].shape == (2, 286)
+  assert source.record(len(source) - 1)["codes"].shape == (2, 14)
   with pytest.raises(CodesError, match=r"label must be an integer in \[0, 1\), got int32\[\] 1"):
     CodesSource(codes_dir, num_classes=1)
   source.layout["codebook_size"] = 1   # as if one record past the opening sample held large ids

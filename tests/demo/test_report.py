@@ -79,12 +79,9 @@ def test_per_scale_images_end_at_the_full_decode():
   assert all(np.abs(strip[i + 1] - strip[i]).max() > 1e-4 for i in range(2))
 
 
-def test_teacher_forced_keeps_the_forced_branch(parity_bundle):
-  from imagefolder_jax.storage.bundle import read_bundle_configs
-  if "generator" not in read_bundle_configs(parity_bundle):
-    pytest.skip("the parity bundle holds no generator (no generator converter)")
+def test_teacher_forced_keeps_the_forced_branch(micro_bundle):
   from imagefolder_jax.inference.generator import Generator
-  gen = Generator.load(parity_bundle)
+  gen = Generator.load(micro_bundle)
   r = gen.tokenizer.resolution
   image = np.asarray(jax.random.uniform(jax.random.key(0), (r, r, 3), minval=-1, maxval=1))
   out = demo_report.teacher_forced(gen, image, 1, 2, seed=0, cfg=1.5, top_k=0, top_p=1.0)
