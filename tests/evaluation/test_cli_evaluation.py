@@ -134,9 +134,9 @@ def test_eval_tokenizer_verb_on_parity_bundle(parity_bundle, inception_bundle, t
   capsys.readouterr()
 
 
-def test_eval_tokenizer_errors_are_one_line(parity_bundle, tmp_path, capsys):
+def test_eval_tokenizer_errors_are_one_line(micro_bundle, tmp_path, capsys):
   assert main(["eval-tokenizer", "--bundle", str(tmp_path / "nope"), "--source", "demo"]) == 2
-  assert main(["eval-tokenizer", "--bundle", parity_bundle, "--source", "demo", "--batch-size", "0"]) == 2
-  assert main(["eval-tokenizer", "--bundle", parity_bundle, "--source", f"folder:{tmp_path / 'none'}"]) == 2
+  assert main(["eval-tokenizer", "--bundle", micro_bundle, "--source", "demo", "--batch-size", "0"]) == 2
+  assert main(["eval-tokenizer", "--bundle", micro_bundle, "--source", f"folder:{tmp_path / 'none'}"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 3 and "nope" in err[0] and "--batch-size" in err[1] and "none" in err[2]
