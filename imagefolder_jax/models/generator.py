@@ -31,7 +31,6 @@ from imagefolder_jax.models.layers import (
   Dtype,
   Initializer,
   attention,
-  attention_heads_first,
   constrain,
   dense,
   layer_norm,
@@ -43,8 +42,7 @@ from imagefolder_jax.ops.masks import block_causal_mask, scale_begin_ends, scale
 RELEASED_SCALES = (1, 1, 2, 3, 3, 4, 5, 6, 8, 11)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
-# One KV cache per block: {'k': (B, H, P, D), 'v': (B, H, P, D)} holding the P positions decoded so
-# far, heads first (the layout attention reads).
+# One KV cache per block: {'k': (B, L, H, D), 'v': (B, L, H, D)}.
 KVCache = list[dict[str, jax.Array]]
 
 
@@ -229,10 +227,9 @@ class SelfAttention(nn.Module):
 
   def __call__(self, x: jax.Array, *, mask: Optional[jax.Array] = None, cache: Optional[dict] = None,
                begin: int = 0) -> tuple[jax.Array, Optional[dict]]:
-    """x: (B, l, C). With `cache` ({'k','v'}: (B, H, begin, D), the positions decoded so far), x
-    holds positions [begin, begin + l): their k/v are appended and the queries attend to positions
-    [0, begin + l), which is exactly the block-causal mask when x is one whole scale. Returns
-    (out (B, l, C), updated cache {'k','v'}: (B, H, begin + l, D), or None)."""
+    """x: (B, l, C). With `cache` ({'k','v'}: (B, L, H, D)), x holds positions [begin, begin + l):
+    their k/v are written there and the queries attend to positions [0, begin + l), which is exactly
+    the block-causal mask when x is one whole scale. Returns (out (B, l, C), updated cache or None)."""
     c = self.config
     b, l, _ = x.shape
     zeros = jnp.zeros_like(self.q_bias)
@@ -246,20 +243,15 @@ class SelfAttention(nn.Module):
       softmax_scale = 1.0
     else:
       softmax_scale = 0.25 / math.sqrt(c.head_dim)
-    if cache is None:
-      out = attention(q, k, v, mask=mask, scale=softmax_scale)
-      return self.proj(out.reshape(b, l, c.width)), None
-    if cache["k"].shape[2] != begin:
-      raise ValueError(f"the KV cache holds {cache['k'].shape[2]} positions, scale starts at {begin}")
-    # The cache grows by concatenation, heads first: each scale writes the positions so far once and
-    # attention reads them without a transpose. A preallocated (B, L, H, D) cache updated in place
-    # costs a read and write of the whole cache per scale and block in the TPU cost model (90 of the
-    # sampler's 372 GB at batch 64 on v5e), and its prefix had to be transposed for every scale.
-    k_all, v_all = (jnp.concatenate([cache[n], jnp.swapaxes(a, 1, 2).astype(cache[n].dtype)], axis=2)
-                    for n, a in (("k", k), ("v", v)))
-    out = attention_heads_first(jnp.swapaxes(q, 1, 2), k_all.astype(c.compute_dtype), v_all.astype(c.compute_dtype),
-                                scale=softmax_scale, mask=mask)
-    return self.proj(jnp.swapaxes(out, 1, 2).reshape(b, l, c.width)), {"k": k_all, "v": v_all}
+    new_cache = None
+    if cache is not None:
+      end = begin + l
+      k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), begin, axis=1)
+      v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), begin, axis=1)
+      new_cache = {"k": k_all, "v": v_all}
+      k, v = k_all[:, :end].astype(c.compute_dtype), v_all[:, :end].astype(c.compute_dtype)
+    out = attention(q, k, v, mask=mask, scale=softmax_scale)
+    return self.proj(out.reshape(b, l, c.width)), new_cache
 
 
 class FFN(nn.Module):
@@ -421,8 +413,7 @@ class NextScaleGenerator(nn.Module):
       scale_index: static scale index s.
       tokens: (B, n_s^2, C) input tokens of scale s (`first_scale_tokens` / `scale_tokens`).
       cond: (B, C) class embedding.
-      cache: per block {'k', 'v'}: (B, H, begin_s, D), the positions of the scales before s
-        (`init_cache` for s = 0, then the cache each call returns).
+      cache: per block {'k', 'v'}: (B, L, H, D) (`init_cache`); positions < begin_s must be filled.
 
     Returns (AdaLN-before-head output (B, n_s^2, C) float32, updated cache). The head is affine, so
     guidance can mix these features instead of the logits: (1 + t) head(a) - t head(b) =
@@ -450,10 +441,9 @@ class NextScaleGenerator(nn.Module):
 
 
 def init_cache(config: GeneratorConfig, batch: int, dtype: Optional[Dtype] = None) -> KVCache:
-  """Empty KV cache (no position decoded yet): per block {'k', 'v'}: (batch, H, 0, D) in the compute
-  dtype; `decode_scale_features` returns it grown by each scale."""
+  """Zero KV cache for all L positions: per block {'k', 'v'}: (batch, L, H, D) in the compute dtype."""
   dtype = dtype or config.compute_dtype
-  shape = (batch, config.num_heads, 0, config.head_dim)
+  shape = (batch, config.num_tokens, config.num_heads, config.head_dim)
   return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.depth)]
 
 

@@ -123,19 +123,12 @@ def heads_first_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: fl
   Shapes as `attention`.
   """
   qh, kh, vh = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))                 # (B, H, L, D)
-  return jnp.swapaxes(attention_heads_first(qh, kh, vh, scale=scale, mask=mask), 1, 2)
-
-
-def attention_heads_first(qh: jax.Array, kh: jax.Array, vh: jax.Array, *, scale: float,
-                          mask: Optional[jax.Array] = None) -> jax.Array:
-  """`heads_first_attention` on inputs already laid out heads first: qh (B, H, Lq, D), kh/vh
-  (B, H, Lk, D), mask broadcastable to (B, H, Lq, Lk). Returns (B, H, Lq, D)."""
   precision = {jnp.dtype(jnp.bfloat16): jax.lax.DotAlgorithmPreset.BF16_BF16_F32,
-               jnp.dtype(jnp.float16): jax.lax.DotAlgorithmPreset.F16_F16_F32}.get(jnp.dtype(qh.dtype))
-  logits_dtype = jnp.promote_types(qh.dtype, jnp.float32)
+               jnp.dtype(jnp.float16): jax.lax.DotAlgorithmPreset.F16_F16_F32}.get(jnp.dtype(q.dtype))
+  logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
   logits = jnp.einsum("bhtd,bhsd->bhts", qh, kh, precision=precision, preferred_element_type=logits_dtype)
   logits = logits * jnp.asarray(scale, logits_dtype)
   if mask is not None:
     logits = jnp.where(mask, logits, jnp.asarray(-0.7 * float(jnp.finfo(jnp.float32).max), logits_dtype))
-  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(kh.dtype)
-  return jnp.einsum("bhts,bhsd->bhtd", probs, vh)
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(k.dtype)
+  return jnp.swapaxes(jnp.einsum("bhts,bhsd->bhtd", probs, vh), 1, 2)

@@ -215,7 +215,7 @@ def test_teacher_forced_logits_match_official(official, parity_expected, forward
 
 
 def test_kv_cached_scales_equal_the_full_forward(official, parity_expected, forward):
-  """decode_scale over the scales with the growing KV cache == the masked teacher-forced forward."""
+  """decode_scale over the scales with a preallocated cache == the masked teacher-forced forward."""
   _, _, config, variables = official
   e = parity_expected
   labels = jnp.asarray(e["gen_labels"])
@@ -238,7 +238,7 @@ def test_kv_cached_scales_equal_the_full_forward(official, parity_expected, forw
   got, cache = cached(variables, labels, inputs)
   want, _ = forward(config, variables, labels, inputs)
   assert relative_error(got, want) < 1e-5
-  assert cache[0]["k"].shape == (2, 2, 286, 64) and bool(jnp.all(cache[-1]["v"][:, :, -1] != 0))
+  assert cache[0]["k"].shape == (2, 286, 2, 64) and bool(jnp.all(cache[-1]["v"][:, -1] != 0))
 
 
 # ------------------------------------------------------------------------------------ sampler parity
