@@ -46,6 +46,9 @@ _TOP_P_BLIND_STEPS = 8
 # Rows per chunk: 256 x 4096 keys are 4 MB, which stays in cache between the passes.
 _CHUNK_ROWS = 256
 _MASS_ONE = float(2 ** 30)
+# Rows the exact top-p fallback of `sample_with_retries` handles per pass (the rows still rejected
+# after every round: usually none or a few).
+_FALLBACK_ROWS = 128
 
 
 def compiler_options(platform: Optional[str] = None) -> dict[str, str]:
@@ -378,7 +381,7 @@ def sample_with_retries(uniforms: jax.Array, logits: jax.Array, top_k: int = 0, 
 
   Top-p removes at most 1 - top_p of the top-k mass, so a draw is rejected with probability
   <= 1 - top_p and each round costs one pass over the row instead of the ~15 of the cut's search;
-  the fallback runs (under `lax.cond`) only when some row was rejected n - 1 times.
+  the fallback runs only on the rows rejected n - 1 times, `_FALLBACK_ROWS` of them per pass.
   """
   if uniforms.shape[-1] < 2:
     raise ValueError(f"sample_with_retries needs >= 2 uniforms per row, got {uniforms.shape[-1]}")
@@ -405,11 +408,23 @@ def sample_with_retries(uniforms: jax.Array, logits: jax.Array, top_k: int = 0, 
     ids, rejected, _ = jax.lax.while_loop(lambda s: jnp.any(s[1]) & (s[2] < rounds), another_round,
                                           (ids, removed(ids), jnp.int32(1)))
 
-    def exact(ids):
-      kept = jnp.where(_apply_top_p(keys, mask, weights, top_p), weights, 0.0)
-      return jnp.where(rejected, _draw(kept, u[:, rounds]), ids)
+    rows = x.shape[0]
+    cap = min(rows, _FALLBACK_ROWS)
 
-    return jax.lax.cond(jnp.any(rejected), exact, lambda ids: ids, ids)
+    def exact(state):
+      # Up to `cap` still-rejected rows per pass, gathered: the exact search runs over those rows
+      # only, not over every row of the call (a pass over all rows costs as much HBM traffic as the
+      # whole retry loop, for the few rows that need it).
+      ids, todo = state
+      picked = jnp.nonzero(todo, size=cap, fill_value=rows)[0]                        # (cap,)
+      safe = jnp.minimum(picked, rows - 1)
+      k_, m_, w_ = keys[safe], mask[safe], weights[safe]
+      kept = jnp.where(_apply_top_p(k_, m_, w_, top_p), w_, 0.0)
+      drawn = _draw(kept, u[safe, rounds])
+      return ids.at[picked].set(drawn, mode="drop"), todo.at[picked].set(False, mode="drop")
+
+    ids, _ = jax.lax.while_loop(lambda s: jnp.any(s[1]), exact, (ids, rejected))
+    return ids
 
   return _rows(draw, logits, uniforms)
 
