@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from imagefolder_jax.ops import filtering
 from imagefolder_jax.ops.filtering import (
   filter_logits,
   filtered_probs,
@@ -207,3 +208,20 @@ def test_compiler_options_keep_row_reductions_whole_and_results_equal():
   assert not windows_of_32(whole)
   for a, b in zip(default(u, logits), whole(u, logits)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_fallback_on_gathered_rows_equals_one_pass_over_all_rows(monkeypatch):
+  """rounds=1 with top_p=0.5 leaves many rows rejected: the exact fallback in passes of 4 gathered
+  rows draws exactly what one pass over every row draws (the fallback gathers the rejected rows
+  because a pass over every row cost the d16 sampler 74 GB of HBM traffic on v5e: docs/planning.md)."""
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray((rng.normal(size=(3, 50, 64)) * 2).astype(np.float32))
+  u = jax.random.uniform(jax.random.key(0), (3, 50, 2))
+  draw = lambda: np.asarray(jax.jit(lambda u, x: filtering.sample_with_retries(u, x, 40, 0.5))(u, logits))
+  monkeypatch.setattr(filtering, "_FALLBACK_ROWS", 4)
+  passes = draw()
+  monkeypatch.setattr(filtering, "_FALLBACK_ROWS", 10_000)
+  whole = draw()
+  np.testing.assert_array_equal(passes, whole)
+  mask = np.asarray(filtering.top_k_top_p_mask(logits, 40, 0.5))
+  assert np.take_along_axis(mask, passes[..., None], -1).all()
