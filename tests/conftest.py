@@ -66,3 +66,17 @@ def micro_bundle(tmp_path_factory):
   10 classes, random weights)."""
   from support import save_micro_bundle
   return save_micro_bundle(str(tmp_path_factory.mktemp("micro") / "bundle"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_bundle(tmp_path_factory):
+  """configs/tokenizer_tiny.py's tokenizer with random weights, as a bundle (32 px, scales 1, 2, 4):
+  for generator training and plans, which need a tokenizer but not a trained one."""
+  from imagefolder_jax.storage.bundle import save_bundle
+  from imagefolder_jax.train.configuration import load_config
+  from imagefolder_jax.train.tokenizer_task import TokenizerTask
+  task = TokenizerTask(load_config(os.path.join(ROOT, "configs", "tokenizer_tiny.py"), [
+      "--config.loss.lpips=0.0", "--config.loss.semantic=0.0", "--config.loss.gan=0.0"]), load_frozen=False)
+  out = str(tmp_path_factory.mktemp("tiny_tok") / "bundle")
+  save_bundle(out, *task.export(task.init_state(jax.random.key(0), {"image": np.zeros((1, 32, 32, 3), np.float32)})))
+  return out

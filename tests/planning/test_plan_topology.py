@@ -161,18 +161,6 @@ def test_the_compiler_extras_leave_other_commands_quiet():
     assert r.returncode == 0 and r.stdout.strip() == "cpu" and r.stderr == "", (platforms, r.stderr)
 
 
-@pytest.fixture(scope="module")
-def tiny_tokenizer_bundle(tmp_path_factory):
-  """The tiny tokenizer config with random weights, as a bundle (the sampler decodes through it)."""
-  from imagefolder_jax.storage.bundle import save_bundle
-  from imagefolder_jax.train.tokenizer_task import TokenizerTask
-  task = TokenizerTask(load_config(TINY_TOKENIZER, ["--config.loss.lpips=0.0", "--config.loss.semantic=0.0",
-                                                    "--config.loss.gan=0.0"]), load_frozen=False)
-  out = str(tmp_path_factory.mktemp("tok") / "bundle")
-  save_bundle(out, *task.export(task.init_state(jax.random.key(0), {"image": np.zeros((1, 32, 32, 3), np.float32)})))
-  return out
-
-
 def test_sampler_compiles_for_tpu(tiny_tokenizer_bundle):
   """`plan --program sample`: the generator's batch sampler (guidance, top-k / top-p) over 4 v5e
   chips, the tokenizer's decode included."""

@@ -15,20 +15,6 @@ from imagefolder_jax.train.generator_task import GeneratorTask
 CONFIGS = os.path.join(ROOT, "configs")
 
 
-@pytest.fixture(scope="module")
-def tokenizer_bundle(tmp_path_factory):
-  """A tiny random-weight tokenizer bundle (training is not needed to test the generator stage)."""
-  from imagefolder_jax.train.tokenizer_task import TokenizerTask
-  task = TokenizerTask(load_config(os.path.join(CONFIGS, "tokenizer_tiny.py"), ["--config.loss.lpips=0.0",
-                                   "--config.loss.semantic=0.0", "--config.loss.gan=0.0"]), load_frozen=False)
-  batch = {"image": np.zeros((1, 32, 32, 3), np.float32), "label": np.zeros((1,), np.int32)}
-  state = task.init_state(jax.random.key(0), batch)
-  from imagefolder_jax.storage.bundle import save_bundle
-  out = str(tmp_path_factory.mktemp("tok") / "bundle")
-  save_bundle(out, *task.export(state))
-  return out
-
-
 def _batch(n=8):
   from imagefolder_jax import data
   it = iter(data.make_loader(data.DemoSource(crops_per_class=2, crop_size=48), batch_size=n, resolution=32,
@@ -36,9 +22,9 @@ def _batch(n=8):
   return jax.tree.map(jnp.asarray, next(it))
 
 
-def test_steps_lower_the_loss(tokenizer_bundle):
+def test_steps_lower_the_loss(tiny_tokenizer_bundle):
   task = GeneratorTask(load_config(os.path.join(CONFIGS, "generator_tiny.py"),
-                                   [f"--config.tokenizer_bundle={tokenizer_bundle}"]))
+                                   [f"--config.tokenizer_bundle={tiny_tokenizer_bundle}"]))
   batch = _batch()
   state = jax.jit(task.init_state)(jax.random.key(0), batch)
   step = jax.jit(task.train_step)
@@ -48,7 +34,7 @@ def test_steps_lower_the_loss(tokenizer_bundle):
     losses.append(float(m["loss"]))
   assert losses[-1] < losses[0] and int(state["skipped"]) == 0
   # Pre-tokenized codes give the same loss as on-the-fly tokenization.
-  tok = ifj.Tokenizer.load(tokenizer_bundle)
+  tok = ifj.Tokenizer.load(tiny_tokenizer_bundle)
   codes = tok.encode(np.asarray(batch["image"])).flat()
   _, m_img = step(state, task.frozen, batch)
   state2 = jax.jit(task.init_state)(jax.random.key(0), batch)
@@ -58,15 +44,15 @@ def test_steps_lower_the_loss(tokenizer_bundle):
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-def test_cli_pretokenize_train_export_sample(tokenizer_bundle, tmp_path):
+def test_cli_pretokenize_train_export_sample(tiny_tokenizer_bundle, tmp_path):
   codes_dir = str(tmp_path / "codes")
-  assert main(["pretokenize", "--bundle", tokenizer_bundle, "--out", codes_dir, "--batch-size", "64"]) == 0
+  assert main(["pretokenize", "--bundle", tiny_tokenizer_bundle, "--out", codes_dir, "--batch-size", "64"]) == 0
   from imagefolder_jax.data.codes import CodesSource
   source = CodesSource(codes_dir)
   assert len(source) > 0 and source.meta["scales"] == [1, 2, 4]
   workdir = str(tmp_path / "gen")
   assert main(["train-generator", "--config", os.path.join(CONFIGS, "generator_tiny.py"), "--workdir", workdir,
-               f"--config.tokenizer_bundle={tokenizer_bundle}", f"--config.data.source=codes:{codes_dir}"]) == 0
+               f"--config.tokenizer_bundle={tiny_tokenizer_bundle}", f"--config.data.source=codes:{codes_dir}"]) == 0
   assert os.path.isfile(os.path.join(workdir, "images", "samples_latest.png"))
   # MFU in metrics.jsonl: the analytic FLOPs of the step (pre-tokenized codes: no encoder) at batch 8.
   import json
@@ -74,7 +60,8 @@ def test_cli_pretokenize_train_export_sample(tokenizer_bundle, tmp_path):
   from imagefolder_jax.planning import flops
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     logged = [json.loads(line) for line in f]
-  config = load_config(os.path.join(CONFIGS, "generator_tiny.py"), [f"--config.tokenizer_bundle={tokenizer_bundle}"])
+  config = load_config(os.path.join(CONFIGS, "generator_tiny.py"),
+                       [f"--config.tokenizer_bundle={tiny_tokenizer_bundle}"])
   expected = flops.train_flops_per_example(GeneratorTask(config, load_frozen=False), pretokenized=True)
   assert "tokenizer_encode" not in expected
   later = [m for m in logged if m["step"] > 1]
