@@ -22,6 +22,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.init = dict(dinov2="")  # local DINOv2-B checkpoint (timm / facebookresearch / HF) for encoder+decoder
   c.loss = dict(
       l2=1.0, lpips=1.0, lpips_weights="", vq=1.0,
+      lpips_precision="default",  # the VGG's convolutions: default (1 bf16 pass on TPU, TF32 on GPU) / high / highest
       semantic=0.1, semantic_teacher="",  # DINOv2-B file, "bundle:DIR" (official bundle) or "random"
       gan=0.5, gan_start=0, discriminator="dino", disc_features="",  # DINO ViT-S/16 checkpoint
       lecam=0.001, lecam_decay=0.999, adaptive_max=1e4)

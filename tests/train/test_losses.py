@@ -61,14 +61,18 @@ def test_adaptive_weight_against_manual_linear_layer_grads():
   w = RNG.normal(size=(5, 3)).astype(np.float32)  # last-layer kernel (D_in, D_out)
   target = RNG.normal(size=(6, 3)).astype(np.float32)
   c = RNG.normal(size=(6, 3)).astype(np.float32)
-  rec_fn = lambda k: jnp.mean((h @ k - target) ** 2)
-  gan_fn = lambda k: -jnp.mean((h @ k) * c)
-  g_rec, g_gan = losses.last_layer_grad_norms(rec_fn, gan_fn, jnp.asarray(w))
+  rec_fn = lambda y: jnp.mean((y - target) ** 2)
+  gan_fn = lambda y: -jnp.mean(y * c)
+  layer = lambda k: h @ k
   y = h @ w
+  g_rec, g_gan = (losses.last_layer_grad_norm(layer, jnp.asarray(w), jax.grad(f)(jnp.asarray(y)))
+                  for f in (rec_fn, gan_fn))
   manual_rec = h.T @ (2 * (y - target) / y.size)
   manual_gan = h.T @ (-c / y.size)
   np.testing.assert_allclose(g_rec, np.linalg.norm(manual_rec), rtol=1e-5)
   np.testing.assert_allclose(g_gan, np.linalg.norm(manual_gan), rtol=1e-5)
+  # = the norm of the loss's own gradient w.r.t. the kernel
+  np.testing.assert_allclose(g_rec, np.linalg.norm(jax.grad(lambda k: rec_fn(layer(k)))(jnp.asarray(w))), rtol=1e-5)
   want = np.linalg.norm(manual_rec) / (np.linalg.norm(manual_gan) + 1e-4)
   np.testing.assert_allclose(losses.adaptive_weight(g_rec, g_gan), want, rtol=1e-5)
   # Clamped to [0, max] and free of gradient.
@@ -76,9 +80,10 @@ def test_adaptive_weight_against_manual_linear_layer_grads():
   assert float(jax.grad(lambda a: losses.adaptive_weight(a, jnp.float32(2.0)))(jnp.float32(1.0))) == 0.0
   # A pytree last layer (kernel + bias) uses the global norm over its leaves.
   params = {"kernel": jnp.asarray(w), "bias": jnp.zeros(3)}
-  g_rec_tree, _ = losses.last_layer_grad_norms(lambda p: rec_fn(p["kernel"]) + jnp.sum(p["bias"] * 0.5),
-                                               lambda p: gan_fn(p["kernel"]), params)
-  np.testing.assert_allclose(g_rec_tree, np.sqrt(np.linalg.norm(manual_rec) ** 2 + 3 * 0.25), rtol=1e-5)
+  out_grad = jax.grad(rec_fn)(jnp.asarray(y))
+  g_tree = losses.last_layer_grad_norm(lambda p: h @ p["kernel"] + p["bias"], params, out_grad)
+  bias_grad = np.asarray(out_grad).sum(0)
+  np.testing.assert_allclose(g_tree, np.sqrt(np.linalg.norm(manual_rec) ** 2 + np.sum(bias_grad ** 2)), rtol=1e-5)
 
 
 def _np_clip_loss(student, teacher):

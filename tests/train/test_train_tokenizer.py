@@ -27,15 +27,44 @@ def task():
   return TokenizerTask(load_config(TINY))  # every loss on: LPIPS, semantic (random teacher), PatchGAN
 
 
+def adaptive_weight_by_definition(task, state, batch) -> float:
+  """‖∂rec/∂W‖ / (‖∂gan/∂W‖ + 1e-4) for the decoder's last layer W at the first step, each gradient
+  taken through the whole model (as the official's autograd.grad), with the step's keys."""
+  from imagefolder_jax.ops.diffaug import diff_augment
+  from imagefolder_jax.train import losses
+  lc, images, params = task.config.loss, batch["image"], state["params"]
+  rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+  k_drop, k_restart, k_g, _, _, k_crop = jax.random.split(rng, 6)
+
+  def recon(w):
+    p = dict(params, decoder=dict(params["decoder"], to_pixel=w))
+    out, _ = task.model.apply({"params": p, **state["model_state"]}, images, train=True, quantizer_dropout=True,
+                              update_codebook=True, rngs={"dropout": k_drop, "codebook_restart": k_restart},
+                              mutable=["codebook", "quantizer_stats", "intermediates"])
+    return out["recon"]
+  rec = lambda w: lc.l2 * losses.l2_pixel_loss(recon(w), images) + lc.lpips * jnp.mean(
+      task.lpips.apply({"params": task.frozen["lpips"]}, recon(w), images))
+  gan = lambda w: losses.hinge_g_loss(task._disc_logits(state["disc"]["params"], state["disc"]["state"],
+                                                        diff_augment(k_g, recon(w)), k_crop)[0])
+  w = params["decoder"]["to_pixel"]
+  norms = [float(losses.global_norm(jax.grad(f)(w))) for f in (rec, gan)]
+  return min(norms[0] / (norms[1] + 1e-4), lc.adaptive_max)
+
+
 def test_steps_lower_the_loss_and_touch_all_state(task):
   batch = fixed_batch()
   state = jax.jit(task.init_state)(jax.random.key(0), batch)
   step = jax.jit(task.train_step)
   state0 = jax.tree.map(np.asarray, state)
+  # The step's adaptive GAN weight (from the one backward of LPIPS and the discriminator) is the
+  # ratio of the two losses' full-model gradient norms w.r.t. the last layer.
+  want = adaptive_weight_by_definition(task, state, batch)
   losses = []
   for _ in range(8):
     state, metrics = step(state, task.frozen, batch)
     losses.append(float(metrics["rec_loss"]))
+    if len(losses) == 1:
+      assert float(metrics["adaptive_weight"]) == pytest.approx(want, rel=1e-4)
   assert losses[-1] < losses[0]
   assert int(state["step"]) == 8 and int(state["skipped"]) == 0
   assert np.isfinite(float(metrics["d_loss"])) and np.isfinite(float(metrics["semantic_loss"]))
