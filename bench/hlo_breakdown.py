@@ -9,6 +9,7 @@ count, else once): for the d16 sampler on v5e at batch 64 it gives 379 GB agains
       --topology v5e-1 --batch 64
   python bench/hlo_breakdown.py --hlo runs/s64.hlo.txt --depth 4     # again from the saved text
   python bench/hlo_breakdown.py --hlo runs/s64.hlo.txt --sampler     # the sampler's parts
+  python bench/hlo_breakdown.py --hlo runs/t.hlo.txt --flops --depth 2  # dot / convolution FLOPs by source
 """
 from __future__ import annotations
 
@@ -79,6 +80,48 @@ def instruction_bytes(text: str) -> list[dict]:
   return rows
 
 
+def _dims(typ: str) -> list[int]:
+  m = _ARRAY.search(typ)
+  return [int(x) for x in m.group(2).split(",") if x] if m else []
+
+
+def instruction_flops(text: str) -> list[dict]:
+  """[{op, op_name, runs, flops}] for every dot and convolution, fusion bodies included, times the
+  executions of its computation: 2 x output elements x the contracted size (a dot's contracting
+  dims; a convolution's kernel elements per output feature, i.e. window x input features per group,
+  over its lhs dilation)."""
+  computations, entry = hlo.parse(text)
+  runs, _, _ = hlo.executions(computations, entry)
+  rows = []
+  for name, instructions in computations.items():
+    if not runs.get(name):
+      continue
+    types = {ins["name"]: ins["type"] for ins in instructions}
+    for ins in instructions:
+      if ins["op"] not in ("dot", "convolution"):
+        continue
+      operands = _operands(ins["tail"])
+      out = math.prod(_dims(ins["type"]))
+      if ins["op"] == "dot":
+        lhs = _dims(types.get(operands[0], ""))
+        contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins["tail"])
+        k = math.prod(lhs[int(d)] for d in contracting.group(1).split(",") if d) if contracting else 1
+      else:
+        kernel = _dims(types.get(operands[1], ""))
+        labels = re.search(r"dim_labels=\w+_(\w+)->", ins["tail"])
+        o = kernel[labels.group(1).index("o")] if labels and kernel else 1
+        k = math.prod(kernel) / max(o, 1)
+        # Batched matmuls are convolutions whose batch dims are a window over an lhs-dilated input
+        # (size=24x16 lhs_dilate=24x16): only 1 / lhs_dilate of each window's taps meet real inputs.
+        dilate = re.search(r"lhs_dilate=([\dx]+)", ins["tail"])
+        if dilate:
+          k /= math.prod(int(x) for x in dilate.group(1).split("x"))
+      op_name = re.search(r'op_name="([^"]+)"', ins["tail"])
+      rows.append(dict(op=ins["op"], op_name=op_name.group(1) if op_name else "", runs=runs[name],
+                       flops=2.0 * out * k * runs[name]))
+  return rows
+
+
 def op_group(op_name: str, depth: int) -> str:
   """'jit(fn)/Module.method/blocks_3/attn/dot' -> 'Module.method/blocks_N/attn' (depth 3)."""
   s = re.sub(r"blocks_\d+", "blocks_N", re.sub(r"^jit\(\w+\)/", "", op_name))
@@ -118,6 +161,7 @@ def main() -> None:
   parser.add_argument("--save", help="compile `plan` with the arguments after --, save PREFIX.hlo.txt / .plan.json")
   parser.add_argument("--depth", type=int, default=3, help="op-name components per group")
   parser.add_argument("--sampler", action="store_true", help="group by the sampler's parts")
+  parser.add_argument("--flops", action="store_true", help="dot / convolution FLOPs by source instead of bytes")
   parser.add_argument("--top", type=int, default=25)
   args, plan_args = parser.parse_known_args()
   if args.save:
@@ -145,14 +189,16 @@ def main() -> None:
     if not os.path.exists(args.hlo):
       sys.exit(f"not compiled: {out.getvalue()[-400:]}")
   with open(args.hlo) as f:
-    rows = instruction_bytes(f.read())
+    text = f.read()
+  rows = instruction_flops(text) if args.flops else instruction_bytes(text)
+  measure, unit, scale = ("flops", "GFLOP", 1e9) if args.flops else ("bytes", "GB", 1e9)
   groups: collections.Counter = collections.Counter()
   for row in rows:
-    groups[sampler_part(row) if args.sampler else op_group(row["op_name"], args.depth)] += row["bytes"]
+    groups[sampler_part(row) if args.sampler else op_group(row["op_name"], args.depth)] += row[measure]
   total = sum(groups.values())
-  print(f"{total / 1e9:.1f} GB over {len(rows)} instructions")
+  print(f"{total / scale:.1f} {unit} over {len(rows)} instructions")
   for key, size in groups.most_common(args.top):
-    print(f"{size / 1e9:9.1f} GB {100 * size / total:5.1f}%  {key}")
+    print(f"{size / scale:9.1f} {unit} {100 * size / total:5.1f}%  {key}")
 
 
 if __name__ == "__main__":

@@ -43,6 +43,15 @@ def _add_plan(sub) -> None:
   p.add_argument("--pretokenized", action="store_true", help="generator: batches of pre-tokenized codes")
   p.add_argument("--no-compile", action="store_true",
                  help="skip the compile: exact state/frozen/batch bytes in seconds, no temporaries")
+  p.add_argument("--largest-batch", action="store_true",
+                 help="with --topology: also find the largest global batch that fits, by bisection over compiles "
+                      "(doubling or halving from the config's batch, or --batch, then bisecting); prints the plan at "
+                      "that batch")
+  p.add_argument("--batch-step", type=int,
+                 help="--largest-batch: granularity of the searched global batches (default 8 per batch shard of "
+                      "the mesh, times train.grad_accum)")
+  p.add_argument("--largest-batch-limit", type=int,
+                 help="--largest-batch: the largest global batch tried (default 64 x the starting batch)")
   p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
   p.set_defaults(run=_run_plan, accepts_overrides=True)
 
@@ -97,23 +106,58 @@ def _run_plan(args) -> None:
       if code:
         raise SystemExit(code)
       return
+  if args.largest_batch and (topology is None or args.no_compile):
+    raise CliError("--largest-batch needs --topology and a compile (fake CPU devices' temporaries are not a "
+                   "GPU or TPU plan)")
+  if not args.largest_batch and (args.batch_step is not None or args.largest_batch_limit is not None):
+    raise CliError("--batch-step and --largest-batch-limit go with --largest-batch")
   config = load_config(args.config, args.overrides)
-  if args.program == "sample":
-    from imagefolder_jax.planning.sampler import plan_sampler
-    result = plan_sampler(config, planning.parse_mesh(args.mesh), topology, args.batch, top_k=args.top_k,
-                          top_p=args.top_p, dtype=args.dtype)
-  else:
-    result = planning.plan(args.stage, config, planning.parse_mesh(args.mesh), args.devices,
-                           args.chip.lower() if args.chip else None, mfu=args.mfu,
-                           pretokenized=True if args.pretokenized else None, compile=not args.no_compile,
-                           topology=topology)
+  mesh_sizes = planning.parse_mesh(args.mesh)
+
+  def plan_at(batch: int):
+    if args.program == "sample":
+      from imagefolder_jax.planning.sampler import plan_sampler
+      return plan_sampler(config, mesh_sizes, topology, batch, top_k=args.top_k, top_p=args.top_p,
+                          dtype=args.dtype)
+    config.data.batch_size = batch
+    return planning.plan(args.stage, config, mesh_sizes, args.devices, args.chip.lower() if args.chip else None,
+                         mfu=args.mfu, pretokenized=True if args.pretokenized else None,
+                         compile=not args.no_compile, topology=topology)
+
+  start = args.batch if args.program == "sample" else int(config.data.batch_size)
+  if args.largest_batch_limit is not None and args.largest_batch_limit < start:
+    raise CliError(f"--largest-batch-limit {args.largest_batch_limit}: must be at least the starting batch {start}")
+  if args.batch_step is not None and args.batch_step < 1:
+    raise CliError(f"--batch-step {args.batch_step}: must be >= 1")
+  result = plan_at(start)
+  search = None
+  if args.largest_batch:
+    search = _search_largest_batch(args, config, plan_at, start, result)
+    result = search.plan
   if args.json:
-    print(json.dumps(result.to_dict()))
+    print(json.dumps({**result.to_dict(), **({"largest_batch": search.to_dict()} if search else {})}))
     return
   print(planning.format_plan(result))
+  if search is not None:
+    print(f"  largest batch   {search.describe()}")
   if topology is None:
     print(f"({'shardings' if args.no_compile else 'compiled'} on {args.devices} fake CPU devices: jax was configured "
           f"with --xla_force_host_platform_device_count={args.devices} before it started)")
+
+
+def _search_largest_batch(args, config, plan_at, start: int, first):
+  """planning.batch_search over plan_at, starting from the plan already made at `start`."""
+  from imagefolder_jax.planning.batch_search import largest_fitting_batch
+  shards = first.mesh.get("data", 1) * first.mesh.get("fsdp", 1)
+  accumulation = 1 if args.program == "sample" else int(config.train.get("grad_accum", 1) or 1)
+  step = args.batch_step or 8 * shards * accumulation
+  if step % (shards * accumulation):
+    raise CliError(f"--batch-step {step}: must be a multiple of the {shards} batch shards of the mesh"
+                   + (f" times train.grad_accum={accumulation}" if accumulation > 1 else ""))
+  begin = max(step, start // step * step)
+  limit = max(args.largest_batch_limit or 64 * begin, begin)
+  made = {start: first}
+  return largest_fitting_batch(lambda b: made[b] if b in made else plan_at(b), begin, step, limit)
 
 
 VERBS = [_add_plan]

@@ -122,12 +122,26 @@ def test_tokenizer_step_compiles_for_tpu_and_gpu():
     assert p.fits and p.compiled_peak_bytes > p.argument_bytes > 0, topology
 
 
-def test_oversized_config_is_a_verdict_not_an_error(tmp_path):
-  """The TPU compiler's RESOURCE_EXHAUSTED becomes 'does not fit' with its numbers, exit 0."""
+def test_oversized_config_is_a_verdict_not_an_error(capsys):
+  """The TPU compiler's RESOURCE_EXHAUSTED becomes 'does not fit' with its numbers, exit 0; so does
+  `--largest-batch` when even its smallest probe is refused (the bisection itself:
+  tests/planning/test_batch_search.py)."""
   p = _plan("generator", "v5e-1", "", 1, "--config.data.batch_size=131072")
   assert not p.fits and "GiB available" in p.out_of_memory
   text = planning.format_plan(p)
   assert "DOES NOT FIT" in text and "15.75" in text
+  from imagefolder_jax.cli import main
+  args = ["plan", "--stage", "generator", "--config", TINY_GENERATOR, "--pretokenized", "--topology", "v5e-1",
+          "--config.data.batch_size=4096", "--largest-batch", "--batch-step", "1024"]
+  assert main(args + ["--json"]) == 0
+  search = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["largest_batch"]
+  assert search == {"largest": None, "smallest_refused": 1024, "step": 1024, "limit": 64 * 4096, "compiles": 3,
+                    "tried": {"4096": False, "2048": False, "1024": False}}
+  for extra, message in ((["--largest-batch-limit", "2048"], "must be at least the starting batch 4096"),):
+    assert main(args + extra) == 2
+    assert message in capsys.readouterr().err
+  assert main(args[:-3] + ["--batch-step", "8"]) == 2
+  assert "go with --largest-batch" in capsys.readouterr().err
 
 
 def test_cli_plan_topology_json_and_errors(generator_data_plan, capsys):

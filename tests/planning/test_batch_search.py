@@ -1,0 +1,48 @@
+"""planning/batch_search.py: the largest fitting batch by bisection (fake plans: fits below a threshold)."""
+import types
+
+import pytest
+
+from imagefolder_jax.planning.batch_search import largest_fitting_batch
+from imagefolder_jax.planning.errors import PlanError
+
+
+def _fake(threshold):
+  calls = []
+
+  def plan_at(batch):
+    calls.append(batch)
+    return types.SimpleNamespace(fits=batch <= threshold, batch=batch)
+  return plan_at, calls
+
+
+@pytest.mark.parametrize("start", [64, 768, 4096, 65536])
+@pytest.mark.parametrize("threshold", [32, 64, 1000, 5000, 300000])
+def test_finds_the_largest_multiple_of_step_that_fits(start, threshold):
+  plan_at, calls = _fake(threshold)
+  search = largest_fitting_batch(plan_at, start, 32, 64 * start)
+  top = 64 * start
+  if threshold >= top:
+    assert search.largest == top and search.smallest_refused is None
+  else:
+    assert search.largest == threshold // 32 * 32 and search.smallest_refused == search.largest + 32
+  assert search.plan.batch == search.largest and len(calls) == len(set(calls)) == len(search.tried)
+  assert all(b % 32 == 0 and 32 <= b <= top for b in calls)
+  assert len(calls) <= 20   # doubling/halving then bisection: logarithmic in the range
+
+
+def test_nothing_fits_and_bad_arguments():
+  plan_at, calls = _fake(10)
+  search = largest_fitting_batch(plan_at, 256, 32, 1024)
+  assert search.largest is None and search.smallest_refused == 32 and search.plan.batch == 32
+  assert calls == [256, 128, 64, 32] and "none: 32 does not fit" in search.describe()
+  for start, step, limit in ((100, 32, 1000), (64, 0, 128), (64, 32, 32)):
+    with pytest.raises(PlanError, match="batch search"):
+      largest_fitting_batch(plan_at, start, step, limit)
+
+
+def test_limit_not_a_multiple_of_step_ends():
+  plan_at, calls = _fake(10 ** 9)
+  search = largest_fitting_batch(plan_at, 96, 32, 200)
+  assert search.largest == 192 and search.smallest_refused is None and calls == [96, 192]
+  assert search.to_dict()["compiles"] == 2 and "stops at --largest-batch-limit 200" in search.describe()
