@@ -53,11 +53,27 @@ def faults():
   return env
 
 
+# Rough seconds per test file in .ci/run on the 2-core CI machine (docs/development.md). Files are
+# handed to the two xdist workers (--dist loadfile, no reordering: pyproject.toml) heaviest first,
+# so that the workers finish together instead of one ending on a long file the other has no share of.
+FILE_SECONDS = {
+    "parallel/test_multihost.py": 470, "planning/test_plan_topology.py": 200,
+    "evaluation/test_cli_evaluation.py": 150, "parallel/test_eight_devices.py": 150,
+    "ops/test_filtering.py": 140, "parallel/test_eight_devices_training.py": 120,
+    "inference/test_sampling.py": 110, "convert/test_export_official.py": 95, "train/test_train_tokenizer.py": 95,
+    "inference/test_bf16_sampling.py": 90, "cli/test_reliability.py": 70, "train/test_checkpointing.py": 60,
+    "models/test_quantizer.py": 55, "train/test_train_generator.py": 50, "models/test_discriminator.py": 40,
+}
+
+
 def pytest_collection_modifyitems(config, items):
   # A test that reads the official tiny model or its outputs is a parity test, wherever it lives.
   for item in items:
     if {"parity_bundle", "parity_expected"} & set(getattr(item, "fixturenames", ())):
       item.add_marker("parity")
+  tests_dir = os.path.dirname(os.path.abspath(__file__))
+  weight = lambda item: FILE_SECONDS.get(os.path.relpath(str(item.path), tests_dir).replace(os.sep, "/"), 0)
+  items.sort(key=weight, reverse=True)   # stable: a file's tests keep their order
 
 
 @pytest.fixture(scope="session")

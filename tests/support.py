@@ -36,6 +36,25 @@ def run_program(name: str, *args: str, devices: int = 1, timeout: int = 900, **e
                         capture_output=True, text=True, timeout=timeout)
 
 
+def eight_device_checks(*names: str, **paths: str) -> dict:
+  """Runs tests/programs/eight_devices.py's checks `names` in one 8-device process; paths:
+  parity_bundle, parity_expected, micro_bundle, configs, work (as the checks need them).
+  -> {'sections': {name: stdout}, 'status': {name: 'OK' | 'FAILED'}, 'stderr', 'returncode'}."""
+  import re
+  flags = [x for k, v in paths.items() for x in ("--" + k.replace("_", "-"), v)]
+  result = run_program("eight_devices.py", *flags, *names, devices=8, timeout=1800)
+  sections = dict(re.findall(r"^=== (\w+)\n(.*?)^=== \1 (?:OK|FAILED)$", result.stdout, re.S | re.M))
+  status = dict(re.findall(r"^=== (\w+) (OK|FAILED)$", result.stdout, re.M))
+  return {"sections": sections, "status": status, "stderr": result.stderr, "returncode": result.returncode}
+
+
+def eight_device_check_passed(checks: dict, name: str) -> str:
+  """The check's output; fails with its traceback (or the process's stderr) unless it passed."""
+  status = checks["status"].get(name)
+  assert status == "OK", checks["sections"].get(name, "") + "\n" + checks["stderr"][-4000:]
+  return checks["sections"][name]
+
+
 # A micro tokenizer + generator pair (64 px, 3 scales, 64-entry codebooks, random weights) keeps
 # compiles to a few seconds: for tests whose property does not depend on the model (sampling
 # mechanics, multi-process equality, launchers). Parity with the official model uses parity_tiny.

@@ -1,12 +1,16 @@
-"""Every 8-device check in one process (one jax start, 8 fake CPU devices): argv PARITY_BUNDLE
-PARITY_EXPECTED_NPZ MICRO_BUNDLE CONFIGS_DIR WORK_DIR.
+"""8-device checks in one process (one jax start, 8 fake CPU devices):
+
+  eight_devices.py [--parity-bundle B --parity-expected NPZ] [--micro-bundle B] [--configs DIR --work DIR] NAME...
+
+NAME: tokenizer, inception, eval_tokenizer (the parity bundle), sampling (the micro bundle),
+training (configs and a work directory).
 
 Each check runs in turn whatever the others did and reports on stdout between `=== NAME` and
 `=== NAME OK` (with `RESULT <json>` when it returns something) or `=== NAME FAILED` and the traceback;
-tests/parallel/test_eight_devices.py reads one check each."""
+tests/parallel/test_eight_devices*.py read one check each (support.eight_device_checks)."""
+import argparse
 import json
 import os
-import sys
 import traceback
 
 import eval_tokenizer_sharded
@@ -17,16 +21,19 @@ import tokenizer_sharded
 import training_sharded
 
 assert jax.device_count() == 8, jax.devices()
-parity_bundle, parity_expected, micro_bundle, configs, work = sys.argv[1:6]
+parser = argparse.ArgumentParser()
+for flag in ("--parity-bundle", "--parity-expected", "--micro-bundle", "--configs", "--work"):
+  parser.add_argument(flag)
+parser.add_argument("checks", nargs="+")
+args = parser.parse_args()
 CHECKS = {
-    "tokenizer": lambda: tokenizer_sharded.run(parity_bundle, parity_expected),
+    "tokenizer": lambda: tokenizer_sharded.run(args.parity_bundle, args.parity_expected),
     "inception": inception_sharded.run,
-    "eval_tokenizer": lambda: eval_tokenizer_sharded.run(parity_bundle),
-    "sampling": lambda: sampling_sharded.run(micro_bundle),
-    "training": lambda: training_sharded.run(configs, os.path.join(work, "training")),
+    "eval_tokenizer": lambda: eval_tokenizer_sharded.run(args.parity_bundle),
+    "sampling": lambda: sampling_sharded.run(args.micro_bundle),
+    "training": lambda: training_sharded.run(args.configs, os.path.join(args.work, "training")),
 }
-only = sys.argv[6:] or list(CHECKS)   # a developer may run some checks alone: ... NAME [NAME ...]
-for name in only:
+for name in args.checks:
   print(f"=== {name}", flush=True)
   try:
     result = CHECKS[name]()
