@@ -6,7 +6,7 @@ ImageNet recipes on TPU and GPU topologies, one subprocess per case (not a test)
   python bench/plan_tables.py --out runs/plans.jsonl --table    # the markdown tables of what is done
 
 Finished cases are kept in --out (JSON lines) and skipped on a rerun. Each line holds the command,
-the CPU, the date and compile seconds beside the plan.
+the CPU, the date and compile seconds beside the plan (all compiles of a `--largest-batch` search).
 """
 from __future__ import annotations
 
@@ -28,11 +28,13 @@ CASES = {
                                         "--mesh", "data=4,fsdp=8"],
     "tokenizer v5p-64 data=4,fsdp=8 remat=full": ["--stage", "tokenizer", "--config", TOK, "--topology", "v5p-64",
                                                    "--mesh", "data=4,fsdp=8", "--config.train.remat=full"],
-    "tokenizer h100-8 fsdp=8": ["--stage", "tokenizer", "--config", TOK, "--topology", "h100-8", "--mesh", "fsdp=8"],
+    "tokenizer h100-8 fsdp=8": ["--stage", "tokenizer", "--config", TOK, "--topology", "h100-8", "--mesh", "fsdp=8",
+                                "--largest-batch"],
     "tokenizer h100-16 fsdp=8": ["--stage", "tokenizer", "--config", TOK, "--topology", "h100-16", "--mesh", "fsdp=8"],
     "tokenizer h100-32 fsdp=8": ["--stage", "tokenizer", "--config", TOK, "--topology", "h100-32", "--mesh", "fsdp=8"],
     **{f"generator d{d} v5p-64 data=4,fsdp=8": ["--stage", "generator", "--config", f"{GEN}:{d}", "--pretokenized",
                                                  "--topology", "v5p-64", "--mesh", "data=4,fsdp=8"]
+                                                + (["--largest-batch"] if d == 16 else [])
        for d in (16, 20, 24, 30)},
     **{f"generator d{d} h100-8 fsdp=8": ["--stage", "generator", "--config", f"{GEN}:{d}", "--pretokenized",
                                          "--topology", "h100-8", "--mesh", "fsdp=8"] for d in (16, 20, 24, 30)},
@@ -74,12 +76,12 @@ def run_case(name: str, args: list) -> dict:
 
 def table(records: list) -> str:
   gib = lambda b: "—" if b is None else f"{b / 2 ** 30:.1f}"
-  rows = ["| case | peak / chip memory (GiB) | fits | arguments / temporaries (GiB) | FLOPs/step analytic, "
-          "compiled x chips | collectives per step | roofline step | MFU | compile |",
-          "|---|---|---|---|---|---|---|---|---|"]
+  rows = ["| case | peak / chip memory (GiB) | fits | largest global batch that fits | arguments / temporaries (GiB) "
+          "| FLOPs/step analytic, compiled x chips | collectives per step | roofline step | MFU | compile |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
   for r in records:
     if "error" in r:
-      rows.append(f"| {r['case']} | error: {r['error'][:120]} | | | | | | | |")
+      rows.append(f"| {r['case']} | error: {r['error'][:120]} | | | | | | | | |")
       continue
     p = r["plan"]
     coll = ", ".join(f"{k} x{v['count']} {v['bytes'] / 2 ** 20:.0f} MiB" for k, v in p["collectives"].items()
@@ -96,7 +98,10 @@ def table(records: list) -> str:
     peak = max(p["peak_bytes"] or 0, (p["argument_bytes"] or 0) + (p["output_bytes"] or 0) - (p["alias_bytes"] or 0)
                + (p["temp_bytes"] or 0))
     fits = fits if (peak <= p["memory_limit"] or not p["fits"]) else "**no**"
-    rows.append(f"| {r['case']} | {gib(peak)} / {gib(p['memory_limit'])} | {fits} | "
+    search = p.get("largest_batch")
+    largest = "—" if not search else (f"{search['largest']} (not {search['smallest_refused']}; "
+                                       f"{search['compiles']} compiles)" if search["largest"] else "none")
+    rows.append(f"| {r['case']} | {gib(peak)} / {gib(p['memory_limit'])} | {fits} | {largest} | "
                 f"{gib(p['argument_bytes'])} / {gib(p['temp_bytes'])} | {p['analytic_flops_per_step']:.2e}{compiled} | "
                 f"{coll} | {step} | {mfu} | {r['compile_seconds']:.0f} s |")
   return "\n".join(rows)

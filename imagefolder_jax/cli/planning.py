@@ -45,8 +45,8 @@ def _add_plan(sub) -> None:
                  help="skip the compile: exact state/frozen/batch bytes in seconds, no temporaries")
   p.add_argument("--largest-batch", action="store_true",
                  help="with --topology: also find the largest global batch that fits, by bisection over compiles "
-                      "(doubling or halving from the config's batch, or --batch, then bisecting); prints the plan at "
-                      "that batch")
+                      "(doubling or halving from the config's batch, or --batch, then bisecting); the plan printed is "
+                      "the starting batch's")
   p.add_argument("--batch-step", type=int,
                  help="--largest-batch: granularity of the searched global batches (default 8 per batch shard of "
                       "the mesh, times train.grad_accum)")
@@ -133,7 +133,6 @@ def _run_plan(args) -> None:
   search = None
   if args.largest_batch:
     search = _search_largest_batch(args, config, plan_at, start, result)
-    result = search.plan
   if args.json:
     print(json.dumps({**result.to_dict(), **({"largest_batch": search.to_dict()} if search else {})}))
     return

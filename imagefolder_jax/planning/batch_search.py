@@ -28,8 +28,13 @@ class BatchSearch:
   plan: object
 
   def to_dict(self) -> dict:
+    """Stable keys; at_largest: the peak bytes per chip and roofline seconds of the plan at `largest`."""
+    at_largest = None
+    if self.largest is not None:
+      at_largest = {"peak_bytes": float(self.plan.peak_bytes), "step_seconds": float(self.plan.step_seconds)}
     return {"largest": self.largest, "smallest_refused": self.smallest_refused, "step": self.step,
-            "limit": self.limit, "compiles": len(self.tried), "tried": {str(k): v for k, v in self.tried.items()}}
+            "limit": self.limit, "compiles": len(self.tried), "tried": {str(k): v for k, v in self.tried.items()},
+            "at_largest": at_largest}
 
   def describe(self) -> str:
     probes = ", ".join(f"{b} {'yes' if ok else 'no'}" for b, ok in self.tried.items())
@@ -39,7 +44,10 @@ class BatchSearch:
       head = f"{self.largest} fits (the search stops at --largest-batch-limit {self.limit})"
     else:
       head = f"{self.largest} fits, {self.smallest_refused} does not"
-    return f"{head} (step {self.step}; {len(self.tried)} compiles: {probes})"
+    if self.largest is not None:
+      head += (f" (at {self.largest}: peak {self.plan.peak_bytes / 2 ** 30:.2f} GiB per chip, "
+               f"roofline {self.plan.step_seconds * 1e3:.1f} ms)")
+    return f"{head}; step {self.step}, {len(self.tried)} compiles: {probes}"
 
 
 def largest_fitting_batch(plan_at: Callable[[int], object], start: int, step: int, limit: int) -> BatchSearch:

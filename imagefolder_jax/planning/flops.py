@@ -223,9 +223,9 @@ def train_flops_per_example(task_or_config: Any, *, pretokenized: bool = False) 
     return generator_train_flops(x.model_config, x.tokenizer_config, pretokenized=pretokenized)
   if name == "tokenizer":
     lc = x.config.loss
-    teacher = None
-    if lc.semantic > 0 and "teacher" in getattr(x, "frozen", {}):
-      teacher = x.teacher.config
+    # The teacher module exists once the frozen networks are loaded (training) or laid out
+    # (`abstract_frozen`, planning); its forward is counted from its config either way.
+    teacher = x.teacher.config if lc.semantic > 0 and getattr(x, "teacher", None) is not None else None
     return tokenizer_train_flops(x.model_config, lpips=lc.lpips > 0, teacher=teacher,
                                  discriminator=lc.discriminator if lc.gan > 0 else None,
                                  patchgan_features=lc.get("patchgan_features", 64))

@@ -12,7 +12,7 @@ def _fake(threshold):
 
   def plan_at(batch):
     calls.append(batch)
-    return types.SimpleNamespace(fits=batch <= threshold, batch=batch)
+    return types.SimpleNamespace(fits=batch <= threshold, batch=batch, peak_bytes=batch * 2.0 ** 20, step_seconds=1e-3)
   return plan_at, calls
 
 
@@ -46,3 +46,5 @@ def test_limit_not_a_multiple_of_step_ends():
   search = largest_fitting_batch(plan_at, 96, 32, 200)
   assert search.largest == 192 and search.smallest_refused is None and calls == [96, 192]
   assert search.to_dict()["compiles"] == 2 and "stops at --largest-batch-limit 200" in search.describe()
+  assert search.to_dict()["at_largest"] == {"peak_bytes": 192 * 2.0 ** 20, "step_seconds": 1e-3}
+  assert "at 192: peak 0.19 GiB per chip, roofline 1.0 ms" in search.describe()

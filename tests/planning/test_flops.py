@@ -5,16 +5,21 @@ work (LayerNorm, softmax, GELU, the loss) that the model-FLOPs convention leaves
 must lie in [1, 1.25] × the analytic one on these tiny configs (measured at depth 2: 1.05 for the generator,
 1.08 for the tokenizer; element-wise work weighs more at width 64 than at real widths).
 """
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
+from support import ROOT
 
 from imagefolder_jax.models.generator import GeneratorConfig, NextScaleGenerator, generator_loss
 from imagefolder_jax.models.quantizer import QuantizerConfig
 from imagefolder_jax.models.tokenizer import ImageFolderTokenizer, TokenizerConfig
 from imagefolder_jax.models.vit import ViTConfig
 from imagefolder_jax.planning import flops
+from imagefolder_jax.train.configuration import load_config
+from imagefolder_jax.train.tokenizer_task import TokenizerTask
 
 B = 4
 
@@ -74,6 +79,13 @@ def test_frozen_networks_forward_only():
   plain = flops.tokenizer_train_flops(tc)["total"]
   with_lpips = flops.tokenizer_train_flops(tc, lpips=True)
   assert with_lpips["total"] - plain == pytest.approx(2 * flops.lpips_forward(32))
+  # A task counts its DINOv2 teacher's forward whether its frozen networks are loaded (training) or
+  # only laid out (`plan`).
+  config = load_config(os.path.join(ROOT, "configs", "tokenizer_tiny.py"))
+  planned = TokenizerTask(config, load_frozen=False)
+  planned.abstract_frozen()
+  counts = [flops.train_flops_per_example(t) for t in (planned, TokenizerTask(config))]
+  assert counts[0] == counts[1] and counts[0]["teacher_forward"] > 0
 
 
 def test_mfu_and_peaks():

@@ -136,7 +136,7 @@ def test_oversized_config_is_a_verdict_not_an_error(capsys):
   assert main(args + ["--json"]) == 0
   search = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["largest_batch"]
   assert search == {"largest": None, "smallest_refused": 1024, "step": 1024, "limit": 64 * 4096, "compiles": 3,
-                    "tried": {"4096": False, "2048": False, "1024": False}}
+                    "tried": {"4096": False, "2048": False, "1024": False}, "at_largest": None}
   for extra, message in ((["--largest-batch-limit", "2048"], "must be at least the starting batch 4096"),):
     assert main(args + extra) == 2
     assert message in capsys.readouterr().err
