@@ -47,8 +47,9 @@ CASES = {
                                               "--topology", "v5p-64", "--slices", "2", "--mesh", "data=4,fsdp=8"],
     "generator d16 h100-16 fsdp=8": ["--stage", "generator", "--config", f"{GEN}:16", "--pretokenized",
                                      "--topology", "h100-16", "--mesh", "fsdp=8"],
-    **{f"sampler d{d} v5e-1 batch {b}": ["--program", "sample", "--config", f"{GEN}:{d}", "--topology", "v5e-1",
-                                          "--batch", str(b)] for d in (16, 30) for b in (64, 256)},
+    **{f"sampler d{d} {chip} batch {b}": ["--program", "sample", "--config", f"{GEN}:{d}", "--topology", chip,
+                                           "--batch", str(b)]
+       for chip in ("v5e-1", "v5p-2") for d in (16, 30) for b in (64, 256)},
 }
 
 
