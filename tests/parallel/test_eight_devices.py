@@ -1,5 +1,6 @@
 """Inference and evaluation on 8 fake CPU devices, all run by one process
-(tests/programs/eight_devices.py: one jax start, compiles shared), read here one check per test:
+(tests/programs/eight_devices.py: one jax start, compiles shared; the micro bundle: the property
+does not depend on the model), read here one check per test:
 
 * tokenizer encode / decode / reconstruct with the batch over 8 devices equal 1 device;
 * Inception features (random weights) over 8 devices equal 1, the last batch padded;
@@ -10,18 +11,16 @@ Training on 8 devices is tests/parallel/test_eight_devices_training.py: a second
 two run side by side on two test workers.
 """
 import json
-import os
 
 import pytest
-from support import PARITY_DIR, eight_device_check_passed, eight_device_checks
+from support import eight_device_check_passed, eight_device_checks
 
 pytestmark = pytest.mark.slow   # one process of a few minutes
 
 
 @pytest.fixture(scope="module")
-def checks(parity_bundle, micro_bundle) -> dict:
-  return eight_device_checks("tokenizer", "inception", "eval_tokenizer", "sampling", parity_bundle=parity_bundle,
-                             parity_expected=os.path.join(PARITY_DIR, "expected.npz"), micro_bundle=micro_bundle)
+def checks(micro_bundle) -> dict:
+  return eight_device_checks("tokenizer", "inception", "eval_tokenizer", "sampling", micro_bundle=micro_bundle)
 
 
 def test_tokenizer_sharded_over_8_devices(checks):
@@ -41,7 +40,7 @@ def test_evaluate_tokenizer_8_devices_equal_1(checks):
   for b1, b8 in zip(one["usage"]["branches"], eight["usage"]["branches"]):
     assert b8["used"] == b1["used"] and b8["perplexity"] == pytest.approx(b1["perplexity"], rel=1e-9)
     # 11 images: every one of them counted at scale 0 (1 code), none of the padding rows.
-    assert 0 < b1["scales"][0]["used"] <= 11 / 4096
+    assert 0 < b1["scales"][0]["used"] <= 11 / 64
   assert one["lpips"] is None and "lpips" in one["absent"] and one["rfid"] is None
 
 

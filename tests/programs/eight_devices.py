@@ -1,9 +1,9 @@
 """8-device checks in one process (one jax start, 8 fake CPU devices):
 
-  eight_devices.py [--parity-bundle B --parity-expected NPZ] [--micro-bundle B] [--configs DIR --work DIR] NAME...
+  eight_devices.py [--micro-bundle B] [--configs DIR --work DIR] NAME...
 
-NAME: tokenizer, inception, eval_tokenizer (the parity bundle), sampling (the micro bundle),
-training (configs and a work directory).
+NAME: tokenizer, inception, eval_tokenizer, sampling (the micro bundle), training (configs and a
+work directory).
 
 Each check runs in turn whatever the others did and reports on stdout between `=== NAME` and
 `=== NAME OK` (with `RESULT <json>` when it returns something) or `=== NAME FAILED` and the traceback;
@@ -22,14 +22,14 @@ import training_sharded
 
 assert jax.device_count() == 8, jax.devices()
 parser = argparse.ArgumentParser()
-for flag in ("--parity-bundle", "--parity-expected", "--micro-bundle", "--configs", "--work"):
+for flag in ("--micro-bundle", "--configs", "--work"):
   parser.add_argument(flag)
 parser.add_argument("checks", nargs="+")
 args = parser.parse_args()
 CHECKS = {
-    "tokenizer": lambda: tokenizer_sharded.run(args.parity_bundle, args.parity_expected),
+    "tokenizer": lambda: tokenizer_sharded.run(args.micro_bundle),
     "inception": inception_sharded.run,
-    "eval_tokenizer": lambda: eval_tokenizer_sharded.run(args.parity_bundle),
+    "eval_tokenizer": lambda: eval_tokenizer_sharded.run(args.micro_bundle),
     "sampling": lambda: sampling_sharded.run(args.micro_bundle),
     "training": lambda: training_sharded.run(args.configs, os.path.join(args.work, "training")),
 }
