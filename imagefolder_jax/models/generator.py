@@ -42,7 +42,7 @@ from imagefolder_jax.ops.masks import block_causal_mask, scale_begin_ends, scale
 RELEASED_SCALES = (1, 1, 2, 3, 3, 4, 5, 6, 8, 11)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
-# One KV cache per block: {'k': (B, L, H, D), 'v': (B, L, H, D)}.
+# One KV cache per block: {'k': (B, L, H * D), 'v': (B, L, H * D)}.
 KVCache = list[dict[str, jax.Array]]
 
 
@@ -227,7 +227,7 @@ class SelfAttention(nn.Module):
 
   def __call__(self, x: jax.Array, *, mask: Optional[jax.Array] = None, cache: Optional[dict] = None,
                begin: int = 0) -> tuple[jax.Array, Optional[dict]]:
-    """x: (B, l, C). With `cache` ({'k','v'}: (B, L, H, D)), x holds positions [begin, begin + l):
+    """x: (B, l, C). With `cache` ({'k','v'}: (B, L, H * D)), x holds positions [begin, begin + l):
     their k/v are written there and the queries attend to positions [0, begin + l), which is exactly
     the block-causal mask when x is one whole scale. Returns (out (B, l, C), updated cache or None)."""
     c = self.config
@@ -245,11 +245,14 @@ class SelfAttention(nn.Module):
       softmax_scale = 0.25 / math.sqrt(c.head_dim)
     new_cache = None
     if cache is not None:
-      end = begin + l
-      k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), begin, axis=1)
-      v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), begin, axis=1)
+      # The cache keeps heads and head_dim as one minor axis (B, L, H * D): TPU tiles the minor axis
+      # to 128 lanes, and head_dim 64 alone would double the cache and every write into it.
+      end, flat = begin + l, c.num_heads * c.head_dim
+      write = lambda cached, new: jax.lax.dynamic_update_slice_in_dim(
+          cached, new.reshape(b, l, flat).astype(cached.dtype), begin, axis=1)
+      k_all, v_all = write(cache["k"], k), write(cache["v"], v)
       new_cache = {"k": k_all, "v": v_all}
-      k, v = k_all[:, :end].astype(c.compute_dtype), v_all[:, :end].astype(c.compute_dtype)
+      k, v = (x[:, :end].reshape(b, end, c.num_heads, c.head_dim).astype(c.compute_dtype) for x in (k_all, v_all))
     out = attention(q, k, v, mask=mask, scale=softmax_scale)
     return self.proj(out.reshape(b, l, c.width)), new_cache
 
@@ -413,7 +416,7 @@ class NextScaleGenerator(nn.Module):
       scale_index: static scale index s.
       tokens: (B, n_s^2, C) input tokens of scale s (`first_scale_tokens` / `scale_tokens`).
       cond: (B, C) class embedding.
-      cache: per block {'k', 'v'}: (B, L, H, D) (`init_cache`); positions < begin_s must be filled.
+      cache: per block {'k', 'v'}: (B, L, H * D) (`init_cache`); positions < begin_s must be filled.
 
     Returns (AdaLN-before-head output (B, n_s^2, C) float32, updated cache). The head is affine, so
     guidance can mix these features instead of the logits: (1 + t) head(a) - t head(b) =
@@ -441,9 +444,10 @@ class NextScaleGenerator(nn.Module):
 
 
 def init_cache(config: GeneratorConfig, batch: int, dtype: Optional[Dtype] = None) -> KVCache:
-  """Zero KV cache for all L positions: per block {'k', 'v'}: (batch, L, H, D) in the compute dtype."""
+  """Zero KV cache for all L positions: per block {'k', 'v'}: (batch, L, H * D) in the compute dtype
+  (heads and head_dim in one lane-dense minor axis)."""
   dtype = dtype or config.compute_dtype
-  shape = (batch, config.num_tokens, config.num_heads, config.head_dim)
+  shape = (batch, config.num_tokens, config.num_heads * config.head_dim)
   return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.depth)]
 
 

@@ -238,7 +238,7 @@ def test_kv_cached_scales_equal_the_full_forward(official, parity_expected, forw
   got, cache = cached(variables, labels, inputs)
   want, _ = forward(config, variables, labels, inputs)
   assert relative_error(got, want) < 1e-5
-  assert cache[0]["k"].shape == (2, 286, 2, 64) and bool(jnp.all(cache[-1]["v"][:, -1] != 0))
+  assert cache[0]["k"].shape == (2, 286, 2 * 64) and bool(jnp.all(cache[-1]["v"][:, -1] != 0))
 
 
 # ------------------------------------------------------------------------------------ sampler parity
