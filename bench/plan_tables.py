@@ -102,9 +102,10 @@ def table(records: list) -> str:
     search = p.get("largest_batch")
     largest = "—" if not search else (f"{search['largest']} (not {search['smallest_refused']}; "
                                        f"{search['compiles']} compiles)" if search["largest"] else "none")
+    compile_time = "—" if r.get("compile_seconds") is None else f"{r['compile_seconds']:.0f} s"
     rows.append(f"| {r['case']} | {gib(peak)} / {gib(p['memory_limit'])} | {fits} | {largest} | "
                 f"{gib(p['argument_bytes'])} / {gib(p['temp_bytes'])} | {p['analytic_flops_per_step']:.2e}{compiled} | "
-                f"{coll} | {step} | {mfu} | {r['compile_seconds']:.0f} s |")
+                f"{coll} | {step} | {mfu} | {compile_time} |")
   return "\n".join(rows)
 
 
