@@ -34,7 +34,6 @@ CASES = {
     "tokenizer h100-32 fsdp=8": ["--stage", "tokenizer", "--config", TOK, "--topology", "h100-32", "--mesh", "fsdp=8"],
     **{f"generator d{d} v5p-64 data=4,fsdp=8": ["--stage", "generator", "--config", f"{GEN}:{d}", "--pretokenized",
                                                  "--topology", "v5p-64", "--mesh", "data=4,fsdp=8"]
-                                                + (["--largest-batch"] if d == 16 else [])
        for d in (16, 20, 24, 30)},
     **{f"generator d{d} h100-8 fsdp=8": ["--stage", "generator", "--config", f"{GEN}:{d}", "--pretokenized",
                                          "--topology", "h100-8", "--mesh", "fsdp=8"] for d in (16, 20, 24, 30)},

@@ -37,6 +37,7 @@ from imagefolder_jax.models.layers import (
   partitioned,
   remat_block,
 )
+from imagefolder_jax.ops import block_causal_attention
 from imagefolder_jax.ops.masks import block_causal_mask, scale_begin_ends, scale_of_position
 
 RELEASED_SCALES = (1, 1, 2, 3, 3, 4, 5, 6, 8, 11)
@@ -253,7 +254,11 @@ class SelfAttention(nn.Module):
       k_all, v_all = write(cache["k"], k), write(cache["v"], v)
       new_cache = {"k": k_all, "v": v_all}
       k, v = (x[:, :end].reshape(b, end, c.num_heads, c.head_dim).astype(c.compute_dtype) for x in (k_all, v_all))
-    out = attention(q, k, v, mask=mask, scale=softmax_scale)
+    if cache is None and mask is not None and block_causal_attention.applies():
+      # Teacher forcing on TPU: the mask is block_causal_mask(c.scales) (head_inputs), fused in a kernel.
+      out = block_causal_attention.block_causal_attention(q, k, v, scales=c.scales, scale=softmax_scale)
+    else:
+      out = attention(q, k, v, mask=mask, scale=softmax_scale)
     return self.proj(out.reshape(b, l, c.width)), new_cache
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 # Dense bf16 peak FLOP/s per chip (no structured sparsity), from the vendors' spec sheets:
 PEAK_FLOPS: dict[str, float] = {
@@ -203,6 +203,22 @@ def sample_flops(gc, tc, *, guidance: bool = True) -> dict:
   out["decode"] = parts["decoder_matmul"] + parts["decoder_attention"]
   out["total"] = sum(out.values())
   return out
+
+
+def attention_kernel_flops(hlo_text: str, scales: Sequence[int]) -> float:
+  """FLOPs per device of the block-causal attention kernels (`ops.block_causal_attention`) in a
+  compiled program's HLO, each call priced by its kind and its (b, h, Lp, D) operands."""
+  from imagefolder_jax.ops import block_causal_attention as kernel
+  from imagefolder_jax.planning import hlo
+  total = 0.0
+  for name, shapes, runs in hlo.custom_calls_named(hlo_text, "splash_mha_"):
+    kind = next((k for k in kernel.KERNEL_PAIR_FLOPS if f"_{k}" in name), None)
+    qkv = next((s for s in shapes if len(s) == 4), None)
+    if kind is None or qkv is None:
+      raise ValueError(f"unrecognised attention kernel {name} with results {shapes}")
+    batch, heads, _, head_dim = qkv
+    total += runs * kernel.kernel_flops(kind, scales, batch, heads, head_dim)
+  return total
 
 
 def train_flops_per_example(task_or_config: Any, *, pretokenized: bool = False) -> dict:

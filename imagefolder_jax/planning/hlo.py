@@ -293,6 +293,23 @@ def top_level_custom_calls(text: str) -> collections.Counter:
   return found
 
 
+def custom_calls_named(text: str, prefix: str) -> list[tuple[str, list[list[int]], int]]:
+  """[(instruction name, result array shapes, executions per program run)] of the custom calls whose
+  instruction name starts with `prefix` (Pallas kernels are named after their function, e.g.
+  'splash_mha_fwd_residuals.1'), fusion bodies and loops included."""
+  computations, entry = parse(text)
+  runs, _, _ = executions(computations, entry)
+  found = []
+  for name, instructions in computations.items():
+    if not runs.get(name):
+      continue
+    for ins in instructions:
+      if ins["op"] == "custom-call" and ins["name"].startswith(prefix):
+        shapes = [[int(x) for x in dims.split(",") if x] for _, dims in _ARRAY.findall(ins["type"])]
+        found.append((ins["name"], shapes, runs[name]))
+  return found
+
+
 def repaired_optimal_seconds(raw: Optional[float], text: str) -> tuple[Optional[float], str]:
   """The TPU cost model's `optimal_seconds` made a time, or None with the reason.
 

@@ -18,8 +18,9 @@ Two targets:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -74,6 +75,7 @@ class Plan:
   alias_bytes: float = float("nan")
   compiled_peak_bytes: float = float("nan")
   bytes_accessed: float = float("nan")
+  kernel_flops_per_device: float = 0.0   # in Pallas kernels, which the compiler's count leaves out
   collectives: dict = dataclasses.field(default_factory=dict)
   roofline: dict = dataclasses.field(default_factory=dict)
   optimal_seconds: Optional[float] = None
@@ -275,8 +277,9 @@ def compile_for(lowered, compiler: str, warnings: Optional[list] = None):
 
 
 def analyze_compiled(compiled, devices: Sequence, chip: Optional[ChipSpec],
-                     analytic_flops: float) -> dict:
-  """memory_analysis / cost_analysis / collectives / roofline of an accelerator compile -> Plan fields."""
+                     analytic_flops: float, kernel_flops: Optional[Callable[[str], float]] = None) -> dict:
+  """memory_analysis / cost_analysis / collectives / roofline of an accelerator compile -> Plan fields.
+  kernel_flops: FLOPs per device of the program's Pallas kernels, from its HLO text."""
   memory = compiled.memory_analysis()
   fields = dict(argument_bytes=float(memory.argument_size_in_bytes), output_bytes=float(memory.output_size_in_bytes),
                 alias_bytes=float(memory.alias_size_in_bytes), temp_bytes=float(memory.temp_size_in_bytes))
@@ -289,6 +292,7 @@ def analyze_compiled(compiled, devices: Sequence, chip: Optional[ChipSpec],
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   text = compiled.as_text()
   fields["collectives"] = hlo.collectives(text, devices)
+  fields["kernel_flops_per_device"] = float(kernel_flops(text)) if kernel_flops is not None else 0.0
   if cost:
     fields["xla_flops_per_device"] = float(cost.get("flops", float("nan")))
     fields["bytes_accessed"] = float(cost.get("bytes accessed", float("nan")))
@@ -304,9 +308,10 @@ def roofline(fields: dict, chip: ChipSpec, analytic_flops_per_chip: float) -> di
   """Seconds per step on one chip: max(FLOPs / peak, HBM bytes / bandwidth) + collective wire bytes
   over ICI / NVLink and DCN / the network, with no overlap of communication and compute (an upper
   bound on a good schedule; a lower bound on a poor one). FLOPs: the compiled count where the
-  compiler gives one, at least the analytic count per chip (the cost model prices a loop body
-  once); HBM bytes: the cost model's 'bytes accessed' (TPU only)."""
-  compiled_flops = fields.get("xla_flops_per_device", float("nan"))
+  compiler gives one, plus its Pallas kernels' (which it cannot see into), at least the analytic
+  count per chip (the cost model prices a loop body once); HBM bytes: the cost model's 'bytes
+  accessed' (TPU only; a kernel counts as its operands and results)."""
+  compiled_flops = fields.get("xla_flops_per_device", float("nan")) + fields.get("kernel_flops_per_device", 0.0)
   flops = analytic_flops_per_chip if np.isnan(compiled_flops) else max(compiled_flops, analytic_flops_per_chip)
   compute = flops / chip.peak_flops
   accessed = fields.get("bytes_accessed", float("nan"))
@@ -385,7 +390,9 @@ def plan(stage: str, config: ml_collections.ConfigDict, mesh_sizes: dict, device
       if compiled is None:
         fields["out_of_memory"] = refusal
       else:
-        fields.update(analyze_compiled(compiled, list(np.asarray(mesh.devices).flat), spec, analytic))
+        kernels = (functools.partial(flops.attention_kernel_flops, scales=task.model_config.scales)
+                   if stage == "generator" else None)
+        fields.update(analyze_compiled(compiled, list(np.asarray(mesh.devices).flat), spec, analytic, kernels))
   parts = {k: per_device_bytes(abstract[k], shardings[k]) for k in ("params", "opt_state", "ema_params")}
   other = sum(per_device_bytes(abstract[k], shardings[k]) for k in abstract if k not in parts)
   return Plan(stage=stage, mesh=dict(mesh.shape), devices=len(target), chip=chip_name, global_batch=batch,
@@ -447,9 +454,10 @@ def format_plan(p: Plan) -> str:
                 f"{'fits' if p.fits else 'DOES NOT FIT'} ({'margin' if margin >= 0 else 'over by'} "
                 f"{gib(abs(margin)).strip()})")
     if not np.isnan(p.compiled_peak_bytes):
+      kernels = (f" + {p.kernel_flops_per_device:.3e} in attention kernels" if p.kernel_flops_per_device else "")
       compiled = ("" if np.isnan(p.xla_flops_per_device) else
-                  f"; compiled {p.xla_flops_per_device:.3e} per chip x {p.devices} = "
-                  f"{p.xla_flops_per_device * p.devices:.3e}")
+                  f"; compiled {p.xla_flops_per_device:.3e} per chip{kernels} x {p.devices} = "
+                  f"{(p.xla_flops_per_device + p.kernel_flops_per_device) * p.devices:.3e}")
       rows.append(f"  FLOPs/step      analytic {p.analytic_flops_per_step:.3e}{compiled}")
       rows.append(f"  collectives     {_collectives_line(p.collectives)}")
       r = p.roofline

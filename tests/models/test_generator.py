@@ -305,3 +305,24 @@ def test_official_mask_buffer_matches(official):
   config = official[2]
   bias = _fixture_state_dict()["trainer"]["var_wo_ddp"]["attn_bias_for_masking"].numpy()[0, 0]
   np.testing.assert_array_equal(bias == 0, block_causal_mask(config.scales))
+
+
+def test_teacher_forcing_through_the_tpu_attention_kernel():
+  """On TPUs the teacher-forced trunk takes the fused block-causal kernel (here interpreted on
+  CPU): the same logits and parameter gradients as XLA's masked attention."""
+  from imagefolder_jax.ops import block_causal_attention
+  c = GeneratorConfig(depth=2, width=64, num_heads=2, num_classes=5, codebook_size=16, latent_dim=4,
+                      scales=(1, 1, 2, 3))
+  module = NextScaleGenerator(c)
+  labels = jnp.array([1, 3])
+  inputs = jax.random.normal(jax.random.key(0), (2, c.num_tokens - 1, c.input_dim))
+  shapes = nn.unbox(jax.eval_shape(module.init, jax.random.key(1), labels, inputs))
+  rng = np.random.default_rng(0)
+  variables = jax.tree.map(lambda x: (0.3 * rng.standard_normal(x.shape)).astype(np.float32), shapes)
+  loss = lambda v: jnp.sum(module.apply(v, labels, inputs) ** 2)
+  want, want_grads = jax.value_and_grad(loss)(variables)
+  with block_causal_attention.kernel_interpreted():
+    got, got_grads = jax.value_and_grad(loss)(variables)
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+  errors = jax.tree.leaves(jax.tree.map(relative_error, got_grads, want_grads))
+  assert max(errors) < 1e-5, errors

@@ -91,6 +91,8 @@ def test_generator_step_on_tpu_fsdp_and_slices(generator_data_plan):
   assert data.collectives["all-reduce"]["count"] >= 1                  # the gradient reduction
   assert data.roofline["seconds"] > 0 and data.images_per_second > 0
   assert data.optimal_seconds is None or data.optimal_seconds > 0      # never a negative time
+  # Compiled for TPUs, the teacher-forced attention is the fused kernel, priced beside XLA's count.
+  assert data.kernel_flops_per_device > 0 and data.roofline["flops_per_chip"] >= data.xla_flops_per_device
   fsdp = _plan("generator", "v5e-4", "data=1,fsdp=4")
   # The rules shard the model width over fsdp: parameters (and their Adam moments) per chip shrink.
   assert fsdp.params_bytes < 0.5 * data.params_bytes and fsdp.opt_state_bytes < 0.5 * data.opt_state_bytes
@@ -113,6 +115,7 @@ def test_generator_step_on_two_h100_nodes():
   assert p.collectives["all-gather"]["cross_bytes"] == 0 and p.collectives["reduce-scatter"]["cross_bytes"] == 0
   assert p.collectives["all-reduce"]["cross_bytes"] > 0
   assert p.optimal_seconds is None and "no cost model" in p.optimal_note
+  assert p.kernel_flops_per_device == 0                                # the TPU kernel is for TPUs only
   assert "DOES NOT FIT" not in planning.format_plan(p)
 
 

@@ -1,0 +1,154 @@
+"""The generator's teacher-forced attention as one fused TPU kernel (Pallas splash attention).
+
+XLA's attention writes the float32 score matrix (B, H, L, L) and its gradient to HBM between fusions:
+for the d16 generator at 24 images per v5p chip that is over half of the step's HBM traffic, and the
+step is memory-bound (docs/planning.md). Splash attention keeps each (block_q, block_kv) tile of
+scores on chip, runs online softmax over the key blocks, and skips the tiles the block-causal mask
+removes entirely (a query sees every token of its own scale and of earlier ones: `ops/masks.py`).
+
+Used by `models/generator.py` when the program is compiled for TPUs (`ops.platform.target_platform`,
+so `plan --topology v5p-64` on a CPU machine compiles it too). Elsewhere, or with
+`kernel_interpreted()`, Pallas's interpreter runs the same kernel on any backend: that is how the
+tests check it against XLA's attention on CPU.
+
+Under a mesh with logical rules (training), the kernel runs per device inside `shard_map`, over the
+batch shards and head shards of the activations; the sequence and head_dim axes must be whole.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+from typing import Iterator, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from imagefolder_jax.ops.masks import block_causal_mask
+from imagefolder_jax.ops.platform import target_platform
+
+BLOCK = 128  # tile side (queries and keys): the MXU's width on v4/v5, and the sequence padding unit
+_INTERPRET: contextvars.ContextVar[bool] = contextvars.ContextVar("imagefolder_jax_splash_interpret", default=False)
+
+
+@contextlib.contextmanager
+def kernel_interpreted() -> Iterator[None]:
+  """Within the block, `block_causal_attention` runs the kernel in Pallas's interpreter, on any
+  backend (to check its numerics on CPU; far slower than XLA's attention)."""
+  token = _INTERPRET.set(True)
+  try:
+    yield
+  finally:
+    _INTERPRET.reset(token)
+
+
+def interpreted() -> bool:
+  """Whether `kernel_interpreted` is in effect."""
+  return _INTERPRET.get()
+
+
+def applies() -> bool:
+  """Whether the program being traced takes the kernel: compiled for TPUs, or interpreted."""
+  return interpreted() or target_platform() == "tpu"
+
+
+def padded_length(length: int, block: int = BLOCK) -> int:
+  """`length` rounded up to whole tiles."""
+  return -(-length // block) * block
+
+
+def padded_mask(scales: Sequence[int], block: int = BLOCK) -> np.ndarray:
+  """(Lp, Lp) bool: the block-causal mask of `scales`, padded to whole tiles. A padding query sees
+  only itself (a row with no key would divide by zero) and no real query sees a padding key."""
+  mask = block_causal_mask(scales)
+  length = mask.shape[0]
+  full = np.eye(padded_length(length, block), dtype=bool)
+  full[:length, :length] = mask
+  return full
+
+
+# FLOPs per (query, key) pair and head_dim unit of each kernel: the forward's QKᵀ and PV; the dq
+# kernel recomputes QKᵀ, then dP = dO·Vᵀ and dQ = dS·K; the dkv kernel recomputes QKᵀ and dP and
+# adds dV = Pᵀ·dO and dK = dSᵀ·Q.
+KERNEL_PAIR_FLOPS = {"fwd": 4.0, "dq": 6.0, "dkv": 8.0}
+
+
+def computed_tiles(scales: Sequence[int], block: int = BLOCK) -> int:
+  """Number of (block, block) score tiles the kernel computes: those the mask does not remove."""
+  mask = padded_mask(scales, block)
+  n = mask.shape[0] // block
+  return int(mask.reshape(n, block, n, block).any(axis=(1, 3)).sum())
+
+
+def kernel_flops(kind: str, scales: Sequence[int], batch: int, heads: int, head_dim: int) -> float:
+  """FLOPs one call of the `kind` kernel ('fwd', 'dq' or 'dkv') executes over `batch` sequences of
+  `heads` heads: every pair of each computed tile, masked or not. The TPU compiler's cost model
+  cannot see into a kernel, so `planning` adds these to its count."""
+  return KERNEL_PAIR_FLOPS[kind] * head_dim * computed_tiles(scales) * BLOCK * BLOCK * batch * heads
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(scales: tuple[int, ...], heads: int, interpret: bool):
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+  mask = splash_mask.NumpyMask(padded_mask(scales))
+  blocks = splash.BlockSizes(block_q=BLOCK, block_kv=BLOCK, block_kv_compute=BLOCK, block_q_dkv=BLOCK,
+                             block_kv_dkv=BLOCK, block_kv_dkv_compute=BLOCK, block_q_dq=BLOCK, block_kv_dq=BLOCK)
+  return splash.make_splash_mha(splash_mask.MultiHeadMask([mask] * heads), block_sizes=blocks,
+                                head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def _local_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scales: tuple[int, ...], scale: float,
+                     interpret: bool) -> jax.Array:
+  """The kernel over whole sequences of one device's shard. q/k/v: (b, L, h, D) -> (b, L, h, D)."""
+  length = q.shape[1]
+  pad = padded_length(length) - length
+
+  def heads_first(x):  # (b, L, h, D) -> (b, h, Lp, D): the kernel's layout, in whole tiles
+    return jnp.swapaxes(jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))), 1, 2)
+
+  kernel = _kernel(scales, q.shape[2], interpret)
+  if scale != 1.0:  # the kernel has no logit scale; the l2-normalised generator's is 1
+    q = q * jnp.asarray(scale, q.dtype)
+  out = jax.vmap(kernel)(heads_first(q), heads_first(k), heads_first(v))
+  return jnp.swapaxes(out[:, :, :length], 1, 2).astype(q.dtype)
+
+
+def block_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scales: Sequence[int],
+                           scale: float) -> jax.Array:
+  """Softmax attention under the block-causal mask of `scales`, as `models.layers.attention` with
+  `mask=block_causal_mask(scales)` computes it (float32 logits and softmax, probabilities in v's
+  dtype), in one fused kernel.
+
+  q/k/v: (B, L, H, D) with L = sum(s² for s in scales); `scale` multiplies the logits.
+  Returns (B, L, H, D) in q's dtype.
+  """
+  scales = tuple(int(s) for s in scales)
+  if q.shape[1] != sum(s * s for s in scales):
+    raise ValueError(f"block_causal_attention: sequence length {q.shape[1]} is not that of scales {scales}")
+  local = functools.partial(_local_attention, scales=scales, scale=scale, interpret=interpreted())
+  spec = _activation_spec(q.shape)
+  if spec is None:
+    return local(q, k, v)
+  return jax.shard_map(local, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(q, k, v)
+
+
+def _activation_spec(shape: Sequence[int]) -> Optional[jax.sharding.PartitionSpec]:
+  """The mesh PartitionSpec of a (B, L, H, D) activation under the logical rules in effect, or None
+  when no mesh and rules are set (then the kernel sees the whole array)."""
+  rules = nn.get_logical_axis_rules()
+  mesh = jax.sharding.get_abstract_mesh()
+  if not rules or mesh.empty:
+    return None
+  from imagefolder_jax.parallel import fit_spec
+  spec = fit_spec(dict(mesh.shape), nn.logical_to_mesh_axes(("batch", "length", "heads", "head_dim"), rules), shape)
+  if spec[1] is not None or (len(spec) > 3 and spec[3] is not None):
+    raise ValueError(f"block_causal_attention needs whole sequences and head vectors per device; the rules "
+                     f"shard (B, L, H, D) as {spec}")
+  return spec
+
+
+__all__ = ["BLOCK", "KERNEL_PAIR_FLOPS", "applies", "block_causal_attention", "computed_tiles", "interpreted",
+           "kernel_flops", "kernel_interpreted", "padded_length", "padded_mask"]

@@ -1,0 +1,99 @@
+"""The TPU attention kernel (splash attention under the block-causal mask), run in Pallas's
+interpreter on CPU, against XLA's masked attention; its tile accounting for `plan`."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from imagefolder_jax import parallel
+from imagefolder_jax.models.layers import heads_first_attention
+from imagefolder_jax.ops import block_causal_attention as kernel
+from imagefolder_jax.ops.masks import block_causal_mask
+from imagefolder_jax.planning import flops
+
+SCALES = (1, 1, 2, 3, 5)   # a repeated scale, as the released 10-scale schedule has; L = 40 -> one 128 tile
+RELEASED = (1, 1, 2, 3, 3, 4, 5, 6, 8, 11)
+
+
+def _inputs(dtype, heads=3, head_dim=64, batch=2):
+  length = sum(s * s for s in SCALES)
+  keys = jax.random.split(jax.random.key(0), 4)
+  return [jax.random.normal(k, (batch, length, heads, head_dim), jnp.float32).astype(dtype) for k in keys]
+
+
+def _both(dtype, scale):
+  q, k, v, cotangent = _inputs(dtype)
+  mask = jnp.asarray(block_causal_mask(SCALES))[None, None]
+  xla = lambda a, b, c: heads_first_attention(a, b, c, scale=scale, mask=mask)
+  fused = lambda a, b, c: kernel.block_causal_attention(a, b, c, scales=SCALES, scale=scale)
+  with kernel.kernel_interpreted():
+    out, vjp = jax.vjp(fused, q, k, v)
+    grads = vjp(cotangent)
+  ref, ref_vjp = jax.vjp(xla, q, k, v)
+  return (out, *grads), (ref, *ref_vjp(cotangent))
+
+
+def test_interpreted_kernel_equals_xla_attention_float32():
+  got, want = _both(jnp.float32, 0.3)
+  for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+    assert a.dtype == b.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-5, err_msg=name)
+
+
+def test_interpreted_kernel_equals_xla_attention_bfloat16():
+  got, want = _both(jnp.bfloat16, 1.0)
+  for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    # Both round the probabilities to bf16 before PV, in different orders of summation.
+    assert np.abs(a - b).max() <= 0.02 * np.abs(b).max(), name
+
+
+def test_kernel_per_device_under_a_mesh():
+  """With a mesh and the training rules, the kernel runs inside shard_map over the batch shards."""
+  q, k, v, _ = _inputs(jnp.float32)
+  mesh = parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  fused = jax.jit(lambda a, b, c: kernel.block_causal_attention(a, b, c, scales=SCALES, scale=1.0))
+  with kernel.kernel_interpreted(), jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_RULES):
+    out = fused(q, k, v)
+  ref = heads_first_attention(q, k, v, scale=1.0, mask=jnp.asarray(block_causal_mask(SCALES))[None, None])
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-5, atol=2e-5)
+
+
+def test_wrong_sequence_length_is_refused():
+  q, k, v, _ = _inputs(jnp.float32)
+  with pytest.raises(ValueError, match="sequence length 40 is not that of scales"):
+    kernel.block_causal_attention(q, k, v, scales=(1, 2), scale=1.0)
+
+
+def test_padding_and_computed_tiles():
+  mask = kernel.padded_mask(RELEASED)
+  length = sum(s * s for s in RELEASED)
+  assert mask.shape == (384, 384) and length == 286
+  np.testing.assert_array_equal(mask[:length, :length], block_causal_mask(RELEASED))
+  assert not mask[:length, length:].any()                           # no real query sees padding
+  np.testing.assert_array_equal(mask[length:], np.eye(384, dtype=bool)[length:])
+  # Tile (0, 2) is the only one removed: queries 0..127 end in the 8x8 scale (tokens 101..164).
+  assert kernel.computed_tiles(RELEASED) == 8 and kernel.computed_tiles((1, 2)) == 1
+  per_pair = 128 * 128 * 64 * 2 * 16
+  assert kernel.kernel_flops("fwd", RELEASED, 2, 16, 64) == 4 * 8 * per_pair
+  assert kernel.kernel_flops("dq", RELEASED, 2, 16, 64) + kernel.kernel_flops("dkv", RELEASED, 2, 16, 64) \
+      == 14 * 8 * per_pair
+
+
+def test_kernel_flops_read_from_compiled_hlo():
+  """`plan` prices each kernel call of a compiled program from its name and result shapes."""
+  call = ' custom-call(%p), custom_call_target="tpu_custom_call"'
+  hlo_text = "\n".join([
+      "HloModule step",
+      "ENTRY %main (p: bf16[2,16,384,64]) -> bf16[2,16,384,64] {",
+      "  %p = bf16[2,16,384,64]{3,2,1,0} parameter(0)",
+      "  %splash_mha_fwd_residuals.1 = (bf16[2,16,384,64]{3,2,1,0}, f32[2,16,384,128]{3,2,1,0})" + call,
+      "  %splash_mha_dq_no_residuals.1 = (f32[2,128,64]{2,1,0}, bf16[2,16,384,64]{3,2,1,0})" + call,
+      "  ROOT %splash_mha_dkv_no_residuals.1 = (bf16[2,16,384,64]{3,2,1,0}, bf16[2,16,384,64]{3,2,1,0})" + call,
+      "}", ""])
+  expected = sum(kernel.kernel_flops(kind, RELEASED, 2, 16, 64) for kind in ("fwd", "dq", "dkv"))
+  assert flops.attention_kernel_flops(hlo_text, RELEASED) == expected
+  assert flops.attention_kernel_flops(hlo_text.replace("splash_mha_", "other_"), RELEASED) == 0.0
