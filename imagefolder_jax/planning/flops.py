@@ -205,19 +205,23 @@ def sample_flops(gc, tc, *, guidance: bool = True) -> dict:
   return out
 
 
-def attention_kernel_flops(hlo_text: str, scales: Sequence[int]) -> float:
+def attention_kernel_flops(hlo_text: str, scales: Sequence[int], head_dim: int) -> float:
   """FLOPs per device of the block-causal attention kernels (`ops.block_causal_attention`) in a
-  compiled program's HLO, each call priced by its kind and its (b, h, Lp, D) operands."""
+  compiled program's HLO, each call priced by its kind and its (..., Lp, head_dim) query-sized
+  result: its leading dimensions are the sequences x heads it ran over (the compiler may drop a
+  batch of 1)."""
+  import math
+
   from imagefolder_jax.ops import block_causal_attention as kernel
   from imagefolder_jax.planning import hlo
+  tail = (kernel.padded_length(sum(s * s for s in scales)), head_dim)
   total = 0.0
   for name, shapes, runs in hlo.custom_calls_named(hlo_text, "splash_mha_"):
     kind = next((k for k in kernel.KERNEL_PAIR_FLOPS if f"_{k}" in name), None)
-    qkv = next((s for s in shapes if len(s) == 4), None)
-    if kind is None or qkv is None:
+    rows = [math.prod(s[:-2]) for s in shapes if len(s) >= 3 and tuple(s[-2:]) == tail]
+    if kind is None or not rows:
       raise ValueError(f"unrecognised attention kernel {name} with results {shapes}")
-    batch, heads, _, head_dim = qkv
-    total += runs * kernel.kernel_flops(kind, scales, batch, heads, head_dim)
+    total += runs * kernel.kernel_flops(kind, scales, max(rows), 1, head_dim)
   return total
 
 

@@ -390,8 +390,8 @@ def plan(stage: str, config: ml_collections.ConfigDict, mesh_sizes: dict, device
       if compiled is None:
         fields["out_of_memory"] = refusal
       else:
-        kernels = (functools.partial(flops.attention_kernel_flops, scales=task.model_config.scales)
-                   if stage == "generator" else None)
+        kernels = (functools.partial(flops.attention_kernel_flops, scales=task.model_config.scales,
+                                     head_dim=task.model_config.head_dim) if stage == "generator" else None)
         fields.update(analyze_compiled(compiled, list(np.asarray(mesh.devices).flat), spec, analytic, kernels))
   parts = {k: per_device_bytes(abstract[k], shardings[k]) for k in ("params", "opt_state", "ema_params")}
   other = sum(per_device_bytes(abstract[k], shardings[k]) for k in abstract if k not in parts)
