@@ -7,8 +7,9 @@ scores on chip, runs online softmax over the key blocks, and skips the tiles the
 removes entirely (a query sees every token of its own scale and of earlier ones: `ops/masks.py`).
 
 Used by `models/generator.py` when the program is compiled for TPUs (`ops.platform.target_platform`,
-so `plan --topology v5p-64` on a CPU machine compiles it too). Elsewhere, or with
-`kernel_interpreted()`, Pallas's interpreter runs the same kernel on any backend: that is how the
+so `plan --topology v5p-64` on a CPU machine compiles it too), except the generations where XLA's
+attention compiled to less HBM traffic (`XLA_ATTENTION_KINDS`); elsewhere XLA's attention runs.
+Within `kernel_interpreted()` Pallas's interpreter runs the kernel on any backend: that is how the
 tests check it against XLA's attention on CPU.
 
 Under a mesh with logical rules (training), the kernel runs per device inside `shard_map`, over the
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from imagefolder_jax.ops.masks import block_causal_mask
-from imagefolder_jax.ops.platform import target_platform
+from imagefolder_jax.ops.platform import target_device_kind, target_platform
 
 BLOCK = 128  # tile side (queries and keys): the MXU's width on v4/v5, and the sequence padding unit
 _INTERPRET: contextvars.ContextVar[bool] = contextvars.ContextVar("imagefolder_jax_splash_interpret", default=False)
@@ -49,9 +50,20 @@ def interpreted() -> bool:
   return _INTERPRET.get()
 
 
+# TPU generations where XLA's own attention compiled to fewer HBM bytes than the kernel: on a v6e-64
+# the d16 step at 12 images per chip moved 64.6 GB per chip with XLA's attention against 73.7 GB
+# with the kernel (43 against 48 ms by the roofline), while on v5p (24 and 12 per chip) and v5e the
+# kernel moved less (docs/planning.md).
+XLA_ATTENTION_KINDS = ("TPU v6",)
+
+
 def applies() -> bool:
-  """Whether the program being traced takes the kernel: compiled for TPUs, or interpreted."""
-  return interpreted() or target_platform() == "tpu"
+  """Whether the program being traced takes the kernel: compiled for TPUs other than
+  `XLA_ATTENTION_KINDS`, or interpreted."""
+  if interpreted():
+    return True
+  kind = target_device_kind() or ""
+  return target_platform() == "tpu" and not kind.startswith(XLA_ATTENTION_KINDS)
 
 
 def padded_length(length: int, block: int = BLOCK) -> int:
@@ -150,5 +162,5 @@ def _activation_spec(shape: Sequence[int]) -> Optional[jax.sharding.PartitionSpe
   return spec
 
 
-__all__ = ["BLOCK", "KERNEL_PAIR_FLOPS", "applies", "block_causal_attention", "computed_tiles", "interpreted",
-           "kernel_flops", "kernel_interpreted", "padded_length", "padded_mask"]
+__all__ = ["BLOCK", "KERNEL_PAIR_FLOPS", "XLA_ATTENTION_KINDS", "applies", "block_causal_attention",
+           "computed_tiles", "interpreted", "kernel_flops", "kernel_interpreted", "padded_length", "padded_mask"]

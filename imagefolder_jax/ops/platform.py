@@ -70,3 +70,16 @@ def target_platform() -> str:
   if device is not None and getattr(device, "platform", None):
     return normalize(device.platform)
   return normalize(jax.default_backend())
+
+
+def target_device_kind() -> Optional[str]:
+  """The device kind of the mesh set with `jax.set_mesh` (e.g. 'TPU v5', 'TPU v6 lite'), else of the
+  default backend's first device; None inside `compiling_for` without such a mesh (only the
+  platform is known there)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+  if device is not None and getattr(device, "device_kind", None):
+    return device.device_kind
+  if _TARGET.get() is not None:
+    return None
+  return jax.devices()[0].device_kind

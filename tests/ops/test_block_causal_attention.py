@@ -62,6 +62,16 @@ def test_kernel_per_device_under_a_mesh():
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("topology,expected", [("v5e-4", True), ("v5p-8", True), ("v6e-4", False)])
+def test_kernel_chosen_by_the_compile_target(topology, expected):
+  """Decided by the devices of the mesh being compiled for (compile-only TPUs here), not the host."""
+  from imagefolder_jax.planning.topology import compile_only_devices, parse_topology
+  devices = compile_only_devices(parse_topology(topology))
+  assert not kernel.applies()                                    # this CPU host
+  with jax.set_mesh(parallel.make_mesh(devices=devices)):
+    assert kernel.applies() is expected
+
+
 def test_wrong_sequence_length_is_refused():
   q, k, v, _ = _inputs(jnp.float32)
   with pytest.raises(ValueError, match="sequence length 40 is not that of scales"):
