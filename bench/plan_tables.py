@@ -86,7 +86,9 @@ def table(records: list) -> str:
     p = r["plan"]
     coll = ", ".join(f"{k} x{v['count']} {v['bytes'] / 2 ** 20:.0f} MiB" for k, v in p["collectives"].items()
                      if isinstance(v, dict)) or "—"
-    compiled = "" if p["flops_per_chip"] is None else f", {p['flops_per_chip'] * p['chips']:.2e}"
+    # the compiler's count plus its Pallas kernels' (the generator's attention on TPU)
+    kernels = p.get("kernel_flops_per_device") or 0.0
+    compiled = "" if p["flops_per_chip"] is None else f", {(p['flops_per_chip'] + kernels) * p['chips']:.2e}"
     fits = "yes" if p["fits"] else ("**no**: " + p["out_of_memory"] if p["out_of_memory"] else "**no**")
     roof = p["roofline"]
     parts = "" if not roof else " (" + " / ".join(

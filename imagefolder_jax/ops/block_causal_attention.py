@@ -66,17 +66,32 @@ def applies() -> bool:
   return target_platform() == "tpu" and not kind.startswith(XLA_ATTENTION_KINDS)
 
 
+# Sequences up to this long are one query tile (unpadded: the queries, outputs and their gradients
+# keep length L); longer ones are cut into BLOCK-query tiles, so the mask can skip whole tiles.
+MAX_QUERY_TILE = 1024
+
+
 def padded_length(length: int, block: int = BLOCK) -> int:
   """`length` rounded up to whole tiles."""
   return -(-length // block) * block
 
 
-def padded_mask(scales: Sequence[int], block: int = BLOCK) -> np.ndarray:
-  """(Lp, Lp) bool: the block-causal mask of `scales`, padded to whole tiles. A padding query sees
-  only itself (a row with no key would divide by zero) and no real query sees a padding key."""
+def tiling(length: int) -> tuple[int, int, int]:
+  """(query length Lq, key length Lk, query tile) of the kernel for a sequence of `length`: keys
+  padded to whole BLOCK tiles; queries one unpadded tile up to MAX_QUERY_TILE, else padded too."""
+  if length <= MAX_QUERY_TILE:
+    return length, padded_length(length), length
+  return padded_length(length), padded_length(length), BLOCK
+
+
+def padded_mask(scales: Sequence[int]) -> np.ndarray:
+  """(Lq, Lk) bool: the block-causal mask of `scales` on the kernel's padded lengths (`tiling`). No
+  real query sees a padding key; a padding query sees only its own position (a row with no key
+  would divide by zero)."""
   mask = block_causal_mask(scales)
   length = mask.shape[0]
-  full = np.eye(padded_length(length, block), dtype=bool)
+  lq, lk, _ = tiling(length)
+  full = np.eye(lq, lk, dtype=bool)
   full[:length, :length] = mask
   return full
 
@@ -87,27 +102,34 @@ def padded_mask(scales: Sequence[int], block: int = BLOCK) -> np.ndarray:
 KERNEL_PAIR_FLOPS = {"fwd": 4.0, "dq": 6.0, "dkv": 8.0}
 
 
-def computed_tiles(scales: Sequence[int], block: int = BLOCK) -> int:
-  """Number of (block, block) score tiles the kernel computes: those the mask does not remove."""
-  mask = padded_mask(scales, block)
-  n = mask.shape[0] // block
-  return int(mask.reshape(n, block, n, block).any(axis=(1, 3)).sum())
+def computed_pairs(scales: Sequence[int]) -> int:
+  """(query, key) pairs the kernel computes per sequence and head: all pairs of every (query tile,
+  BLOCK keys) tile that the mask does not remove entirely."""
+  mask = padded_mask(scales)
+  lq, lk = mask.shape
+  tile = tiling(sum(s * s for s in scales))[2]
+  tiles = mask.reshape(lq // tile, tile, lk // BLOCK, BLOCK).any(axis=(1, 3)).sum()
+  return int(tiles) * tile * BLOCK
 
 
 def kernel_flops(kind: str, scales: Sequence[int], batch: int, heads: int, head_dim: int) -> float:
   """FLOPs one call of the `kind` kernel ('fwd', 'dq' or 'dkv') executes over `batch` sequences of
   `heads` heads: every pair of each computed tile, masked or not. The TPU compiler's cost model
   cannot see into a kernel, so `planning` adds these to its count."""
-  return KERNEL_PAIR_FLOPS[kind] * head_dim * computed_tiles(scales) * BLOCK * BLOCK * batch * heads
+  return KERNEL_PAIR_FLOPS[kind] * head_dim * computed_pairs(scales) * batch * heads
+
+
+def _kernel(scales: tuple[int, ...], heads: int, interpret: bool):
+  return _cached_kernel(scales, heads, interpret, tiling(sum(s * s for s in scales))[2])
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(scales: tuple[int, ...], heads: int, interpret: bool):
+def _cached_kernel(scales: tuple[int, ...], heads: int, interpret: bool, tile: int):
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+  blocks = splash.BlockSizes(block_q=tile, block_kv=BLOCK, block_kv_compute=BLOCK, block_q_dkv=tile,
+                             block_kv_dkv=BLOCK, block_kv_dkv_compute=BLOCK, block_q_dq=tile, block_kv_dq=BLOCK)
   mask = splash_mask.NumpyMask(padded_mask(scales))
-  blocks = splash.BlockSizes(block_q=BLOCK, block_kv=BLOCK, block_kv_compute=BLOCK, block_q_dkv=BLOCK,
-                             block_kv_dkv=BLOCK, block_kv_dkv_compute=BLOCK, block_q_dq=BLOCK, block_kv_dq=BLOCK)
   return splash.make_splash_mha(splash_mask.MultiHeadMask([mask] * heads), block_sizes=blocks,
                                 head_shards=1, q_seq_shards=1, interpret=interpret)
 
@@ -116,15 +138,15 @@ def _local_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scales: tuple[
                      interpret: bool) -> jax.Array:
   """The kernel over whole sequences of one device's shard. q/k/v: (b, L, h, D) -> (b, L, h, D)."""
   length = q.shape[1]
-  pad = padded_length(length) - length
+  lq, lk, _ = tiling(length)
 
-  def heads_first(x):  # (b, L, h, D) -> (b, h, Lp, D): the kernel's layout, in whole tiles
-    return jnp.swapaxes(jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))), 1, 2)
+  def heads_first(x, padded):  # (b, L, h, D) -> (b, h, padded, D): the kernel's layout
+    return jnp.swapaxes(jnp.pad(x, ((0, 0), (0, padded - length), (0, 0), (0, 0))), 1, 2)
 
   kernel = _kernel(scales, q.shape[2], interpret)
   if scale != 1.0:  # the kernel has no logit scale; the l2-normalised generator's is 1
     q = q * jnp.asarray(scale, q.dtype)
-  out = jax.vmap(kernel)(heads_first(q), heads_first(k), heads_first(v))
+  out = jax.vmap(kernel)(heads_first(q, lq), heads_first(k, lk), heads_first(v, lk))
   return jnp.swapaxes(out[:, :, :length], 1, 2).astype(q.dtype)
 
 
@@ -162,5 +184,6 @@ def _activation_spec(shape: Sequence[int]) -> Optional[jax.sharding.PartitionSpe
   return spec
 
 
-__all__ = ["BLOCK", "KERNEL_PAIR_FLOPS", "XLA_ATTENTION_KINDS", "applies", "block_causal_attention",
-           "computed_tiles", "interpreted", "kernel_flops", "kernel_interpreted", "padded_length", "padded_mask"]
+__all__ = ["BLOCK", "KERNEL_PAIR_FLOPS", "MAX_QUERY_TILE", "XLA_ATTENTION_KINDS", "applies", "block_causal_attention",
+           "computed_pairs", "interpreted", "kernel_flops", "kernel_interpreted", "padded_length", "padded_mask",
+           "tiling"]

@@ -207,18 +207,18 @@ def sample_flops(gc, tc, *, guidance: bool = True) -> dict:
 
 def attention_kernel_flops(hlo_text: str, scales: Sequence[int], head_dim: int) -> float:
   """FLOPs per device of the block-causal attention kernels (`ops.block_causal_attention`) in a
-  compiled program's HLO, each call priced by its kind and its (..., Lp, head_dim) query-sized
-  result: its leading dimensions are the sequences x heads it ran over (the compiler may drop a
-  batch of 1)."""
+  compiled program's HLO, each call priced by its kind and a (..., Lq or Lk, head_dim) result: its
+  leading dimensions are the sequences x heads it ran over (the compiler may drop a batch of 1)."""
   import math
 
   from imagefolder_jax.ops import block_causal_attention as kernel
   from imagefolder_jax.planning import hlo
-  tail = (kernel.padded_length(sum(s * s for s in scales)), head_dim)
+  lq, lk, _ = kernel.tiling(sum(s * s for s in scales))
+  tails = {(lq, head_dim), (lk, head_dim)}
   total = 0.0
   for name, shapes, runs in hlo.custom_calls_named(hlo_text, "splash_mha_"):
     kind = next((k for k in kernel.KERNEL_PAIR_FLOPS if f"_{k}" in name), None)
-    rows = [math.prod(s[:-2]) for s in shapes if len(s) >= 3 and tuple(s[-2:]) == tail]
+    rows = [math.prod(s[:-2]) for s in shapes if len(s) >= 3 and tuple(s[-2:]) in tails]
     if kind is None or not rows:
       raise ValueError(f"unrecognised attention kernel {name} with results {shapes}")
     total += runs * kernel.kernel_flops(kind, scales, max(rows), 1, head_dim)

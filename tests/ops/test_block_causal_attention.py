@@ -36,7 +36,11 @@ def _both(dtype, scale):
   return (out, *grads), (ref, *ref_vjp(cotangent))
 
 
-def test_interpreted_kernel_equals_xla_attention_float32():
+@pytest.mark.parametrize("query_tile", ["one unpadded tile", "padded 128-query tiles"])
+def test_interpreted_kernel_equals_xla_attention_float32(query_tile, monkeypatch):
+  if query_tile.startswith("padded"):   # what sequences over MAX_QUERY_TILE take
+    monkeypatch.setattr(kernel, "MAX_QUERY_TILE", 32)
+  assert kernel.tiling(40) == ((40, 128, 40) if query_tile.startswith("one") else (128, 128, 128))
   got, want = _both(jnp.float32, 0.3)
   for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
     assert a.dtype == b.dtype == jnp.float32
@@ -78,19 +82,26 @@ def test_wrong_sequence_length_is_refused():
     kernel.block_causal_attention(q, k, v, scales=(1, 2), scale=1.0)
 
 
-def test_padding_and_computed_tiles():
-  mask = kernel.padded_mask(RELEASED)
+def test_padding_and_computed_pairs():
   length = sum(s * s for s in RELEASED)
-  assert mask.shape == (384, 384) and length == 286
-  np.testing.assert_array_equal(mask[:length, :length], block_causal_mask(RELEASED))
-  assert not mask[:length, length:].any()                           # no real query sees padding
-  np.testing.assert_array_equal(mask[length:], np.eye(384, dtype=bool)[length:])
-  # Tile (0, 2) is the only one removed: queries 0..127 end in the 8x8 scale (tokens 101..164).
-  assert kernel.computed_tiles(RELEASED) == 8 and kernel.computed_tiles((1, 2)) == 1
-  per_pair = 128 * 128 * 64 * 2 * 16
-  assert kernel.kernel_flops("fwd", RELEASED, 2, 16, 64) == 4 * 8 * per_pair
+  mask = kernel.padded_mask(RELEASED)
+  assert length == 286 and kernel.tiling(length) == (286, 384, 286) and mask.shape == (286, 384)
+  np.testing.assert_array_equal(mask[:, :length], block_causal_mask(RELEASED))
+  assert not mask[:, length:].any()                                 # no query sees padding
+  # One tile of all 286 queries x 128 keys per key block: the three blocks hold real keys.
+  assert kernel.computed_pairs(RELEASED) == 3 * 286 * 128
+  per_pair = 64 * 2 * 16
+  assert kernel.kernel_flops("fwd", RELEASED, 2, 16, 64) == 4 * 3 * 286 * 128 * per_pair
   assert kernel.kernel_flops("dq", RELEASED, 2, 16, 64) + kernel.kernel_flops("dkv", RELEASED, 2, 16, 64) \
-      == 14 * 8 * per_pair
+      == 14 * 3 * 286 * 128 * per_pair
+  # Longer sequences: 128-query tiles, both sides padded; padding queries see only themselves, and
+  # the tiles above the block diagonal that the mask removes are skipped.
+  long = (1, 2, 4, 8, 16, 32)                                       # L = 1365 > MAX_QUERY_TILE
+  mask = kernel.padded_mask(long)
+  assert kernel.tiling(1365) == (1408, 1408, 128) and mask.shape == (1408, 1408)
+  np.testing.assert_array_equal(mask[1365:], np.eye(1408, dtype=bool)[1365:])
+  tiles = mask.reshape(11, 128, 11, 128).any(axis=(1, 3))
+  assert kernel.computed_pairs(long) == tiles.sum() * 128 * 128 < 11 * 11 * 128 * 128
 
 
 def test_kernel_flops_read_from_compiled_hlo():
@@ -100,13 +111,13 @@ def test_kernel_flops_read_from_compiled_hlo():
       "HloModule step",
       "ENTRY %main (p: bf16[2,16,384,64]) -> bf16[2,16,384,64] {",
       "  %p = bf16[2,16,384,64]{3,2,1,0} parameter(0)",
-      "  %splash_mha_fwd_residuals.1 = (bf16[2,16,384,64]{3,2,1,0}, f32[2,16,384,128]{3,2,1,0})" + call,
-      "  %splash_mha_dq_no_residuals.1 = (f32[2,128,64]{2,1,0}, bf16[2,16,384,64]{3,2,1,0})" + call,
+      "  %splash_mha_fwd_residuals.1 = (bf16[2,16,286,64]{3,2,1,0}, f32[2,16,286,128]{3,2,1,0})" + call,
+      "  %splash_mha_dq_no_residuals.1 = (f32[2,286,64]{2,1,0}, bf16[2,16,286,64]{3,2,1,0})" + call,
       "  ROOT %splash_mha_dkv_no_residuals.1 = (bf16[2,16,384,64]{3,2,1,0}, bf16[2,16,384,64]{3,2,1,0})" + call,
       "}", ""])
   expected = sum(kernel.kernel_flops(kind, RELEASED, 2, 16, 64) for kind in ("fwd", "dq", "dkv"))
   assert flops.attention_kernel_flops(hlo_text, RELEASED, 64) == expected
   assert flops.attention_kernel_flops(hlo_text.replace("splash_mha_", "other_"), RELEASED, 64) == 0.0
   # A batch of one per device: the compiler drops that dimension from the kernel's results.
-  one = hlo_text.replace("bf16[2,16,384,64]", "bf16[16,384,64]")
+  one = hlo_text.replace("bf16[2,16,384,64]", "bf16[16,384,64]").replace("bf16[2,16,286,64]", "bf16[16,286,64]")
   assert flops.attention_kernel_flops(one, RELEASED, 64) == expected / 2
