@@ -62,8 +62,7 @@ def applies() -> bool:
   `XLA_ATTENTION_KINDS`, or interpreted."""
   if interpreted():
     return True
-  kind = target_device_kind() or ""
-  return target_platform() == "tpu" and not kind.startswith(XLA_ATTENTION_KINDS)
+  return target_platform() == "tpu" and not (target_device_kind() or "").startswith(XLA_ATTENTION_KINDS)
 
 
 # Sequences up to this long are one query tile (unpadded: the queries, outputs and their gradients

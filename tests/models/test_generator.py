@@ -311,7 +311,7 @@ def test_teacher_forcing_through_the_tpu_attention_kernel():
   """On TPUs the teacher-forced trunk takes the fused block-causal kernel (here interpreted on
   CPU): the same logits and parameter gradients as XLA's masked attention."""
   from imagefolder_jax.ops import block_causal_attention
-  c = GeneratorConfig(depth=2, width=64, num_heads=2, num_classes=5, codebook_size=16, latent_dim=4,
+  c = GeneratorConfig(depth=1, width=64, num_heads=2, num_classes=5, codebook_size=16, latent_dim=4,
                       scales=(1, 1, 2, 3))
   module = NextScaleGenerator(c)
   labels = jnp.array([1, 3])
