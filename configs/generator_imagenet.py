@@ -24,7 +24,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.train = dict(num_steps=350 * steps_per_epoch, log_every=100, checkpoint_every=2000, keep_checkpoints=3,
                  image_every=5000, async_checkpoints=True,
                  remat="none",   # per-block rematerialisation: none / dots_saveable / full
-                 grad_accum=1)   # microbatches per step (generator only; same result as the large batch)
+                 grad_accum=1,   # microbatches per step (generator only; same result as the large batch)
+                 attention_kernel="auto")   # auto: the fused attention kernel on TPUs (not v6e); xla
   # Axis sizes inside a slice/node (data, fsdp, tensor) times across slices/nodes (dcn_*); `rules`
   # ((logical, mesh axes), ...) override parallel.LOGICAL_RULES; frozen networks below
   # frozen_replicate_below_mb are replicated, larger ones split over fsdp.

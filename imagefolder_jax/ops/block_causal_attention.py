@@ -50,6 +50,20 @@ def interpreted() -> bool:
   return _INTERPRET.get()
 
 
+_XLA: contextvars.ContextVar[bool] = contextvars.ContextVar("imagefolder_jax_xla_attention", default=False)
+
+
+@contextlib.contextmanager
+def xla_attention(enabled: bool = True) -> Iterator[None]:
+  """Within the block (when `enabled`), programs traced for TPUs keep XLA's attention
+  (`train.attention_kernel='xla'`)."""
+  token = _XLA.set(enabled)
+  try:
+    yield
+  finally:
+    _XLA.reset(token)
+
+
 # TPU generations where XLA's own attention compiled to fewer HBM bytes than the kernel: on a v6e-64
 # the d16 step at 12 images per chip moved 64.6 GB per chip with XLA's attention against 73.7 GB
 # with the kernel (43 against 48 ms by the roofline), while on v5p (24 and 12 per chip) and v5e the
@@ -59,10 +73,12 @@ XLA_ATTENTION_KINDS = ("TPU v6",)
 
 def applies() -> bool:
   """Whether the program being traced takes the kernel: compiled for TPUs other than
-  `XLA_ATTENTION_KINDS`, or interpreted."""
+  `XLA_ATTENTION_KINDS` outside `xla_attention()`, or interpreted."""
   if interpreted():
     return True
-  return target_platform() == "tpu" and not (target_device_kind() or "").startswith(XLA_ATTENTION_KINDS)
+  if _XLA.get() or target_platform() != "tpu":
+    return False
+  return not (target_device_kind() or "").startswith(XLA_ATTENTION_KINDS)
 
 
 # Sequences up to this long are one query tile (unpadded: the queries, outputs and their gradients
@@ -185,4 +201,4 @@ def _activation_spec(shape: Sequence[int]) -> Optional[jax.sharding.PartitionSpe
 
 __all__ = ["BLOCK", "KERNEL_PAIR_FLOPS", "MAX_QUERY_TILE", "XLA_ATTENTION_KINDS", "applies", "block_causal_attention",
            "computed_pairs", "interpreted", "kernel_flops", "kernel_interpreted", "padded_length", "padded_mask",
-           "tiling"]
+           "tiling", "xla_attention"]

@@ -27,8 +27,13 @@ from imagefolder_jax.models.generator import (
   unflatten_ids,
 )
 from imagefolder_jax.models.tokenizer import ImageFolderTokenizer, TokenizerConfig
+from imagefolder_jax.ops import block_causal_attention
 from imagefolder_jax.storage.bundle import BundleError, load_bundle, read_bundle_configs
 from imagefolder_jax.train import optim
+
+# train.attention_kernel: 'auto' runs the fused TPU attention kernel where `block_causal_attention.applies`
+# (TPUs but v6e), 'xla' keeps XLA's attention everywhere (a compute-bound model, e.g. d30 on v5p).
+ATTENTION_KERNELS = ("auto", "xla")
 
 log = logging.getLogger("imagefolder_jax.train")
 
@@ -66,6 +71,9 @@ class GeneratorTask:
         dtype=config.get("dtype", "float32"))
     self.model_config.validate()
     self.remat = config.train.get("remat", "none")
+    self.attention_kernel = config.train.get("attention_kernel", "auto")
+    if self.attention_kernel not in ATTENTION_KERNELS:
+      raise ValueError(f"train.attention_kernel={self.attention_kernel!r} must be one of {ATTENTION_KERNELS}")
     self.grad_accum = int(config.train.get("grad_accum", 1))
     if self.grad_accum < 1 or config.data.batch_size % self.grad_accum:
       raise ValueError(f"train.grad_accum={self.grad_accum} must be >= 1 and divide data.batch_size="
@@ -140,7 +148,8 @@ class GeneratorTask:
     targets = flatten_ids(ids)
 
     def loss_fn(params, labels, inputs, targets, key):
-      logits = self.model.apply({"params": params}, labels, inputs, train=True, rngs={"dropout": key})
+      with block_causal_attention.xla_attention(self.attention_kernel == "xla"):
+        logits = self.model.apply({"params": params}, labels, inputs, train=True, rngs={"dropout": key})
       loss = generator_loss(logits, targets)
       accuracy = jnp.mean(jnp.argmax(logits, -1) == targets)
       return loss, accuracy

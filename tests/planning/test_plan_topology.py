@@ -91,8 +91,11 @@ def test_generator_step_on_tpu_fsdp_and_slices(generator_data_plan):
   assert data.collectives["all-reduce"]["count"] >= 1                  # the gradient reduction
   assert data.roofline["seconds"] > 0 and data.images_per_second > 0
   assert data.optimal_seconds is None or data.optimal_seconds > 0      # never a negative time
-  # Compiled for TPUs, the teacher-forced attention is the fused kernel, priced beside XLA's count.
+  # Compiled for TPUs, the teacher-forced attention is the fused kernel, priced beside XLA's count;
+  # train.attention_kernel=xla keeps XLA's.
   assert data.kernel_flops_per_device > 0 and data.roofline["flops_per_chip"] >= data.xla_flops_per_device
+  xla = _plan("generator", "v5e-4", "data=4", 1, "--config.train.attention_kernel=xla")
+  assert xla.kernel_flops_per_device == 0 and xla.fits
   fsdp = _plan("generator", "v5e-4", "data=1,fsdp=4")
   # The rules shard the model width over fsdp: parameters (and their Adam moments) per chip shrink.
   assert fsdp.params_bytes < 0.5 * data.params_bytes and fsdp.opt_state_bytes < 0.5 * data.opt_state_bytes
@@ -159,7 +162,9 @@ def test_cli_plan_topology_json_and_errors(generator_data_plan, capsys):
   from imagefolder_jax.cli import main
   for args, message in ((["--topology", "v7-8"], "expected NAME-COUNT"),
                         (["--topology", "v5e-4", "--devices", "4"], "leave out --devices"),
-                        (["--devices", "2"], "needs --topology NAME, or --devices N and --chip")):
+                        (["--devices", "2"], "needs --topology NAME, or --devices N and --chip"),
+                        (["--topology", "v5e-4", "--config.train.attention_kernel=flash"],
+                         "train.attention_kernel='flash' must be one of ('auto', 'xla')")):
     assert main(["plan", "--stage", "generator", "--config", TINY_GENERATOR, *args]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
