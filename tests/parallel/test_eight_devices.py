@@ -5,7 +5,8 @@ does not depend on the model), read here one check per test:
 * tokenizer encode / decode / reconstruct with the batch over 8 devices equal 1 device;
 * Inception features (random weights) over 8 devices equal 1, the last batch padded;
 * `evaluate_tokenizer` on 8 devices equals 1 (padding rows never counted);
-* `Generator.sample` over 8 devices equals 1 (the micro bundle).
+* `Generator.sample` over 8 devices equals 1 (the micro bundle);
+* the TPU attention kernel (interpreted) inside shard_map, batch and heads split, equals XLA's.
 
 Training on 8 devices is tests/parallel/test_eight_devices_training.py: a second process, so the
 two run side by side on two test workers.
@@ -20,7 +21,8 @@ pytestmark = pytest.mark.slow   # one process of a few minutes
 
 @pytest.fixture(scope="module")
 def checks(micro_bundle) -> dict:
-  return eight_device_checks("tokenizer", "inception", "eval_tokenizer", "sampling", micro_bundle=micro_bundle)
+  return eight_device_checks("tokenizer", "inception", "eval_tokenizer", "sampling", "attention_kernel",
+                             micro_bundle=micro_bundle)
 
 
 def test_tokenizer_sharded_over_8_devices(checks):
@@ -46,3 +48,8 @@ def test_evaluate_tokenizer_8_devices_equal_1(checks):
 
 def test_sampling_sharded_over_8_devices_equals_one(checks):
   eight_device_check_passed(checks, "sampling")
+
+
+def test_attention_kernel_per_device_equals_xla_attention(checks):
+  """The TPU attention kernel (interpreted) inside shard_map, batch and heads split over 8 devices."""
+  eight_device_check_passed(checks, "attention_kernel")

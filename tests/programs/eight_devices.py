@@ -2,8 +2,8 @@
 
   eight_devices.py [--micro-bundle B] [--configs DIR --work DIR] NAME...
 
-NAME: tokenizer, inception, eval_tokenizer, sampling (the micro bundle), training (configs and a
-work directory).
+NAME: tokenizer, inception, eval_tokenizer, sampling (the micro bundle), attention_kernel, training
+(configs and a work directory).
 
 Each check runs in turn whatever the others did and reports on stdout between `=== NAME` and
 `=== NAME OK` (with `RESULT <json>` when it returns something) or `=== NAME FAILED` and the traceback;
@@ -13,6 +13,7 @@ import json
 import os
 import traceback
 
+import attention_kernel_sharded
 import eval_tokenizer_sharded
 import inception_sharded
 import jax
@@ -31,6 +32,7 @@ CHECKS = {
     "inception": inception_sharded.run,
     "eval_tokenizer": lambda: eval_tokenizer_sharded.run(args.micro_bundle),
     "sampling": lambda: sampling_sharded.run(args.micro_bundle),
+    "attention_kernel": attention_kernel_sharded.run,
     "training": lambda: training_sharded.run(args.configs, os.path.join(args.work, "training")),
 }
 for name in args.checks:
