@@ -2,9 +2,11 @@
 
 XLA's attention writes the float32 score matrix (B, H, L, L) and its gradient to HBM between fusions:
 for the d16 generator at 24 images per v5p chip that is over half of the step's HBM traffic, and the
-step is memory-bound (docs/planning.md). Splash attention keeps each (block_q, block_kv) tile of
-scores on chip, runs online softmax over the key blocks, and skips the tiles the block-causal mask
+step is memory-bound (docs/planning.md). Splash attention keeps each (query tile, key tile) of
+scores on chip, runs online softmax over the key tiles, and skips the tiles the block-causal mask
 removes entirely (a query sees every token of its own scale and of earlier ones: `ops/masks.py`).
+Up to MAX_QUERY_TILE tokens the queries are one unpadded tile and only the keys are padded to whole
+128-key tiles (`tiling`): padding the queries too grew the d16 step's HBM traffic by 7%.
 
 Used by `models/generator.py` when the program is compiled for TPUs (`ops.platform.target_platform`,
 so `plan --topology v5p-64` on a CPU machine compiles it too), except the generations where XLA's
@@ -65,8 +67,8 @@ def xla_attention(enabled: bool = True) -> Iterator[None]:
 
 
 # TPU generations where XLA's own attention compiled to fewer HBM bytes than the kernel: on a v6e-64
-# the d16 step at 12 images per chip moved 64.6 GB per chip with XLA's attention against 73.7 GB
-# with the kernel (43 against 48 ms by the roofline), while on v5p (24 and 12 per chip) and v5e the
+# the d16 step at 12 images per chip moved 64.6 GB per chip with XLA's attention against 72.3 GB
+# with the kernel (43 against 47 ms by the roofline), while on v5p (24 and 12 per chip) and v5e the
 # kernel moved less (docs/planning.md).
 XLA_ATTENTION_KINDS = ("TPU v6",)
 
