@@ -20,6 +20,7 @@ share ÷ the device count.
 from __future__ import annotations
 
 import functools
+import math
 import time
 from typing import Any, Optional, Sequence
 
@@ -209,8 +210,6 @@ def attention_kernel_flops(hlo_text: str, scales: Sequence[int], head_dim: int) 
   """FLOPs per device of the block-causal attention kernels (`ops.block_causal_attention`) in a
   compiled program's HLO, each call priced by its kind and a (..., Lq or Lk, head_dim) result: its
   leading dimensions are the sequences x heads it ran over (the compiler may drop a batch of 1)."""
-  import math
-
   from imagefolder_jax.ops import block_causal_attention as kernel
   from imagefolder_jax.planning import hlo
   lq, lk, _ = kernel.tiling(sum(s * s for s in scales))

@@ -264,16 +264,22 @@ def test_teacher_forced_sampling_matches_official(official, parity_expected, fix
 
 
 # ------------------------------------------------------------------------------------ loss, ids, mask
-def test_loss_and_label_dropout():
-  c = GeneratorConfig(depth=1, width=32, num_heads=2, num_classes=5, codebook_size=16, latent_dim=4,
-                      scales=(1, 2), label_dropout=1.0)
+def _random_generator(c: GeneratorConfig):
+  """(module, labels (2,), inputs (2, L - 1, input_dim), variables) with random O(0.3) weights (not
+  the official init, whose 1e-4 gates make blocks near-identity)."""
   module = NextScaleGenerator(c)
   labels = jnp.array([1, 3])
   inputs = jax.random.normal(jax.random.key(0), (2, c.num_tokens - 1, c.input_dim))
-  # Random O(0.3) weights (not the official init, whose 1e-4 gates make blocks near-identity).
   shapes = nn.unbox(jax.eval_shape(module.init, jax.random.key(1), labels, inputs))
   rng = np.random.default_rng(0)
   variables = jax.tree.map(lambda x: (0.3 * rng.standard_normal(x.shape)).astype(np.float32), shapes)
+  return module, labels, inputs, variables
+
+
+def test_loss_and_label_dropout():
+  c = GeneratorConfig(depth=1, width=32, num_heads=2, num_classes=5, codebook_size=16, latent_dim=4,
+                      scales=(1, 2), label_dropout=1.0)
+  module, labels, inputs, variables = _random_generator(c)
   apply = jax.jit(module.apply, static_argnames="train")
   logits = apply(variables, labels, inputs)
   targets = jax.random.randint(jax.random.key(3), (2, c.num_tokens, 2), 0, 16)
@@ -313,12 +319,7 @@ def test_teacher_forcing_through_the_tpu_attention_kernel():
   from imagefolder_jax.ops import block_causal_attention
   c = GeneratorConfig(depth=1, width=64, num_heads=2, num_classes=5, codebook_size=16, latent_dim=4,
                       scales=(1, 1, 2, 3))
-  module = NextScaleGenerator(c)
-  labels = jnp.array([1, 3])
-  inputs = jax.random.normal(jax.random.key(0), (2, c.num_tokens - 1, c.input_dim))
-  shapes = nn.unbox(jax.eval_shape(module.init, jax.random.key(1), labels, inputs))
-  rng = np.random.default_rng(0)
-  variables = jax.tree.map(lambda x: (0.3 * rng.standard_normal(x.shape)).astype(np.float32), shapes)
+  module, labels, inputs, variables = _random_generator(c)
   loss = lambda v: jnp.sum(module.apply(v, labels, inputs) ** 2)
   want, want_grads = jax.value_and_grad(loss)(variables)
   with block_causal_attention.kernel_interpreted():
