@@ -44,9 +44,10 @@ def _add_plan(sub) -> None:
   p.add_argument("--no-compile", action="store_true",
                  help="skip the compile: exact state/frozen/batch bytes in seconds, no temporaries")
   p.add_argument("--largest-batch", action="store_true",
-                 help="with --topology: also find the largest global batch that fits, by bisection over compiles "
-                      "(doubling or halving from the config's batch, or --batch, then bisecting); the plan printed is "
-                      "the starting batch's")
+                 help="with --topology: also find the largest global batch that fits, by a search over compiles "
+                      "(from the config's batch, or --batch, each probe aims where the fitting probes' peak memory "
+                      "reaches the chip's limit, with bisection as the safeguard); the plan printed is the starting "
+                      "batch's")
   p.add_argument("--batch-step", type=int,
                  help="--largest-batch: granularity of the searched global batches (default 8 per batch shard of "
                       "the mesh, times train.grad_accum)")

@@ -48,3 +48,40 @@ def test_limit_not_a_multiple_of_step_ends():
   assert search.to_dict()["compiles"] == 2 and "stops at --largest-batch-limit 200" in search.describe()
   assert search.to_dict()["at_largest"] == {"peak_bytes": 192 * 2.0 ** 20, "step_seconds": 1e-3}
   assert "at 192: peak 0.19 GiB per chip, roofline 1.0 ms" in search.describe()
+
+
+def _memory(peak_of_batch, limit_bytes):
+  """A fake compiler whose plans carry a peak and the chip's limit (the guided search's inputs)."""
+  calls = []
+
+  def plan_at(batch):
+    calls.append(batch)
+    peak = peak_of_batch(batch)
+    return types.SimpleNamespace(fits=peak <= limit_bytes, batch=batch, peak_bytes=peak, memory_limit=limit_bytes,
+                                 step_seconds=1e-3)
+  return plan_at, calls
+
+
+@pytest.mark.parametrize("fixed,per_example", [(2e9, 1e7), (40e9, 3e6), (0.5e9, 1e8), (90e9, 1e5)])
+def test_affine_memory_is_found_in_a_few_compiles(fixed, per_example):
+  limit_bytes = 95e9
+  plan_at, calls = _memory(lambda b: fixed + per_example * b, limit_bytes)
+  search = largest_fitting_batch(plan_at, 768, 256, 10 ** 9)
+  expected = int((limit_bytes - fixed) // per_example) // 256 * 256
+  assert search.largest == expected and search.smallest_refused == expected + 256
+  plain, plain_calls = _fake(expected)   # the same answer by doubling and bisection only
+  assert largest_fitting_batch(plain, 768, 256, 10 ** 9).largest == expected
+  assert len(calls) <= min(4, len(plain_calls))
+
+
+@pytest.mark.parametrize("threshold", [300, 1000, 5000, 77000])
+@pytest.mark.parametrize("shape", ["convex", "concave", "stairs"])
+def test_curved_memory_still_ends_at_the_boundary(threshold, shape):
+  # Peaks far from a line (the compiler changing layouts, remat kicking in): the answer is still the
+  # compiled boundary, and the bisection safeguard bounds the compiles.
+  curve = {"convex": lambda b: b * b, "concave": lambda b: b ** 0.5 * 1e3, "stairs": lambda b: (b // 1000 + 1) * 1e6}
+  peak = curve[shape]
+  plan_at, calls = _memory(lambda b: peak(b) * (1 if b <= threshold else 1e9), peak(threshold))
+  search = largest_fitting_batch(plan_at, 64, 32, 64 * 2048)
+  assert search.largest == threshold // 32 * 32 and search.smallest_refused == search.largest + 32
+  assert len(calls) == len(set(calls)) <= 2 * 22 and all(b % 32 == 0 for b in calls)
