@@ -33,10 +33,11 @@ CASES = {
     "tokenizer h100-16 fsdp=8": ["--stage", "tokenizer", "--config", TOK, "--topology", "h100-16", "--mesh", "fsdp=8"],
     "tokenizer h100-32 fsdp=8": ["--stage", "tokenizer", "--config", TOK, "--topology", "h100-32", "--mesh", "fsdp=8"],
     **{f"generator d{d} v5p-64 data=4,fsdp=8": ["--stage", "generator", "--config", f"{GEN}:{d}", "--pretokenized",
-                                                 "--topology", "v5p-64", "--mesh", "data=4,fsdp=8"]
+                                                 "--topology", "v5p-64", "--mesh", "data=4,fsdp=8", "--largest-batch"]
        for d in (16, 20, 24, 30)},
     **{f"generator d{d} h100-8 fsdp=8": ["--stage", "generator", "--config", f"{GEN}:{d}", "--pretokenized",
-                                         "--topology", "h100-8", "--mesh", "fsdp=8"] for d in (16, 20, 24, 30)},
+                                         "--topology", "h100-8", "--mesh", "fsdp=8", "--largest-batch"]
+       for d in (16, 20, 24, 30)},
     **{f"generator d{d} v5e-256 data=32,fsdp=8": ["--stage", "generator", "--config", f"{GEN}:{d}", "--pretokenized",
                                                    "--topology", "v5e-256", "--mesh", "data=32,fsdp=8"]
        for d in (16, 20, 24, 30)},
