@@ -10,7 +10,7 @@ refused) on the grid of `step`, and a probe that fails to halve the bracket is f
 bisection, so the search never needs more than about twice bisection's compiles; on an affine memory
 curve it ends in three or four. The TPU and GPU compilers rematerialize as a program nears the
 chip's memory, so real peaks bend under the line and the aim falls short there: the generator d16's
-searches took 8 compiles on h100-8 and 10 on v5p-64, where doubling and bisection take 8 and 12.
+searches took 8 compiles on h100-8 and 10 on v5p-64, where doubling and bisection take 8 and 11.
 Without a fitting probe it halves; without a refused one and no usable line it doubles. The answer
 is the compiler's verdict at each probe; memory need not be monotone in the batch at the last few
 MiB (the compiler picks other layouts), so the bracket is what was compiled, not a proof about the
