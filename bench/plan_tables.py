@@ -25,17 +25,19 @@ GEN, TOK = "configs/generator_imagenet.py", "configs/tokenizer_imagenet.py"
 # name -> plan arguments. Generator batch 768, tokenizer 1024 (the papers' recipes).
 CASES = {
     "tokenizer v5p-64 data=4,fsdp=8": ["--stage", "tokenizer", "--config", TOK, "--topology", "v5p-64",
-                                        "--mesh", "data=4,fsdp=8"],
+                                        "--mesh", "data=4,fsdp=8", "--largest-batch"],
     "tokenizer v5p-64 data=4,fsdp=8 remat=full": ["--stage", "tokenizer", "--config", TOK, "--topology", "v5p-64",
                                                    "--mesh", "data=4,fsdp=8", "--config.train.remat=full"],
     "tokenizer v5e-256 data=32,fsdp=8": ["--stage", "tokenizer", "--config", TOK, "--topology", "v5e-256",
-                                          "--mesh", "data=32,fsdp=8"],
+                                          "--mesh", "data=32,fsdp=8", "--largest-batch"],
     "tokenizer v6e-64 data=8,fsdp=8": ["--stage", "tokenizer", "--config", TOK, "--topology", "v6e-64",
-                                        "--mesh", "data=8,fsdp=8"],
+                                        "--mesh", "data=8,fsdp=8", "--largest-batch"],
     "tokenizer h100-8 fsdp=8": ["--stage", "tokenizer", "--config", TOK, "--topology", "h100-8", "--mesh", "fsdp=8",
                                 "--largest-batch"],
-    "tokenizer h100-16 fsdp=8": ["--stage", "tokenizer", "--config", TOK, "--topology", "h100-16", "--mesh", "fsdp=8"],
-    "tokenizer h100-32 fsdp=8": ["--stage", "tokenizer", "--config", TOK, "--topology", "h100-32", "--mesh", "fsdp=8"],
+    "tokenizer h100-16 fsdp=8": ["--stage", "tokenizer", "--config", TOK, "--topology", "h100-16", "--mesh", "fsdp=8",
+                                 "--largest-batch"],
+    "tokenizer h100-32 fsdp=8": ["--stage", "tokenizer", "--config", TOK, "--topology", "h100-32", "--mesh", "fsdp=8",
+                                 "--largest-batch"],
     **{f"generator d{d} v5p-64 data=4,fsdp=8": ["--stage", "generator", "--config", f"{GEN}:{d}", "--pretokenized",
                                                  "--topology", "v5p-64", "--mesh", "data=4,fsdp=8", "--largest-batch"]
        for d in (16, 20, 24, 30)},
@@ -43,15 +45,18 @@ CASES = {
                                          "--topology", "h100-8", "--mesh", "fsdp=8", "--largest-batch"]
        for d in (16, 20, 24, 30)},
     **{f"generator d{d} v5e-256 data=32,fsdp=8": ["--stage", "generator", "--config", f"{GEN}:{d}", "--pretokenized",
-                                                   "--topology", "v5e-256", "--mesh", "data=32,fsdp=8"]
+                                                   "--topology", "v5e-256", "--mesh", "data=32,fsdp=8",
+                                                   "--largest-batch"]
        for d in (16, 20, 24, 30)},
     **{f"generator d{d} v6e-64 data=8,fsdp=8": ["--stage", "generator", "--config", f"{GEN}:{d}", "--pretokenized",
-                                                 "--topology", "v6e-64", "--mesh", "data=8,fsdp=8"]
+                                                 "--topology", "v6e-64", "--mesh", "data=8,fsdp=8", "--largest-batch"]
        for d in (16, 20, 24, 30)},
     "generator d16 v5p-64 x2 slices fsdp=8": ["--stage", "generator", "--config", f"{GEN}:16", "--pretokenized",
-                                              "--topology", "v5p-64", "--slices", "2", "--mesh", "data=4,fsdp=8"],
+                                              "--topology", "v5p-64", "--slices", "2", "--mesh", "data=4,fsdp=8",
+                                              "--largest-batch"],
     **{f"generator d{d} h100-16 fsdp=8": ["--stage", "generator", "--config", f"{GEN}:{d}", "--pretokenized",
-                                          "--topology", "h100-16", "--mesh", "fsdp=8"] for d in (16, 20, 24, 30)},
+                                          "--topology", "h100-16", "--mesh", "fsdp=8", "--largest-batch"]
+       for d in (16, 20, 24, 30)},
     **{f"sampler d{d} {chip} batch {b}": ["--program", "sample", "--config", f"{GEN}:{d}", "--topology", chip,
                                            "--batch", str(b)]
        for chip in ("v5e-1", "v5p-2") for d in (16, 30) for b in (64, 256)},

@@ -102,8 +102,6 @@ def run(task, config: ml_collections.ConfigDict, workdir: str, *, loader_factory
   that step saves one), e.g. to stop or inspect a run; tests inject faults through it.
   Returns the final metrics (floats) and the final `state` (global arrays).
   """
-  from clu import metric_writers
-
   t = config.train
   primary = parallel.is_primary()
   os.makedirs(workdir, exist_ok=True)
@@ -146,7 +144,7 @@ def run(task, config: ml_collections.ConfigDict, workdir: str, *, loader_factory
   frozen = parallel.put_global(task.frozen, frozen_shardings)
   step_fn = parallel.compile_then_sync(jit_train_step(task, mesh, rules, state_shardings, frozen_shardings),
                                        "train step", mesh)
-  writer = metric_writers.create_default_writer(workdir, asynchronous=False) if primary else None
+  writer = _tensorboard_writer(workdir) if primary and t.get("tensorboard", True) else None
   flops_per_step, peak = step_flop_budget(task, mesh, first, global_batch)
   progress = TrainingProgress(t.num_steps, start_step, global_batch, flops_per_step=flops_per_step,
                       num_devices=mesh.devices.size, peak_per_device=peak)
@@ -176,8 +174,9 @@ def run(task, config: ml_collections.ConfigDict, workdir: str, *, loader_factory
       if step % t.log_every == 0 or step == t.num_steps or step == start_step + 1:
         metrics = _to_float(step_metrics)
         metrics.update(progress.rates(step))
-        if primary:
+        if writer is not None:
           writer.write_scalars(step, metrics)
+        if primary:
           with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
           if progress.tty:
@@ -186,7 +185,7 @@ def run(task, config: ml_collections.ConfigDict, workdir: str, *, loader_factory
       elif primary:
         progress.tick(step, {})
       if t.image_every and (step % t.image_every == 0 or step == t.num_steps):
-        _write_images(task, writer, state, global_batch_arrays, step, images_dir)
+        _write_images(task, primary, writer, state, global_batch_arrays, step, images_dir)
       if step % t.checkpoint_every == 0 or step == t.num_steps:
         checkpoint(step, state)
       if after_step is not None:
@@ -226,21 +225,30 @@ def _to_global(mesh, batch: dict, global_batch: int) -> dict:
   return parallel.host_to_global(mesh, arrays, global_batch)
 
 
-def _write_images(task, writer, state, batch, step: int, images_dir: str) -> None:
-  """Every process computes the grids (they may need sharded state); process 0 writes them."""
+def _tensorboard_writer(workdir: str):
+  """clu's console + TensorBoard writer. clu's writers import TensorFlow (about 4 s of start-up),
+  hence `train.tensorboard=False` for short runs (the tiny configs)."""
+  from clu import metric_writers
+  return metric_writers.create_default_writer(workdir, asynchronous=False)
+
+
+def _write_images(task, primary: bool, writer, state, batch, step: int, images_dir: str) -> None:
+  """Every process computes the grids (they may need sharded state); process 0 writes them (PNG
+  files, and to TensorBoard when `writer` is not None)."""
   from PIL import Image
 
   from imagefolder_jax.data import image_grid
   grids = task.image_grids(state, batch)
   host = parallel.to_host({name: images for name, (images, _) in grids.items()})
-  if writer is None:
+  if not primary:
     return
   os.makedirs(images_dir, exist_ok=True)
   for name, (_, nrow) in grids.items():
     grid = image_grid(host[name], nrow)
     for suffix in (f"{step:07d}", "latest"):
       Image.fromarray(grid).save(os.path.join(images_dir, f"{name}_{suffix}.png"))
-    writer.write_images(step, {name: grid[None].astype(np.float32) / 255.0})
+    if writer is not None:
+      writer.write_images(step, {name: grid[None].astype(np.float32) / 255.0})
 
 
 def _check_resume_config(config, workdir: str, task_name: str) -> None:

@@ -52,8 +52,15 @@ def test_cli_pretokenize_train_export_sample(tiny_tokenizer_bundle, tmp_path):
   assert len(source) > 0 and source.meta["scales"] == [1, 2, 4]
   workdir = str(tmp_path / "gen")
   assert main(["train-generator", "--config", os.path.join(CONFIGS, "generator_tiny.py"), "--workdir", workdir,
-               f"--config.tokenizer_bundle={tiny_tokenizer_bundle}", f"--config.data.source=codes:{codes_dir}"]) == 0
+               f"--config.tokenizer_bundle={tiny_tokenizer_bundle}", f"--config.data.source=codes:{codes_dir}",
+               "--config.train.tensorboard=True"]) == 0
   assert os.path.isfile(os.path.join(workdir, "images", "samples_latest.png"))
+  # TensorBoard (off in the tiny configs, on by default): the logged scalars and the sample grid.
+  from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+  events = [n for n in os.listdir(workdir) if n.startswith("events.out.tfevents")]
+  assert len(events) == 1, os.listdir(workdir)
+  tags = {(e.step, v.tag) for e in EventFileLoader(os.path.join(workdir, events[0])).Load() for v in e.summary.value}
+  assert {(2, "loss"), (4, "loss"), (4, "mfu"), (4, "samples")} <= tags, sorted(tags)
   # MFU in metrics.jsonl: the analytic FLOPs of the step (pre-tokenized codes: no encoder) at batch 8.
   import json
 
