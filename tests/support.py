@@ -17,6 +17,12 @@ FAULTS_DIR = os.path.join(PROGRAMS, "faults")
 CONFIGS = os.path.join(ROOT, "configs")
 
 
+# Compiler options for a program that a test runs long (tens of thousands of draws, many training
+# steps): XLA:CPU's full LLVM pipeline, which tests/conftest.py switches off for the suite (compile
+# time dominates elsewhere). For jax.jit(..., compiler_options=RUN_LONG).
+RUN_LONG = {"xla_backend_optimization_level": 3}
+
+
 def relative_error(actual, expected) -> float:
   """max |actual - expected| / max |expected| in float64."""
   actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from support import RUN_LONG
 
 from imagefolder_jax.ops import filtering
 from imagefolder_jax.ops.filtering import (
@@ -154,10 +155,10 @@ def test_rejection_draws_follow_the_filtered_law(rounds):
   probs = np.asarray(filtered_probs(logits, top_k, top_p))
   n = 30000
   u = jax.random.uniform(jax.random.key(3), (n, 3, rounds + 1))
-  retried = np.asarray(jax.jit(lambda u: sample_with_retries(u, jnp.broadcast_to(logits, (n, 3, 40)), top_k,
-                                                             top_p))(u))
-  exact = np.asarray(jax.jit(lambda u: sample_with_uniforms(u, jnp.broadcast_to(logits, (n, 3, 40)), top_k,
-                                                            top_p))(u[..., 0]))
+  retried = np.asarray(jax.jit(lambda u: sample_with_retries(u, jnp.broadcast_to(logits, (n, 3, 40)), top_k, top_p),
+                               compiler_options=RUN_LONG)(u))
+  exact = np.asarray(jax.jit(lambda u: sample_with_uniforms(u, jnp.broadcast_to(logits, (n, 3, 40)), top_k, top_p),
+                             compiler_options=RUN_LONG)(u[..., 0]))
   for draws in (retried, exact):
     assert draws.dtype == np.int32
     for row in range(3):

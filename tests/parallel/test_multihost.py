@@ -264,9 +264,9 @@ def test_barrier_waits_through_the_coordination_service_not_a_collective():
   """`sync` / `compile_then_sync` wait for a late process through jax's coordination service, with
   their own timeout (IFJ_BARRIER_TIMEOUT), not through a device collective (whose gloo rendezvous
   XLA:CPU abandons after a fixed minute: too short for a peer compiling on a loaded machine)."""
-  for code, out, err in _barrier_job("late", "4"):
+  for code, out, err in _barrier_job("late", "2"):
     assert code == 0 and "sum 6.0 10.0" in out and "passed" in out, (code, err[-3000:])
-  code, _, err = _barrier_job("late", "6", IFJ_BARRIER_TIMEOUT="1")[0]
+  code, _, err = _barrier_job("late", "3", IFJ_BARRIER_TIMEOUT="1")[0]
   assert code == 3 and "did not arrive within 1 s" in err and len(_errors(err)) == 1, err[-3000:]
 
 
@@ -294,7 +294,8 @@ def test_sigterm_ends_processes_blocked_in_a_barrier_or_collective(scenario):
   try:
     for p in procs:
       assert p.stdout.readline().strip() == "ready", p.stderr.read()[-3000:]
-    time.sleep(8)   # process 0 compiles its program and waits for process 1
+    assert procs[0].stdout.readline().strip() == "waiting", procs[0].stderr.read()[-3000:]
+    time.sleep(2)   # process 0 is in the barrier / collective, waiting for process 1
     assert procs[0].poll() is None
     sent = time.monotonic()
     for p in procs:

@@ -5,9 +5,10 @@
 late:       process 1 arrives SECONDS late at a cross-process program and at the final barrier.
 mismatch:   the processes wait at barriers of different names (as a process with no work would).
 ended:      process 1 exits normally without reaching process 0's barrier.
-blocked:    process 1 sleeps for SECONDS before its barrier: process 0 stays blocked there (the test
-            then sends SIGTERM).
-collective: the same with process 0 blocked inside a cross-process device collective.
+blocked:    process 1 sleeps for SECONDS before its barrier: process 0 prints 'waiting' and stays
+            blocked there (the test then sends SIGTERM).
+collective: the same with process 0 blocked inside a cross-process device collective (compiled
+            before 'waiting').
 exchange:   `exchange` / `any_process` values, and a program on each process's own devices called a
             different number of times per process.
 Prints 'ready' (flushed) once the job is up and 'passed' at the end; a `BarrierError` ends the
@@ -48,13 +49,17 @@ def run(scenario: str, seconds: float, me: int) -> None:
   elif scenario == "blocked":
     if me == 1:
       time.sleep(seconds)
+    else:
+      print("waiting", flush=True)
     multihost.sync("blocked")
   elif scenario == "collective":
     mesh = Mesh(np.array(jax.devices()), ("data",))
-    total = jax.jit(lambda x: x.sum(), out_shardings=NamedSharding(mesh, P()))
+    x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), np.ones((2,)))
+    total = jax.jit(lambda x: x.sum(), out_shardings=NamedSharding(mesh, P())).lower(x).compile()
     if me == 1:
       time.sleep(seconds)
-    x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), np.ones((2,)))
+    else:
+      print("waiting", flush=True)
     print("sum", float(total(x)), flush=True)
   elif scenario == "exchange":
     assert multihost.exchange("values", f"v{me}") == ["v0", "v1"]

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from support import ROOT
+from support import ROOT, RUN_LONG
 
 from imagefolder_jax.cli import main
 from imagefolder_jax.train.configuration import load_config
@@ -54,7 +54,7 @@ def adaptive_weight_by_definition(task, state, batch) -> float:
 def test_steps_lower_the_loss_and_touch_all_state(task):
   batch = fixed_batch()
   state = jax.jit(task.init_state)(jax.random.key(0), batch)
-  step = jax.jit(task.train_step)
+  step = jax.jit(task.train_step, compiler_options=RUN_LONG)   # 8 steps of LPIPS-VGG
   state0 = jax.tree.map(np.asarray, state)
   # The step's adaptive GAN weight (from the one backward of LPIPS and the discriminator) is the
   # ratio of the two losses' full-model gradient norms w.r.t. the last layer.
