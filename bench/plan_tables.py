@@ -35,7 +35,7 @@ CASES = {
     "tokenizer h100-8 fsdp=8": ["--stage", "tokenizer", "--config", TOK, "--topology", "h100-8", "--mesh", "fsdp=8",
                                 "--largest-batch"],
     "tokenizer h100-16 fsdp=8": ["--stage", "tokenizer", "--config", TOK, "--topology", "h100-16", "--mesh", "fsdp=8",
-                                 "--largest-batch"],
+                                 "--largest-batch", "--largest-batch-from", "1920"],   # 2 x one node's
     "tokenizer h100-32 fsdp=8": ["--stage", "tokenizer", "--config", TOK, "--topology", "h100-32", "--mesh", "fsdp=8",
                                  "--largest-batch"],
     **{f"generator d{d} v5p-64 data=4,fsdp=8": ["--stage", "generator", "--config", f"{GEN}:{d}", "--pretokenized",
@@ -54,9 +54,11 @@ CASES = {
     "generator d16 v5p-64 x2 slices fsdp=8": ["--stage", "generator", "--config", f"{GEN}:16", "--pretokenized",
                                               "--topology", "v5p-64", "--slices", "2", "--mesh", "data=4,fsdp=8",
                                               "--largest-batch"],
+    # The search from twice one node's largest batch (the same batch per GPU).
     **{f"generator d{d} h100-16 fsdp=8": ["--stage", "generator", "--config", f"{GEN}:{d}", "--pretokenized",
-                                          "--topology", "h100-16", "--mesh", "fsdp=8", "--largest-batch"]
-       for d in (16, 20, 24, 30)},
+                                          "--topology", "h100-16", "--mesh", "fsdp=8", "--largest-batch",
+                                          "--largest-batch-from", str(2 * one_node)]
+       for d, one_node in ((16, 1792), (20, 1152), (24, 832), (30, 512))},
     **{f"sampler d{d} {chip} batch {b}": ["--program", "sample", "--config", f"{GEN}:{d}", "--topology", chip,
                                            "--batch", str(b)]
        for chip in ("v5e-1", "v5p-2") for d in (16, 30) for b in (64, 256)},
