@@ -89,9 +89,9 @@ def _assert_same_variables(a: str, b: str) -> None:
 
 
 @pytest.mark.parametrize("kind", sorted(fuzz_cases.BUNDLE_DAMAGE))
-def test_damaged_bundles(kind, parity_bundle, tmp_path, capsys):
+def test_damaged_bundles(kind, micro_bundle, tmp_path, capsys):
   rng = np.random.default_rng(sorted(fuzz_cases.BUNDLE_DAMAGE).index(kind))
-  bundle = fuzz_cases.damage_bundle(parity_bundle, str(tmp_path / "b"), kind, rng)
+  bundle = fuzz_cases.damage_bundle(micro_bundle, str(tmp_path / "b"), kind, rng)
   image = fuzz_cases.write_image(str(tmp_path), "rgb_png", rng, 0)
   out = str(tmp_path / "out.png")
   # `sample` loads tokenizer and generator, then refuses class 99999 at once: a bundle that loads
@@ -105,7 +105,7 @@ def test_damaged_bundles(kind, parity_bundle, tmp_path, capsys):
   if kind.endswith(("variable_file", "variable_bytes")):  # the integrity record names the file
     assert "variables/" in line and ("CRC32" in line or "bytes" in line or "missing" in line), line
   if "--classes" in line:  # the bundle loaded: only right if the damage hit bytes nothing reads
-    _assert_same_variables(parity_bundle, bundle)
+    _assert_same_variables(micro_bundle, bundle)
     return
   if kind == "tokenizer_only":
     assert "holds no generator" in line

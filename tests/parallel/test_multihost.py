@@ -1,8 +1,9 @@
 """Several processes on one machine (CPU devices): training, sampling, pretokenize and failure.
 
 Each test starts real processes through `launch/local.sh` (2 processes x 2 CPU devices) and
-compares with one process of 4 devices (or 1). They use the tiny configs and the micro bundle
-(tests/support.py): what they test does not depend on the model.
+compares with one process of 4 devices (or of 1: the test's own process, through `cli.main`). They
+use the tiny configs and the micro bundle (tests/support.py): what they test does not depend on the
+model.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import pytest
 from PIL import Image
 from support import ROOT
 
+from imagefolder_jax.cli import main
 from imagefolder_jax.storage.bundle import load_bundle
 
 LOCAL = os.path.join(ROOT, "launch", "local.sh")
@@ -116,7 +118,7 @@ def test_tokenizer_training_killed_and_resumed_on_other_process_counts(tmp_path,
 def test_generator_from_codes_killed_and_resumed_equals_one_process(tmp_path, tokenizer_one_process, faults):
   bundle = os.path.join(tokenizer_one_process, "bundle")
   codes = str(tmp_path / "codes")
-  _ok(_one(["pretokenize", "--bundle", bundle, "--source", "demo", "--out", codes, "--batch-size", "64"]))
+  assert main(["pretokenize", "--bundle", bundle, "--source", "demo", "--out", codes, "--batch-size", "64"]) == 0
   common = ["train-generator", "--config", os.path.join(ROOT, "configs", "generator_tiny.py"),
             f"--config.tokenizer_bundle={bundle}", f"--config.data.source=codes:{codes}",
             "--config.train.num_steps=5", "--config.train.checkpoint_every=2", "--config.train.log_every=1"]
@@ -138,7 +140,7 @@ def _read_images(directory: str) -> dict:
   return {n: np.asarray(Image.open(os.path.join(images, n)), np.int16) for n in sorted(os.listdir(images))}
 
 
-def test_sample_directory_two_processes_equals_one_with_uneven_work_and_resumes(tmp_path, micro_bundle):
+def test_sample_directory_two_processes_equals_one_with_uneven_work_and_resumes(tmp_path, micro_bundle, capsys):
   """`sample --out-dir` on 2 processes gives the samples of 1 process also when the processes have
   unequal work: one shard for two processes, and a rerun in which process 1's shards are finished
   and process 0's are not (each used to wait at a barrier the other never reached)."""
@@ -179,8 +181,10 @@ def test_sample_directory_two_processes_equals_one_with_uneven_work_and_resumes(
   assert "process 0: 4 sampled, 0 finished shard(s) skipped" in r.stdout
   assert kept == {n: os.stat(os.path.join(three, n)).st_mtime_ns for n in kept}   # process 1 skipped its shards
   np.testing.assert_array_equal(read_directory(three)["ids"], a["ids"])
-  r = _one(common + ["--out-dir", three, "--shard-size", "2", "--seed", "1"])
-  assert r.returncode == 2 and "other settings" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+  capsys.readouterr()
+  assert main(common + ["--out-dir", three, "--shard-size", "2", "--seed", "1"]) == 2
+  err = capsys.readouterr().err
+  assert "other settings" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_pretokenize_two_processes_equals_one(tmp_path, micro_bundle):
@@ -194,7 +198,7 @@ def test_pretokenize_two_processes_equals_one(tmp_path, micro_bundle):
   for source, one_batch, two_batch in (("demo", "5", "4"), (f"folder:{few}", "5", "4")):
     tag = source.split(":")[0]
     one, two = str(tmp_path / f"one_{tag}"), str(tmp_path / f"two_{tag}")
-    _ok(_one(["pretokenize", "--bundle", bundle, "--source", source, "--batch-size", one_batch, "--out", one]))
+    assert main(["pretokenize", "--bundle", bundle, "--source", source, "--batch-size", one_batch, "--out", one]) == 0
     r = _local(2, ["pretokenize", "--bundle", bundle, "--source", source, "--batch-size", two_batch, "--out", two],
                timeout=300)
     _ok(r)
