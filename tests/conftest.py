@@ -104,5 +104,6 @@ def tiny_tokenizer_bundle(tmp_path_factory):
   task = TokenizerTask(load_config(os.path.join(ROOT, "configs", "tokenizer_tiny.py"), [
       "--config.loss.lpips=0.0", "--config.loss.semantic=0.0", "--config.loss.gan=0.0"]), load_frozen=False)
   out = str(tmp_path_factory.mktemp("tiny_tok") / "bundle")
-  save_bundle(out, *task.export(task.init_state(jax.random.key(0), {"image": np.zeros((1, 32, 32, 3), np.float32)})))
+  state = jax.jit(task.init_state)(jax.random.key(0), {"image": np.zeros((1, 32, 32, 3), np.float32)})
+  save_bundle(out, *task.export(state))
   return out

@@ -27,6 +27,12 @@ def task():
   return TokenizerTask(load_config(TINY))  # every loss on: LPIPS, semantic (random teacher), PatchGAN
 
 
+@pytest.fixture(scope="module")
+def jitted(task):
+  """(init_state, train_step) jitted once for the module's tests (one compile each)."""
+  return jax.jit(task.init_state), jax.jit(task.train_step, compiler_options=RUN_LONG)  # 8 steps of LPIPS-VGG
+
+
 def adaptive_weight_by_definition(task, state, batch) -> float:
   """‖∂rec/∂W‖ / (‖∂gan/∂W‖ + 1e-4) for the decoder's last layer W at the first step, each gradient
   taken through the whole model (as the official's autograd.grad), with the step's keys."""
@@ -51,10 +57,10 @@ def adaptive_weight_by_definition(task, state, batch) -> float:
   return min(norms[0] / (norms[1] + 1e-4), lc.adaptive_max)
 
 
-def test_steps_lower_the_loss_and_touch_all_state(task):
+def test_steps_lower_the_loss_and_touch_all_state(task, jitted):
   batch = fixed_batch()
-  state = jax.jit(task.init_state)(jax.random.key(0), batch)
-  step = jax.jit(task.train_step, compiler_options=RUN_LONG)   # 8 steps of LPIPS-VGG
+  init, step = jitted
+  state = init(jax.random.key(0), batch)
   state0 = jax.tree.map(np.asarray, state)
   # The step's adaptive GAN weight (from the one backward of LPIPS and the discriminator) is the
   # ratio of the two losses' full-model gradient norms w.r.t. the last layer.
@@ -77,12 +83,13 @@ def test_steps_lower_the_loss_and_touch_all_state(task):
   assert any(not np.allclose(a, b) for a, b in zip(d0, jax.tree.leaves(state["disc"]["params"])))
 
 
-def test_non_finite_step_is_skipped(task):
+def test_non_finite_step_is_skipped(task, jitted):
   batch = fixed_batch()
-  state = jax.jit(task.init_state)(jax.random.key(0), batch)
+  init, step = jitted
+  state = init(jax.random.key(0), batch)
   before = jax.tree.map(np.asarray, state["params"])
   bad = dict(batch, image=batch["image"].at[0, 0, 0, 0].set(jnp.nan))
-  state, metrics = jax.jit(task.train_step)(state, task.frozen, bad)
+  state, metrics = step(state, task.frozen, bad)
   assert int(state["skipped"]) == 1 and int(state["step"]) == 1
   for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state["params"])):
     np.testing.assert_array_equal(a, b)
