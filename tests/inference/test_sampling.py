@@ -177,9 +177,10 @@ def test_cli_sample(micro_bundle, tmp_path, capsys):
   np.testing.assert_array_equal(saved["labels"], [1, 1, 2, 2])
   # One row per class, --per-class images per row (64-pixel tiles, 2-pixel padding).
   assert Image.open(out).size == (2 * 64 + 3 * 2, 2 * 64 + 3 * 2)
-  # The old spellings remain aliases.
-  assert main(base + ["--labels", "3", "--top-k", "8", "--codes-out", codes]) == 0
-  np.testing.assert_array_equal(np.load(codes)["labels"], [3])
+  # The old spellings remain aliases (the same batches: the compiled sampler is reused).
+  assert main(base + ["--labels", "3,1", "--per-class", "2", "--batch-size", "3", "--top-k", "8", "--top-p", "0.9",
+                      "--codes-out", codes]) == 0
+  np.testing.assert_array_equal(np.load(codes)["labels"], [3, 3, 1, 1])
 
   # --reference keeps branch 0 (detail) by default, branch 1 with --force semantic; the other is sampled.
   reference = str(tmp_path / "reference.png")

@@ -11,7 +11,7 @@ from imagefolder_jax.parallel import make_mesh
 
 def run() -> None:
   config = InceptionConfig(with_logits=True)
-  variables = FIDInception(config).init(jax.random.key(0), np.zeros((1, 299, 299, 3), np.float32))
+  variables = jax.jit(FIDInception(config).init)(jax.random.key(0), np.zeros((1, 299, 299, 3), np.float32))
   images = np.random.default_rng(0).integers(0, 256, (11, 64, 64, 3), dtype=np.uint8)
   one = InceptionFeatures(config, variables, mesh=make_mesh(devices=jax.devices()[:1]), per_device_batch=4)
   eight = InceptionFeatures(config, variables, mesh=make_mesh(), per_device_batch=1)
