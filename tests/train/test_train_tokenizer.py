@@ -53,7 +53,7 @@ def adaptive_weight_by_definition(task, state, batch) -> float:
   gan = lambda w: losses.hinge_g_loss(task._disc_logits(state["disc"]["params"], state["disc"]["state"],
                                                         diff_augment(k_g, recon(w)), k_crop)[0])
   w = params["decoder"]["to_pixel"]
-  norms = [float(jax.jit(lambda w, f=f: losses.global_norm(jax.grad(f)(w)))(w)) for f in (rec, gan)]
+  norms = [float(n) for n in jax.jit(lambda w: [losses.global_norm(jax.grad(f)(w)) for f in (rec, gan)])(w)]
   return min(norms[0] / (norms[1] + 1e-4), lc.adaptive_max)
 
 
