@@ -20,9 +20,7 @@ import os
 import re
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from imagefolder_jax.planning import hlo  # noqa: E402
+from imagefolder_jax.planning import hlo
 
 # Instructions that move no HBM bytes of their own (control flow, tuples, views).
 _FREE = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while", "conditional", "call",

@@ -138,11 +138,11 @@ def test_oversized_config_is_a_verdict_not_an_error(capsys):
   args = ["plan", "--stage", "generator", "--config", TINY_GENERATOR, "--pretokenized", "--topology", "v5e-1",
           "--config.data.batch_size=4096", "--largest-batch", "--batch-step", "1024"]
   # The search from another batch than the config's (the plan printed is still the config's).
-  assert main(args + ["--largest-batch-from", "2048", "--json"]) == 0
+  assert main(args + ["--largest-batch-from", "1024", "--json"]) == 0
   out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert out["global_batch"] == 4096 and not out["fits"]
-  assert out["largest_batch"] == {"largest": None, "smallest_refused": 1024, "step": 1024, "limit": 64 * 2048,
-                                  "compiles": 2, "tried": {"2048": False, "1024": False}, "at_largest": None}
+  assert out["largest_batch"] == {"largest": None, "smallest_refused": 1024, "step": 1024, "limit": 64 * 1024,
+                                  "compiles": 1, "tried": {"1024": False}, "at_largest": None}
   for extra, message in ((["--largest-batch-limit", "2048"], "must be at least the starting batch 4096"),
                          (["--largest-batch-from", "8192", "--largest-batch-limit", "4096"],
                           "must be at least the starting batch 8192"),
