@@ -38,9 +38,11 @@ CASES = {
                                  "--largest-batch", "--largest-batch-from", "1920"],   # 2 x one node's
     "tokenizer h100-32 fsdp=8": ["--stage", "tokenizer", "--config", TOK, "--topology", "h100-32", "--mesh", "fsdp=8",
                                  "--largest-batch"],
+    # d20-d30 search from d16's 19200 scaled by the activations per example (depth x width).
     **{f"generator d{d} v5p-64 data=4,fsdp=8": ["--stage", "generator", "--config", f"{GEN}:{d}", "--pretokenized",
-                                                 "--topology", "v5p-64", "--mesh", "data=4,fsdp=8", "--largest-batch"]
-       for d in (16, 20, 24, 30)},
+                                                 "--topology", "v5p-64", "--mesh", "data=4,fsdp=8", "--largest-batch",
+                                                 *(["--largest-batch-from", str(start)] if start else [])]
+       for d, start in ((16, None), (20, 12288), (24, 8448), (30, 5376))},
     **{f"generator d{d} h100-8 fsdp=8": ["--stage", "generator", "--config", f"{GEN}:{d}", "--pretokenized",
                                          "--topology", "h100-8", "--mesh", "fsdp=8", "--largest-batch"]
        for d in (16, 20, 24, 30)},
