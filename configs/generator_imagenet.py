@@ -23,7 +23,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                 crops_per_class=64)
   c.train = dict(num_steps=350 * steps_per_epoch, log_every=100, checkpoint_every=2000, keep_checkpoints=3,
                  image_every=5000, async_checkpoints=True,
-                 tensorboard=True,   # clu's TensorBoard writer (imports TensorFlow: ~4 s of start-up)
+                 tensorboard=True,   # clu's TensorBoard writer (imports TensorFlow: 2-4 s of start-up)
                  remat="none",   # per-block rematerialisation: none / dots_saveable / full
                  grad_accum=1,   # microbatches per step (generator only; same result as the large batch)
                  attention_kernel="auto")   # auto: the fused attention kernel on TPUs (not v6e); xla

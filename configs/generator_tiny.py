@@ -10,6 +10,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                  drop_path_rate=0.0)
   c.optim.update(lr=3e-3, warmup_steps=1)
   c.data.update(batch_size=8, crops_per_class=4)
-  # No TensorBoard: tests start many short runs, and its writer's TensorFlow import is ~4 s each.
+  # No TensorBoard: tests start many short runs, and its writer's TensorFlow import is 2-4 s each.
   c.train.update(num_steps=4, log_every=2, checkpoint_every=2, keep_checkpoints=3, image_every=4, tensorboard=False)
   return c

@@ -16,6 +16,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                 gan=0.1 if gan else 0.0, gan_start=0, discriminator="patchgan", patchgan_features=8)
   c.optim.update(lr=2e-3, warmup_steps=2)
   c.data = dict(source="demo", data_dir="", split="train", batch_size=8, worker_count=0, crops_per_class=4)
-  # No TensorBoard: tests start many short runs, and its writer's TensorFlow import is ~4 s each.
+  # No TensorBoard: tests start many short runs, and its writer's TensorFlow import is 2-4 s each.
   c.train.update(num_steps=6, log_every=2, checkpoint_every=2, keep_checkpoints=3, image_every=0, tensorboard=False)
   return c

@@ -226,7 +226,7 @@ def _to_global(mesh, batch: dict, global_batch: int) -> dict:
 
 
 def _tensorboard_writer(workdir: str):
-  """clu's console + TensorBoard writer. clu's writers import TensorFlow (about 4 s of start-up),
+  """clu's console + TensorBoard writer. clu's writers import TensorFlow (2-4 s of start-up),
   hence `train.tensorboard=False` for short runs (the tiny configs)."""
   from clu import metric_writers
   return metric_writers.create_default_writer(workdir, asynchronous=False)
