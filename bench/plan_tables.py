@@ -25,13 +25,15 @@ GEN, TOK = "configs/generator_imagenet.py", "configs/tokenizer_imagenet.py"
 # name -> plan arguments. Generator batch 768, tokenizer 1024 (the papers' recipes).
 CASES = {
     "tokenizer v5p-64 data=4,fsdp=8": ["--stage", "tokenizer", "--config", TOK, "--topology", "v5p-64",
-                                        "--mesh", "data=4,fsdp=8", "--largest-batch"],
+                                        "--mesh", "data=4,fsdp=8", "--largest-batch", "--largest-batch-from", "3584"],
     "tokenizer v5p-64 data=4,fsdp=8 remat=full": ["--stage", "tokenizer", "--config", TOK, "--topology", "v5p-64",
                                                    "--mesh", "data=4,fsdp=8", "--config.train.remat=full"],
     "tokenizer v5e-256 data=32,fsdp=8": ["--stage", "tokenizer", "--config", TOK, "--topology", "v5e-256",
-                                          "--mesh", "data=32,fsdp=8", "--largest-batch"],
+                                          "--mesh", "data=32,fsdp=8", "--largest-batch",
+                                          "--largest-batch-from", "4096"],
     "tokenizer v6e-64 data=8,fsdp=8": ["--stage", "tokenizer", "--config", TOK, "--topology", "v6e-64",
-                                        "--mesh", "data=8,fsdp=8", "--largest-batch"],
+                                        "--mesh", "data=8,fsdp=8", "--largest-batch",
+                                        "--largest-batch-from", "2560"],
     "tokenizer h100-8 fsdp=8": ["--stage", "tokenizer", "--config", TOK, "--topology", "h100-8", "--mesh", "fsdp=8",
                                 "--largest-batch"],
     "tokenizer h100-16 fsdp=8": ["--stage", "tokenizer", "--config", TOK, "--topology", "h100-16", "--mesh", "fsdp=8",
@@ -46,16 +48,19 @@ CASES = {
     **{f"generator d{d} h100-8 fsdp=8": ["--stage", "generator", "--config", f"{GEN}:{d}", "--pretokenized",
                                          "--topology", "h100-8", "--mesh", "fsdp=8", "--largest-batch"]
        for d in (16, 20, 24, 30)},
+    # v5e / v6e: the start is the batch at which the temporaries, growing per example as on v5p from the
+    # config's compile at batch 768, would reach the chip's memory (rounded down to the step).
     **{f"generator d{d} v5e-256 data=32,fsdp=8": ["--stage", "generator", "--config", f"{GEN}:{d}", "--pretokenized",
                                                    "--topology", "v5e-256", "--mesh", "data=32,fsdp=8",
-                                                   "--largest-batch"]
-       for d in (16, 20, 24, 30)},
+                                                   "--largest-batch", "--largest-batch-from", str(start)]
+       for d, start in ((16, 24576), (20, 14336), (24, 8192), (30, 4096))},
     **{f"generator d{d} v6e-64 data=8,fsdp=8": ["--stage", "generator", "--config", f"{GEN}:{d}", "--pretokenized",
-                                                 "--topology", "v6e-64", "--mesh", "data=8,fsdp=8", "--largest-batch"]
-       for d in (16, 20, 24, 30)},
+                                                 "--topology", "v6e-64", "--mesh", "data=8,fsdp=8", "--largest-batch",
+                                                 "--largest-batch-from", str(start)]
+       for d, start in ((16, 11776), (20, 7680), (24, 5120), (30, 2560))},
     "generator d16 v5p-64 x2 slices fsdp=8": ["--stage", "generator", "--config", f"{GEN}:16", "--pretokenized",
                                               "--topology", "v5p-64", "--slices", "2", "--mesh", "data=4,fsdp=8",
-                                              "--largest-batch"],
+                                              "--largest-batch", "--largest-batch-from", "38400"],   # 2 x one slice's
     # The search from twice one node's largest batch (the same batch per GPU).
     **{f"generator d{d} h100-16 fsdp=8": ["--stage", "generator", "--config", f"{GEN}:{d}", "--pretokenized",
                                           "--topology", "h100-16", "--mesh", "fsdp=8", "--largest-batch",
