@@ -54,6 +54,37 @@ class CheckpointError(ImageFolderError):
 
 
 # ----------------------------------------------------------------------------- manager and save
+# Replica-parallel saving (each of R replicas of a shard writes 1/R of it) first cuts every shard on
+# its device: one dispatched slice per array and local replica, about 1 ms each. A slice under about
+# 1 MiB takes longer to cut than to write, so smaller slices are written whole by one replica.
+REPLICA_PARALLEL_MIN_SLICE_BYTES = 1 << 20
+
+
+class StateHandler(ocp.StandardCheckpointHandler):
+  """Orbax's `StandardCheckpointHandler` (same files, same restore) whose `jax.Array`s are saved
+  replica-parallel only where each replica's slice has at least `REPLICA_PARALLEL_MIN_SLICE_BYTES`.
+
+  A tiny model's save on 4 CPU devices went from 1.6 to 0.6 s (3,748 device slices per save before)."""
+
+  def __init__(self):
+    super().__init__()
+    from orbax.checkpoint._src.metadata import array_metadata_store
+    arrays = ocp.type_handlers.ArrayHandler(array_metadata_store=array_metadata_store.Store(),
+                                            min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_SLICE_BYTES)
+    registry = ocp.type_handlers.create_type_handler_registry(
+        *((t, arrays if t is jax.Array else ocp.type_handlers.get_type_handler(t))
+          for t in ocp.type_handlers.supported_types()))
+    # The handler's inner PyTree handler (orbax names it `_impl`), as orbax builds it, with this registry.
+    self._impl = ocp.PyTreeCheckpointHandler(save_concurrent_gb=96, restore_concurrent_gb=96,
+                                             type_handler_registry=registry)
+    self.array_handler = arrays
+
+  @classmethod
+  def typestr(cls) -> str:
+    """Orbax's name for the handler, as written into each step's metadata: the files are its files."""
+    return ocp.StandardCheckpointHandler.typestr()
+
+
 class _SealingManager(ocp.CheckpointManager):
   """An orbax `CheckpointManager` that seals every step it saved once the save has finished.
 
@@ -82,17 +113,15 @@ def make_manager(workdir: str, keep: int, async_save: bool = True,
   # Every process saves its own shards; process 0 writes metadata and commits the step.
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
                                          multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=0))
-  if meta_handler is not None:
-    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
-    state_handler = ocp.StandardCheckpointHandler()
-    for args in (ocp.args.StandardSave, ocp.args.StandardRestore):
-      registry.add("state", args, state_handler)
-    for args in (ocp.args.JsonSave, ocp.args.JsonRestore):
-      registry.add("meta", args, meta_handler)
-    with _quiet_orbax():
-      return _SealingManager(directory, options=options, handler_registry=registry)
+  registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+  state_handler = StateHandler()
+  for args in (ocp.args.StandardSave, ocp.args.StandardRestore):
+    registry.add("state", args, state_handler)
+  meta_handler = meta_handler or ocp.JsonCheckpointHandler()
+  for args in (ocp.args.JsonSave, ocp.args.JsonRestore):
+    registry.add("meta", args, meta_handler)
   with _quiet_orbax():  # orbax logs an ERROR line per unparsable step metadata file (harmless)
-    return _SealingManager(directory, options=options, item_names=ITEMS)
+    return _SealingManager(directory, options=options, handler_registry=registry)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:

@@ -3,7 +3,7 @@
   eight_devices.py [--micro-bundle B] [--configs DIR --work DIR] NAME...
 
 NAME: tokenizer, inception, eval_tokenizer, sampling (the micro bundle), attention_kernel, training
-(configs and a work directory).
+(configs and a work directory), checkpoint (a work directory).
 
 Each check runs in turn whatever the others did and reports on stdout between `=== NAME` and
 `=== NAME OK` (with `RESULT <json>` when it returns something) or `=== NAME FAILED` and the traceback;
@@ -14,6 +14,7 @@ import os
 import traceback
 
 import attention_kernel_sharded
+import checkpoint_sharded
 import eval_tokenizer_sharded
 import inception_sharded
 import jax
@@ -34,6 +35,7 @@ CHECKS = {
     "sampling": lambda: sampling_sharded.run(args.micro_bundle),
     "attention_kernel": attention_kernel_sharded.run,
     "training": lambda: training_sharded.run(args.configs, os.path.join(args.work, "training")),
+    "checkpoint": lambda: checkpoint_sharded.run(os.path.join(args.work, "checkpoint")),
 }
 for name in args.checks:
   print(f"=== {name}", flush=True)
