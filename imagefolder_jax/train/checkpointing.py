@@ -64,7 +64,7 @@ class StateHandler(ocp.StandardCheckpointHandler):
   """Orbax's `StandardCheckpointHandler` (same files, same restore) whose `jax.Array`s are saved
   replica-parallel only where each replica's slice has at least `REPLICA_PARALLEL_MIN_SLICE_BYTES`.
 
-  A tiny model's save on 4 CPU devices went from 1.6 to 0.6 s (3,748 device slices per save before)."""
+  A tiny model's save on 4 CPU devices went from 1.6 to 0.7 s (3,748 device slices in 4 saves before)."""
 
   def __init__(self):
     super().__init__()

@@ -93,15 +93,17 @@ def test_generator_step_on_tpu_fsdp_and_slices(generator_data_plan):
   assert data.optimal_seconds is None or data.optimal_seconds > 0      # never a negative time
   # Compiled for TPUs, the teacher-forced attention is the fused kernel, priced beside XLA's count.
   assert data.kernel_flops_per_device > 0 and data.roofline["flops_per_chip"] >= data.xla_flops_per_device
-  fsdp = _plan("generator", "v5e-4", "data=1,fsdp=4")
-  # The rules shard the model width over fsdp: parameters (and their Adam moments) per chip shrink.
-  assert fsdp.params_bytes < 0.5 * data.params_bytes and fsdp.opt_state_bytes < 0.5 * data.opt_state_bytes
-  assert fsdp.argument_bytes < data.argument_bytes
-  assert fsdp.collectives["all-gather"]["count"] >= 1                  # parameters gathered for use
-  # Two slices: data parallel across them (dcn_data=2); only the gradient reduction crosses DCN.
-  # (With train.attention_kernel=xla: XLA's attention, no kernel.)
-  two = _plan("generator", "v5e-4", "", 2, "--config.data.batch_size=16", "--config.train.attention_kernel=xla")
-  assert two.devices == 8 and two.mesh["data"] == 8 and two.fits and two.kernel_flops_per_device == 0
+  # Two slices of 4 chips, FSDP inside each (one compile for both properties; with
+  # train.attention_kernel=xla: XLA's attention, no kernel). The rules shard the model width over
+  # fsdp: parameters (and their Adam moments) per chip shrink, and are gathered for use.
+  two = _plan("generator", "v5e-4", "data=1,fsdp=4", 2, "--config.data.batch_size=16",
+              "--config.train.attention_kernel=xla")
+  assert two.devices == 8 and two.mesh == {"data": 2, "fsdp": 4, "tensor": 1} and two.fits
+  assert two.kernel_flops_per_device == 0
+  assert two.params_bytes < 0.5 * data.params_bytes and two.opt_state_bytes < 0.5 * data.opt_state_bytes
+  assert two.argument_bytes < data.argument_bytes      # the same 2 images per chip
+  assert two.collectives["all-gather"]["count"] >= 1                   # parameters gathered for use
+  # Data parallel across the slices (dcn_data=2): only the gradient reduction crosses DCN.
   assert two.collectives["dcn-all-reduce"]["count"] >= 1
   assert all(v["cross_bytes"] == 0 for k, v in two.collectives.items()
              if isinstance(v, dict) and not k.startswith("dcn-")), two.collectives
