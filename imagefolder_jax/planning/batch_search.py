@@ -11,6 +11,9 @@ bisection, so the search never needs more than about twice bisection's compiles;
 curve it ends in three or four. The TPU and GPU compilers rematerialize as a program nears the
 chip's memory, so real peaks bend under the line and the aim falls short there: the generator d16's
 searches took 8 compiles on h100-8 and 10 on v5p-64, where doubling and bisection take 8 and 11.
+Once an aim one step above the largest fitting batch fits too (the peaks have left the line) and
+no batch was refused, the next probe is an eighth larger: the generator d24's search on v5p-64 had
+crept 8448, 8704, 8960, then doubled to 17920 and bisected back to 9216 in 9 compiles.
 Without a fitting probe it halves; without a refused one and no usable line it doubles. The answer
 is the compiler's verdict at each probe; memory need not be monotone in the batch at the last few
 MiB (the compiler picks other layouts), so the bracket is what was compiled, not a proof about the
@@ -101,6 +104,7 @@ def largest_fitting_batch(plan_at: Callable[[int], object], start: int, step: in
   lo: Optional[int] = start if fits(start) else None
   hi: Optional[int] = None if lo is not None else start
   bisect_next = False
+  crept = False                  # the last probe, aimed one step above the largest fitting one, fit too
   while True:
     if lo is None:               # nothing fits yet: halve towards the smallest batch
       if hi <= step:
@@ -111,12 +115,20 @@ def largest_fitting_batch(plan_at: Callable[[int], object], start: int, step: in
       if lo >= ceiling:
         break
       aim = None if bisect_next else _aim(fitting, memory_limit, step)
-      if aim is None:
+      if crept and hi is None:
+        # The line put the limit within a step and the step still fit: near the limit the peaks
+        # leave the line (the compiler rematerializes), so its aims creep one step per compile or,
+        # once a peak drops, give way to doubling far past the limit. An eighth more bounds it.
+        probe = min(lo + max(step, lo // 8 // step * step), ceiling)
+      elif aim is None:
         probe = min(2 * lo, top) if hi is None else (lo + hi) // 2 // step * step
       else:
         probe = min(max(aim, lo + step), ceiling)
     width = None if lo is None or hi is None else hi - lo
+    lined = len(fitting) >= 2     # the aim came from a line through two fitting probes
+    crept = False
     if fits(probe):
+      crept = lined and lo is not None and probe == lo + step
       lo = probe
     else:
       hi = probe

@@ -85,3 +85,15 @@ def test_curved_memory_still_ends_at_the_boundary(threshold, shape):
   search = largest_fitting_batch(plan_at, 64, 32, 64 * 2048)
   assert search.largest == threshold // 32 * 32 and search.smallest_refused == search.largest + 32
   assert len(calls) == len(set(calls)) <= 2 * 22 and all(b % 32 == 0 for b in calls)
+
+
+def test_peaks_leaving_the_line_near_the_limit_bound_the_search_by_an_eighth():
+  # The generator d24's search on v5p-64 from 8448: near the limit the TPU compiler rematerializes,
+  # so the peaks leave the line. Every aim landed one step up and fit (8704, 8960), the peak at 8960
+  # dropped (no line: doubling to 17920) and bisection came back: 9 compiles. Once a step aimed by
+  # two fitting probes fits, the search now probes an eighth more.
+  peaks = {8448: 97.0, 8704: 99.0, 8960: 98.5, 9216: 99.5}
+  plan_at, calls = _memory(lambda b: peaks.get(b, 99.0 if b < 9216 else 1e9), 100.0)
+  search = largest_fitting_batch(plan_at, 8448, 256, 768 * 704)
+  assert search.largest == 9216 and search.smallest_refused == 9472
+  assert calls[:4] == [8448, 8704, 8960, 9984] and len(calls) <= 6, calls
