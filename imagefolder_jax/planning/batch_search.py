@@ -128,7 +128,7 @@ def largest_fitting_batch(plan_at: Callable[[int], object], start: int, step: in
     lined = len(fitting) >= 2     # the aim came from a line through two fitting probes
     crept = False
     if fits(probe):
-      crept = lined and lo is not None and probe == lo + step
+      crept = lined and probe == lo + step   # lined: two fitting probes, so lo is set
       lo = probe
     else:
       hi = probe

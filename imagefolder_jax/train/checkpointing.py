@@ -77,7 +77,6 @@ class StateHandler(ocp.StandardCheckpointHandler):
     # The handler's inner PyTree handler (orbax names it `_impl`), as orbax builds it, with this registry.
     self._impl = ocp.PyTreeCheckpointHandler(save_concurrent_gb=96, restore_concurrent_gb=96,
                                              type_handler_registry=registry)
-    self.array_handler = arrays
 
   @classmethod
   def typestr(cls) -> str:
