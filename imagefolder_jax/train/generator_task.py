@@ -121,16 +121,22 @@ class GeneratorTask:
     v = jax.eval_shape(self.tokenizer.init, jax.random.key(0), jnp.zeros((1, r, r, 3), jnp.float32))
     return {"tokenizer": {k: x for k, x in nn.unbox(v).items() if k != "intermediates"}}
 
+  def init_state_and_logical_axes(self, rng: jax.Array, batch: dict) -> tuple[dict, dict]:
+    """(train state, {state key: boxed params}) from one init of the model: the second is what
+    `parallel.state_shardings` reads (`train.loop.shardings_for` takes both from one trace)."""
+    k_model, k_state = jax.random.split(rng)
+    boxed = self._boxed_params(k_model)
+    params = nn.unbox(boxed)
+    state = dict(step=jnp.zeros((), jnp.int32), rng=jax.random.key_data(k_state), skipped=jnp.zeros((), jnp.int32),
+                 params=params, ema_params=params, opt_state=self.tx.init(params))
+    return state, {"params": boxed, "ema_params": boxed, "opt_state": boxed}
+
   def logical_axes(self, rng: jax.Array, batch: dict) -> dict:
-    """{state key: boxed params} (use under eval_shape): what `parallel.state_shardings` reads."""
-    boxed = self._boxed_params(jax.random.split(rng)[0])
-    return {"params": boxed, "ema_params": boxed, "opt_state": boxed}
+    """{state key: boxed params} (use under eval_shape)."""
+    return self.init_state_and_logical_axes(rng, batch)[1]
 
   def init_state(self, rng: jax.Array, batch: dict) -> dict:
-    k_model, k_state = jax.random.split(rng)
-    params = nn.unbox(self._boxed_params(k_model))
-    return dict(step=jnp.zeros((), jnp.int32), rng=jax.random.key_data(k_state), skipped=jnp.zeros((), jnp.int32),
-                params=params, ema_params=params, opt_state=self.tx.init(params))
+    return self.init_state_and_logical_axes(rng, batch)[0]
 
   def tokens(self, frozen: dict, batch: dict) -> list:
     """ids[branch][scale] of the batch: from pre-tokenized codes, or by encoding the images."""

@@ -35,9 +35,9 @@ class ConfigError(ImageFolderError):
 
 def shardings_for(task, mesh, rules, rng, example_batch):
   """(abstract state, its shardings) by the logical-axis rules: params, EMA params and optimizer
-  moments follow the parameters' logical axes (`task.logical_axes`); the rest is replicated."""
-  abstract = jax.eval_shape(task.init_state, rng, example_batch)
-  logical = jax.eval_shape(task.logical_axes, rng, example_batch)
+  moments follow the parameters' logical axes (`task.init_state_and_logical_axes`: one trace of the
+  model's init for both); the rest is replicated."""
+  abstract, logical = jax.eval_shape(task.init_state_and_logical_axes, rng, example_batch)
   return abstract, parallel.state_shardings(mesh, abstract, logical, rules)
 
 

@@ -191,30 +191,33 @@ class TokenizerTask:
     return state
 
   # ------------------------------------------------------------------ state
-  def logical_axes(self, rng: jax.Array, batch: dict) -> dict:
-    """{state key: boxed params} (use under eval_shape): what `parallel.state_shardings` reads."""
-    k_model, k_disc, _ = jax.random.split(rng, 3)
-    boxed = self.model.init({"params": k_model}, batch["image"][:1])["params"]
-    out = {"params": boxed, "ema_params": boxed, "opt_state": boxed}
-    if self.gan:
-      out["disc"] = self.disc.init({"params": k_disc}, batch["image"], train=False)["params"]
-    return out
-
-  def init_state(self, rng: jax.Array, batch: dict) -> dict:
+  def init_state_and_logical_axes(self, rng: jax.Array, batch: dict) -> tuple[dict, dict]:
+    """(train state, {state key: boxed params}) from one init of each model: the second is what
+    `parallel.state_shardings` reads (`train.loop.shardings_for` takes both from one trace)."""
     k_model, k_disc, k_state = jax.random.split(rng, 3)
-    images = batch["image"][:1]
-    variables = nn.unbox(self.model.init({"params": k_model}, images))
+    boxed = self.model.init({"params": k_model}, batch["image"][:1])
+    variables = nn.unbox(boxed)
     params = variables.pop("params")
     variables.pop("intermediates", None)
     state = dict(step=jnp.zeros((), jnp.int32), rng=jax.random.key_data(k_state),
                  skipped=jnp.zeros((), jnp.int32), params=params, ema_params=params,
                  opt_state=self.tx.init(params), model_state=variables)
+    logical = {"params": boxed["params"], "ema_params": boxed["params"], "opt_state": boxed["params"]}
     if self.gan:
-      dv = nn.unbox(self.disc.init({"params": k_disc}, batch["image"], train=False))
+      disc_boxed = self.disc.init({"params": k_disc}, batch["image"], train=False)
+      dv = nn.unbox(disc_boxed)
       dparams = dv.pop("params")
       state["disc"] = dict(params=dparams, state=dv, opt_state=self.disc_tx.init(dparams))
       state["lecam"] = losses.lecam_init()
-    return state
+      logical["disc"] = disc_boxed["params"]
+    return state, logical
+
+  def logical_axes(self, rng: jax.Array, batch: dict) -> dict:
+    """{state key: boxed params} (use under eval_shape)."""
+    return self.init_state_and_logical_axes(rng, batch)[1]
+
+  def init_state(self, rng: jax.Array, batch: dict) -> dict:
+    return self.init_state_and_logical_axes(rng, batch)[0]
 
   # ------------------------------------------------------------------ step
   def _semantic(self, params, frozen, images, f_hat_semantic, valid):

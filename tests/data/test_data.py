@@ -101,6 +101,20 @@ def test_demo_source_crop_matches_documented_recipe():
 
 # ---------------------------------------------------------------- decode
 
+def test_demo_photos_equal_the_packages_own_loaders():
+  """The photos are read from the wheels' files without importing scikit-image / scikit-learn:
+  the same arrays as their loaders give."""
+  import skimage.data
+  from sklearn.datasets import load_sample_images
+
+  from imagefolder_jax.data.sources import DEMO_PHOTOS, demo_photo
+  china, flower = load_sample_images().images
+  want = {"china": china, "flower": flower, **{name: getattr(skimage.data, name)() for name in DEMO_PHOTOS
+                                               if name not in ("china", "flower")}}
+  for name in DEMO_PHOTOS:
+    np.testing.assert_array_equal(demo_photo(name), want[name][..., :3], err_msg=name)
+
+
 
 def test_decode_converts_modes_to_rgb():
   rgb = _photo(6, 7, 0)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from support import ROOT, RUN_LONG
+from support import ROOT
 
 from imagefolder_jax.cli import main
 from imagefolder_jax.train.configuration import load_config
@@ -30,7 +30,7 @@ def task():
 @pytest.fixture(scope="module")
 def jitted(task):
   """(init_state, train_step) jitted once for the module's tests (one compile each)."""
-  return jax.jit(task.init_state), jax.jit(task.train_step, compiler_options=RUN_LONG)  # 8 steps of LPIPS-VGG
+  return jax.jit(task.init_state), jax.jit(task.train_step)
 
 
 def adaptive_weight_by_definition(task, state, batch) -> float:
@@ -66,18 +66,18 @@ def test_steps_lower_the_loss_and_touch_all_state(task, jitted):
   # ratio of the two losses' full-model gradient norms w.r.t. the last layer.
   want = adaptive_weight_by_definition(task, state, batch)
   losses = []
-  for _ in range(8):
+  for _ in range(4):   # the first at warm-up's zero learning rate
     state, metrics = step(state, task.frozen, batch)
     losses.append(float(metrics["rec_loss"]))
     if len(losses) == 1:
       assert float(metrics["adaptive_weight"]) == pytest.approx(want, rel=1e-4)
   assert losses[-1] < losses[0]
-  assert int(state["step"]) == 8 and int(state["skipped"]) == 0
+  assert int(state["step"]) == 4 and int(state["skipped"]) == 0
   assert np.isfinite(float(metrics["d_loss"])) and np.isfinite(float(metrics["semantic_loss"]))
   # EMA codebook and usage counters moved; discriminator and LeCam state trained.
   cb0 = state0["model_state"]["codebook"]["quantizer_0"]["embedding"]
   assert not np.allclose(state["model_state"]["codebook"]["quantizer_0"]["embedding"], cb0)
-  assert int(state["model_state"]["quantizer_stats"]["quantizer_1"]["usage_steps"]) == 8
+  assert int(state["model_state"]["quantizer_stats"]["quantizer_1"]["usage_steps"]) == 4
   assert float(jnp.abs(state["lecam"].real_ema)) > 0
   d0 = jax.tree.leaves(state0["disc"]["params"])
   assert any(not np.allclose(a, b) for a, b in zip(d0, jax.tree.leaves(state["disc"]["params"])))
