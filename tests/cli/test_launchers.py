@@ -74,7 +74,8 @@ def test_slurm_script_runs_a_two_node_job(tmp_path, micro_bundle):
   out = tmp_path / "samples"
   env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_SUBMIT_DIR=ROOT, SLURM_JOB_ID="7",
              SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST="node[1-2]", IFJ_VENV=str(venv), IFJ_PORT=str(port),
-             JAX_PLATFORMS="cpu", XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2")
+             JAX_PLATFORMS="cpu",   # the suite's compile options kept (tests/conftest.py)
+             XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2")
   r = subprocess.run(["bash", os.path.join(LAUNCH, "slurm.sbatch"), "sample", "--bundle", micro_bundle,
                       "--classes", "1,2", "--per-class", "2", "--shard-size", "2", "--batch-size", "2",
                       "--out-dir", str(out)], cwd=str(tmp_path), env=env, capture_output=True, text=True,

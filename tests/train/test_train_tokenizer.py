@@ -38,22 +38,31 @@ def adaptive_weight_by_definition(task, state, batch) -> float:
   taken through the whole model (as the official's autograd.grad), with the step's keys."""
   from imagefolder_jax.ops.diffaug import diff_augment
   from imagefolder_jax.train import losses
-  lc, images, params = task.config.loss, batch["image"], state["params"]
+  lc = task.config.loss
   rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
   k_drop, k_restart, k_g, _, _, k_crop = jax.random.split(rng, 6)
 
-  def recon(w):
-    p = dict(params, decoder=dict(params["decoder"], to_pixel=w))
-    out, _ = task.model.apply({"params": p, **state["model_state"]}, images, train=True, quantizer_dropout=True,
-                              update_codebook=True, rngs={"dropout": k_drop, "codebook_restart": k_restart},
-                              mutable=["codebook", "quantizer_stats", "intermediates"])
-    return out["recon"]
-  rec = lambda w: lc.l2 * losses.l2_pixel_loss(recon(w), images) + lc.lpips * jnp.mean(
-      task.lpips.apply({"params": task.frozen["lpips"]}, recon(w), images))
-  gan = lambda w: losses.hinge_g_loss(task._disc_logits(state["disc"]["params"], state["disc"]["state"],
-                                                        diff_augment(k_g, recon(w)), k_crop)[0])
-  w = params["decoder"]["to_pixel"]
-  norms = [float(n) for n in jax.jit(lambda w: [losses.global_norm(jax.grad(f)(w)) for f in (rec, gan)])(w)]
+  # Every array is an argument: closed over, the weights would be constants of the program, and
+  # XLA's compile time grows with them.
+  def gradient_norms(params, model_state, disc, lpips_params, images, keys):
+    k_drop, k_restart, k_g, k_crop = keys
+
+    def recon(w):
+      p = dict(params, decoder=dict(params["decoder"], to_pixel=w))
+      out, _ = task.model.apply({"params": p, **model_state}, images, train=True, quantizer_dropout=True,
+                                update_codebook=True, rngs={"dropout": k_drop, "codebook_restart": k_restart},
+                                mutable=["codebook", "quantizer_stats", "intermediates"])
+      return out["recon"]
+    rec = lambda w: lc.l2 * losses.l2_pixel_loss(recon(w), images) + lc.lpips * jnp.mean(
+        task.lpips.apply({"params": lpips_params}, recon(w), images))
+    gan = lambda w: losses.hinge_g_loss(task._disc_logits(disc["params"], disc["state"],
+                                                          diff_augment(k_g, recon(w)), k_crop)[0])
+    w = params["decoder"]["to_pixel"]
+    return [losses.global_norm(jax.grad(f)(w)) for f in (rec, gan)]
+
+  norms = [float(n) for n in jax.jit(gradient_norms)(state["params"], state["model_state"], state["disc"],
+                                                     task.frozen["lpips"], batch["image"],
+                                                     (k_drop, k_restart, k_g, k_crop))]
   return min(norms[0] / (norms[1] + 1e-4), lc.adaptive_max)
 
 
