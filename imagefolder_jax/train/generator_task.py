@@ -9,6 +9,7 @@ State: step, rng, skipped, params, ema_params, opt_state. Frozen: the tokenizer 
 """
 from __future__ import annotations
 
+import functools
 import logging
 
 import flax.linen as nn
@@ -36,6 +37,16 @@ from imagefolder_jax.train import optim
 ATTENTION_KERNELS = ("auto", "xla")
 
 log = logging.getLogger("imagefolder_jax.train")
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract_tokenizer_variables(tokenizer_config, image_size: int) -> dict:
+  """The frozen tokenizer's variables as ShapeDtypeStructs, traced once per (config, size): the
+  planner makes a task per probe of a `--largest-batch` search, and tracing the init of a 12-block
+  tokenizer costs about a second each time."""
+  v = jax.eval_shape(ImageFolderTokenizer(tokenizer_config).init, jax.random.key(0),
+                     jnp.zeros((1, image_size, image_size, 3), jnp.float32))
+  return {k: x for k, x in nn.unbox(v).items() if k != "intermediates"}
 
 
 class GeneratorTask:
@@ -117,9 +128,8 @@ class GeneratorTask:
 
   def abstract_frozen(self, image_size: int | None = None) -> dict:
     """Shapes/dtypes (jax.ShapeDtypeStruct) of `frozen` without loading anything (planning)."""
-    r = image_size or self.resolution
-    v = jax.eval_shape(self.tokenizer.init, jax.random.key(0), jnp.zeros((1, r, r, 3), jnp.float32))
-    return {"tokenizer": {k: x for k, x in nn.unbox(v).items() if k != "intermediates"}}
+    shapes = _abstract_tokenizer_variables(self.tokenizer_config, image_size or self.resolution)
+    return {"tokenizer": jax.tree.map(lambda x: x, shapes)}   # a copy: the cached tree stays as it is
 
   def init_state_and_logical_axes(self, rng: jax.Array, batch: dict) -> tuple[dict, dict]:
     """(train state, {state key: boxed params}) from one init of the model: the second is what
