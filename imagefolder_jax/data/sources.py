@@ -44,33 +44,49 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 DEMO_SPLITS = ("train", "validation")
 
 
-def _package_file(package: str, *parts: str) -> Callable[[], np.ndarray]:
+def _package_file(package: str, parts: tuple[str, ...], fallback: Callable[[], np.ndarray]) -> Callable[[], np.ndarray]:
   """A photo file inside an installed package, decoded by PIL as that package's own loader does
-  (skimage.data's imageio reader and sklearn's load_sample_images both decode through PIL).
-  The package is located, not imported: importing scikit-learn and scikit-image costs about a
-  CPU-second per process, decoding the nine photos a few milliseconds each."""
+  (skimage.data's imageio reader and sklearn's load_sample_images both decode through PIL). The
+  package is located, not imported: importing scikit-learn and scikit-image costs about a
+  CPU-second per process, decoding the nine photos a few milliseconds each. A version whose wheel
+  does not hold the file goes through the package's own loader (`fallback`)."""
   def load() -> np.ndarray:
     spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-      raise FileNotFoundError(f"the demo photos need the {package!r} package installed")
-    with Image.open(os.path.join(spec.submodule_search_locations[0], *parts)) as image:
+    path = os.path.join(spec.submodule_search_locations[0], *parts) if spec and spec.submodule_search_locations else ""
+    if not os.path.isfile(path):
+      return fallback()
+    with Image.open(path) as image:
       return np.asarray(image)
   return load
+
+
+def _skimage(name: str, file: str) -> Callable[[], np.ndarray]:
+  def fallback() -> np.ndarray:
+    import skimage.data  # pylint: disable=g-import-not-at-top
+    return getattr(skimage.data, name)()
+  return _package_file("skimage", ("data", file), fallback)
+
+
+def _sklearn(index: int, file: str) -> Callable[[], np.ndarray]:
+  def fallback() -> np.ndarray:
+    from sklearn.datasets import load_sample_images  # pylint: disable=g-import-not-at-top
+    return load_sample_images().images[index]
+  return _package_file("sklearn", ("datasets", "images", file), fallback)
 
 
 # RGB photos that ship inside the wheels (no pooch download): name -> loader (tests/data/test_data.py
 # checks that each equals skimage.data.<name>() or sklearn's load_sample_images()).
 # skimage's `cat` is the same photo as `chelsea`, so it is left out.
 DEMO_PHOTOS: dict[str, Callable[[], np.ndarray]] = {
-    "astronaut": _package_file("skimage", "data", "astronaut.png"),
-    "chelsea": _package_file("skimage", "data", "chelsea.png"),
-    "coffee": _package_file("skimage", "data", "coffee.png"),
-    "rocket": _package_file("skimage", "data", "rocket.jpg"),
-    "hubble_deep_field": _package_file("skimage", "data", "hubble_deep_field.jpg"),
-    "immunohistochemistry": _package_file("skimage", "data", "ihc.png"),
-    "retina": _package_file("skimage", "data", "retina.jpg"),
-    "china": _package_file("sklearn", "datasets", "images", "china.jpg"),
-    "flower": _package_file("sklearn", "datasets", "images", "flower.jpg"),
+    "astronaut": _skimage("astronaut", "astronaut.png"),
+    "chelsea": _skimage("chelsea", "chelsea.png"),
+    "coffee": _skimage("coffee", "coffee.png"),
+    "rocket": _skimage("rocket", "rocket.jpg"),
+    "hubble_deep_field": _skimage("hubble_deep_field", "hubble_deep_field.jpg"),
+    "immunohistochemistry": _skimage("immunohistochemistry", "ihc.png"),
+    "retina": _skimage("retina", "retina.jpg"),
+    "china": _sklearn(0, "china.jpg"),
+    "flower": _sklearn(1, "flower.jpg"),
 }
 
 

@@ -115,6 +115,16 @@ def test_demo_photos_equal_the_packages_own_loaders():
     np.testing.assert_array_equal(demo_photo(name), want[name][..., :3], err_msg=name)
 
 
+def test_demo_photo_missing_from_the_wheel_comes_from_the_package_loader(monkeypatch):
+  import importlib.util
+
+  import skimage.data
+
+  from imagefolder_jax.data.sources import DEMO_PHOTOS
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)   # no file found in any wheel
+  np.testing.assert_array_equal(DEMO_PHOTOS["coffee"](), skimage.data.coffee())
+
+
 
 def test_decode_converts_modes_to_rgb():
   rgb = _photo(6, 7, 0)
