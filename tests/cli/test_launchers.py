@@ -54,6 +54,7 @@ FAKE_SRUN = textwrap.dedent("""\
     """)
 
 
+@pytest.mark.multiprocess   # a two-process job
 def test_slurm_script_runs_a_two_node_job(tmp_path, micro_bundle):
   from imagefolder_jax.inference.sample_runner import read_directory
   bin_dir = tmp_path / "bin"

@@ -63,6 +63,7 @@ def torchscript_pool3(images):
     return net(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy().astype(np.float64)
 
 
+@pytest.mark.slow
 def test_fid_stats_and_fid_match_torchscript_features(inception_bundle, tmp_path, capsys):
   from PIL import Image
   sets = {"a": photo_crops(0, 6), "b": photo_crops(1, 5)}

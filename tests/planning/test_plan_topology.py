@@ -84,6 +84,7 @@ def generator_data_plan():
   return json.loads(r.stdout), r.stderr
 
 
+@pytest.mark.slow
 def test_generator_step_on_tpu_fsdp_and_slices(generator_data_plan):
   data = types.SimpleNamespace(**generator_data_plan[0])
   assert data.compiler == "tpu" and data.fits and data.devices == 4
@@ -110,6 +111,7 @@ def test_generator_step_on_tpu_fsdp_and_slices(generator_data_plan):
   assert two.roofline["dcn_seconds"] > 0
 
 
+@pytest.mark.slow
 def test_generator_step_on_two_h100_nodes():
   p = _plan("generator", "h100-16", "fsdp=8", 1, "--config.data.batch_size=16")
   assert p.compiler == "gpu" and p.devices == 16 and p.mesh == {"data": 2, "fsdp": 8, "tensor": 1} and p.fits
@@ -122,12 +124,14 @@ def test_generator_step_on_two_h100_nodes():
   assert "DOES NOT FIT" not in planning.format_plan(p)
 
 
+@pytest.mark.slow
 def test_tokenizer_step_compiles_for_tpu_and_gpu():
   for topology in ("v5e-4", "h100-4"):
     p = _plan("tokenizer", topology, "data=4")
     assert p.fits and p.compiled_peak_bytes > p.argument_bytes > 0, topology
 
 
+@pytest.mark.slow
 def test_oversized_config_is_a_verdict_not_an_error(capsys):
   """The TPU compiler's RESOURCE_EXHAUSTED becomes 'does not fit' with its numbers, exit 0; so does
   `--largest-batch` when even its smallest probe is refused (the bisection itself:
@@ -159,6 +163,7 @@ def test_oversized_config_is_a_verdict_not_an_error(capsys):
   assert "go with --largest-batch" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_plan_topology_json_and_errors(generator_data_plan, capsys):
   out, stderr = generator_data_plan
   for key in ("compiler", "topology", "chips", "argument_bytes", "output_bytes", "temp_bytes", "alias_bytes",
@@ -192,6 +197,7 @@ def test_the_compiler_extras_leave_other_commands_quiet():
     assert r.returncode == 0 and r.stdout.strip() == "cpu" and r.stderr == "", (platforms, r.stderr)
 
 
+@pytest.mark.slow
 def test_sampler_compiles_for_tpu(tiny_tokenizer_bundle):
   """`plan --program sample`: the generator's batch sampler (guidance, top-k / top-p) over 4 v5e
   chips, the tokenizer's decode included."""

@@ -66,6 +66,7 @@ def adaptive_weight_by_definition(task, state, batch) -> float:
   return min(norms[0] / (norms[1] + 1e-4), lc.adaptive_max)
 
 
+@pytest.mark.slow
 def test_steps_lower_the_loss_and_touch_all_state(task, jitted):
   batch = fixed_batch()
   init, step = jitted
