@@ -141,10 +141,6 @@ class GeneratorTask:
                  params=params, ema_params=params, opt_state=self.tx.init(params))
     return state, {"params": boxed, "ema_params": boxed, "opt_state": boxed}
 
-  def logical_axes(self, rng: jax.Array, batch: dict) -> dict:
-    """{state key: boxed params} (use under eval_shape)."""
-    return self.init_state_and_logical_axes(rng, batch)[1]
-
   def init_state(self, rng: jax.Array, batch: dict) -> dict:
     return self.init_state_and_logical_axes(rng, batch)[0]
 

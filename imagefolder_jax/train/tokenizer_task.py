@@ -212,10 +212,6 @@ class TokenizerTask:
       logical["disc"] = disc_boxed["params"]
     return state, logical
 
-  def logical_axes(self, rng: jax.Array, batch: dict) -> dict:
-    """{state key: boxed params} (use under eval_shape)."""
-    return self.init_state_and_logical_axes(rng, batch)[1]
-
   def init_state(self, rng: jax.Array, batch: dict) -> dict:
     return self.init_state_and_logical_axes(rng, batch)[0]
 
