@@ -48,16 +48,18 @@ CASES = {
     **{f"generator d{d} h100-8 fsdp=8": ["--stage", "generator", "--config", f"{GEN}:{d}", "--pretokenized",
                                          "--topology", "h100-8", "--mesh", "fsdp=8", "--largest-batch"]
        for d in (16, 20, 24, 30)},
-    # v5e / v6e: the start is the batch at which the temporaries, growing per example as on v5p from the
-    # config's compile at batch 768, would reach the chip's memory (rounded down to the step).
+    # v5e / v6e: d16's start is the batch at which the temporaries, growing per example as on v5p from the
+    # config's compile at batch 768, would reach the chip's memory (rounded down to the step); on v5e it was
+    # 20% long (20480 fit, 0.174 GiB per example per chip). The others start one step below where the peak
+    # at 768, growing by that slope scaled with the activations per example (depth x width), meets it.
     **{f"generator d{d} v5e-256 data=32,fsdp=8": ["--stage", "generator", "--config", f"{GEN}:{d}", "--pretokenized",
                                                    "--topology", "v5e-256", "--mesh", "data=32,fsdp=8",
                                                    "--largest-batch", "--largest-batch-from", str(start)]
-       for d, start in ((16, 24576), (20, 14336), (24, 8192), (30, 4096))},
+       for d, start in ((16, 24576), (20, 12288), (24, 8192), (30, 2048))},
     **{f"generator d{d} v6e-64 data=8,fsdp=8": ["--stage", "generator", "--config", f"{GEN}:{d}", "--pretokenized",
                                                  "--topology", "v6e-64", "--mesh", "data=8,fsdp=8", "--largest-batch",
                                                  "--largest-batch-from", str(start)]
-       for d, start in ((16, 11776), (20, 7680), (24, 5120), (30, 2560))},
+       for d, start in ((16, 10240), (20, 7168), (24, 4608), (30, 2048))},
     "generator d16 v5p-64 x2 slices fsdp=8": ["--stage", "generator", "--config", f"{GEN}:16", "--pretokenized",
                                               "--topology", "v5p-64", "--slices", "2", "--mesh", "data=4,fsdp=8",
                                               "--largest-batch", "--largest-batch-from", "38400"],   # 2 x one slice's
