@@ -15,109 +15,11 @@ from __future__ import annotations
 
 import argparse
 import collections
-import math
 import os
 import re
 import sys
 
-from imagefolder_jax.planning import hlo
-
-# Instructions that move no HBM bytes of their own (control flow, tuples, views).
-_FREE = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while", "conditional", "call",
-         "after-all", "partition-id", "replica-id", "iota", "opt-barrier", None}
-_ARRAY = re.compile(r"\b(" + "|".join(sorted(hlo.DTYPE_BYTES, key=len, reverse=True)) + r")\[([\d,]*)\](\{[^}]*\})?")
-
-
-def padded_bytes(typ: str) -> float:
-  """HBM bytes of an HLO type: each array's dims padded to its layout's first tile (e.g. T(8,128) on
-  the two most minor dims); arrays in on-chip memory (`S(1)`) count 0."""
-  total = 0.0
-  for dtype, dims, layout in _ARRAY.findall(typ):
-    shape = [int(x) for x in dims.split(",") if x]
-    body = layout[1:-1] if layout else ""
-    minor_to_major, _, rest = body.partition(":")
-    if "S(1)" in rest:
-      continue
-    order = [int(x) for x in minor_to_major.split(",") if x.strip().isdigit()]
-    tile = re.match(r"T\(([\d,]+)\)", rest)
-    if tile and order:
-      for dim, size in zip(order, reversed([int(x) for x in tile.group(1).split(",")])):
-        shape[dim] = -(-shape[dim] // size) * size
-    total += hlo.DTYPE_BYTES[dtype] * math.prod(shape)
-  return total
-
-
-def _operands(tail: str) -> list[str]:
-  depth = 1
-  for i, ch in enumerate(tail):
-    depth += (ch == "(") - (ch == ")")
-    if depth == 0:
-      return re.findall(r"%([\w.\-]+)", tail[:i])
-  return re.findall(r"%([\w.\-]+)", tail)
-
-
-def instruction_bytes(text: str) -> list[dict]:
-  """[{op, type, op_name, runs, bytes}] for every top-level instruction (outside fusion bodies)."""
-  computations, entry = hlo.parse(text)
-  runs, _, _ = hlo.executions(computations, entry)
-  fused = {m.group(1) for instructions in computations.values() for ins in instructions
-           if ins["op"] == "fusion" or (ins["op"] or "").endswith("-start")
-           for m in re.finditer(r"calls=%?([\w.\-]+)", ins["tail"])}
-  rows = []
-  for name, instructions in computations.items():
-    if not runs.get(name) or name in fused:
-      continue
-    types = {ins["name"]: ins["type"] for ins in instructions}
-    for ins in instructions:
-      if ins["op"] in _FREE:
-        continue
-      size = padded_bytes(ins["type"]) + sum(padded_bytes(types.get(n, "")) for n in _operands(ins["tail"]))
-      op_name = re.search(r'op_name="([^"]+)"', ins["tail"])
-      rows.append(dict(op=ins["op"], type=ins["type"], op_name=op_name.group(1) if op_name else "",
-                       runs=runs[name], bytes=size * runs[name]))
-  return rows
-
-
-def _dims(typ: str) -> list[int]:
-  m = _ARRAY.search(typ)
-  return [int(x) for x in m.group(2).split(",") if x] if m else []
-
-
-def instruction_flops(text: str) -> list[dict]:
-  """[{op, op_name, runs, flops}] for every dot and convolution, fusion bodies included, times the
-  executions of its computation: 2 x output elements x the contracted size (a dot's contracting
-  dims; a convolution's kernel elements per output feature, i.e. window x input features per group,
-  over its lhs dilation)."""
-  computations, entry = hlo.parse(text)
-  runs, _, _ = hlo.executions(computations, entry)
-  rows = []
-  for name, instructions in computations.items():
-    if not runs.get(name):
-      continue
-    types = {ins["name"]: ins["type"] for ins in instructions}
-    for ins in instructions:
-      if ins["op"] not in ("dot", "convolution"):
-        continue
-      operands = _operands(ins["tail"])
-      out = math.prod(_dims(ins["type"]))
-      if ins["op"] == "dot":
-        lhs = _dims(types.get(operands[0], ""))
-        contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins["tail"])
-        k = math.prod(lhs[int(d)] for d in contracting.group(1).split(",") if d) if contracting else 1
-      else:
-        kernel = _dims(types.get(operands[1], ""))
-        labels = re.search(r"dim_labels=\w+_(\w+)->", ins["tail"])
-        o = kernel[labels.group(1).index("o")] if labels and kernel else 1
-        k = math.prod(kernel) / max(o, 1)
-        # Batched matmuls are convolutions whose batch dims are a window over an lhs-dilated input
-        # (size=24x16 lhs_dilate=24x16): only 1 / lhs_dilate of each window's taps meet real inputs.
-        dilate = re.search(r"lhs_dilate=([\dx]+)", ins["tail"])
-        if dilate:
-          k /= math.prod(int(x) for x in dilate.group(1).split("x"))
-      op_name = re.search(r'op_name="([^"]+)"', ins["tail"])
-      rows.append(dict(op=ins["op"], op_name=op_name.group(1) if op_name else "", runs=runs[name],
-                       flops=2.0 * out * k * runs[name]))
-  return rows
+from imagefolder_jax.planning.hlo_costs import instruction_bytes, instruction_flops
 
 
 def op_group(op_name: str, depth: int) -> str:

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from imagefolder_jax.planning import hlo
+from imagefolder_jax.planning import hlo, hlo_costs
 from imagefolder_jax.planning.chips import CHIPS as CHIP_SPECS
 from imagefolder_jax.planning.chips import ChipSpec
 from imagefolder_jax.planning.errors import PlanError
@@ -76,6 +76,7 @@ class Plan:
   compiled_peak_bytes: float = float("nan")
   bytes_accessed: float = float("nan")
   kernel_flops_per_device: float = 0.0   # in Pallas kernels, which the compiler's count leaves out
+  loop_scale: Optional[dict] = None       # hlo_costs.loop_scales: the cost model's counts x these = as run
   collectives: dict = dataclasses.field(default_factory=dict)
   roofline: dict = dataclasses.field(default_factory=dict)
   optimal_seconds: Optional[float] = None
@@ -297,6 +298,7 @@ def analyze_compiled(compiled, devices: Sequence, chip: Optional[ChipSpec],
     fields["xla_flops_per_device"] = float(cost.get("flops", float("nan")))
     fields["bytes_accessed"] = float(cost.get("bytes accessed", float("nan")))
     fields["optimal_seconds"], fields["optimal_note"] = hlo.repaired_optimal_seconds(cost.get("optimal_seconds"), text)
+    fields["loop_scale"] = hlo_costs.loop_scales(text)
   else:
     fields["optimal_note"] = "the GPU compiler has no cost model here (cost_analysis() is None)"
   if chip is not None:
@@ -309,12 +311,15 @@ def roofline(fields: dict, chip: ChipSpec, analytic_flops_per_chip: float) -> di
   over ICI / NVLink and DCN / the network, with no overlap of communication and compute (an upper
   bound on a good schedule; a lower bound on a poor one). FLOPs: the compiled count where the
   compiler gives one, plus its Pallas kernels' (which it cannot see into), at least the analytic
-  count per chip (the cost model prices a loop body once); HBM bytes: the cost model's 'bytes
-  accessed' (TPU only; a kernel counts as its operands and results)."""
-  compiled_flops = fields.get("xla_flops_per_device", float("nan")) + fields.get("kernel_flops_per_device", 0.0)
+  count per chip; HBM bytes: the cost model's 'bytes accessed' (TPU only; a kernel counts as its
+  operands and results). The cost model prices a while body once: in a program with loops of known
+  trip count (`train.grad_accum`) both are scaled by fields['loop_scale'] (hlo_costs.loop_scales)."""
+  scale = fields.get("loop_scale") or {}
+  compiled_flops = (fields.get("xla_flops_per_device", float("nan")) * scale.get("flops", 1.0)
+                    + fields.get("kernel_flops_per_device", 0.0))
   flops = analytic_flops_per_chip if np.isnan(compiled_flops) else max(compiled_flops, analytic_flops_per_chip)
   compute = flops / chip.peak_flops
-  accessed = fields.get("bytes_accessed", float("nan"))
+  accessed = fields.get("bytes_accessed", float("nan")) * scale.get("bytes", 1.0)
   memory = None if np.isnan(accessed) else accessed / chip.memory_bandwidth
   wire = sum(v["wire_bytes"] for k, v in fields["collectives"].items() if isinstance(v, dict))
   cross = sum(v["cross_bytes"] for k, v in fields["collectives"].items() if isinstance(v, dict))
@@ -459,6 +464,10 @@ def format_plan(p: Plan) -> str:
                   f"; compiled {p.xla_flops_per_device:.3e} per chip{kernels} x {p.devices} = "
                   f"{(p.xla_flops_per_device + p.kernel_flops_per_device) * p.devices:.3e}")
       rows.append(f"  FLOPs/step      analytic {p.analytic_flops_per_step:.3e}{compiled}")
+      if p.loop_scale:
+        scale = p.loop_scale
+        rows.append(f"  loops           the cost model prices a while body once: its FLOPs x{scale['flops']:.2f} and "
+                    f"HBM bytes x{scale['bytes']:.2f} for the trip counts in the step time")
       rows.append(f"  collectives     {_collectives_line(p.collectives)}")
       r = p.roofline
       memory = "" if r.get("memory_seconds") is None else f", HBM {_ms(r['memory_seconds'])}"
