@@ -90,7 +90,10 @@ def run_case(name: str, args: list) -> dict:
   record = {"case": name, "command": "imagefolder-jax plan " + " ".join(args), "cpu": cpu_name(),
             "date": datetime.date.today().isoformat(), "compile_seconds": round(seconds, 1)}
   if r.returncode != 0:
-    record["error"] = (r.stderr.strip().splitlines() or ["?"])[-1]
+    # A plan that dies without a word was killed: the ImageNet tokenizer's TPU compile at batch 3584
+    # holds 11 GB of host memory, and the kernel's OOM killer stops it beside another compile.
+    record["error"] = (r.stderr.strip().splitlines() or [f"killed by signal {-r.returncode} (host memory?)"
+                                                         if r.returncode < 0 else f"exit code {r.returncode}"])[-1]
   else:
     record["plan"] = json.loads(r.stdout.strip().splitlines()[-1])
   return record
