@@ -166,7 +166,7 @@ def _search_largest_batch(args, config, plan_at, start: int, first, search_start
   begin = max(step, search_start // step * step)
   limit = max(args.largest_batch_limit or 64 * begin, begin)
   made = {start: first}
-  return largest_fitting_batch(lambda b: made[b] if b in made else plan_at(b), begin, step, limit)
+  return largest_fitting_batch(lambda b: made[b] if b in made else plan_at(b), begin, step, limit, known=made)
 
 
 VERBS = [_add_plan]

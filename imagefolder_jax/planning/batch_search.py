@@ -4,20 +4,21 @@ Each probe is a full plan (one compile by the TPU or GPU compiler, minutes for t
 recipes), so the search spends as few as it can. A train step's peak memory per chip is close to
 affine in the batch (state and parameters fixed, activations per example), so each probe after the
 first aims at the batch where the line through the fitting probes meets the chip's limit: through
-the largest two, or, with one, through it and zero (which overestimates the slope, so the first aim
-falls short rather than long). The aim is kept inside the bracket (largest fitting, smallest
-refused) on the grid of `step`, and a probe that fails to halve the bracket is followed by a plain
-bisection, so the search never needs more than about twice bisection's compiles; on an affine memory
-curve it ends in three or four. The TPU and GPU compilers rematerialize as a program nears the
-chip's memory, so real peaks bend under the line and the aim falls short there: the generator d16's
-searches took 8 compiles on h100-8 and 10 on v5p-64, where doubling and bisection take 8 and 11.
-Once an aim one step above the largest fitting batch fits too (the peaks have left the line) and
-no batch was refused, the next probe is an eighth larger: the generator d24's search on v5p-64 had
-crept 8448, 8704, 8960, then doubled to 17920 and bisected back to 9216 in 9 compiles.
-Without a fitting probe it halves; without a refused one and no usable line it doubles. The answer
-is the compiler's verdict at each probe; memory need not be monotone in the batch at the last few
-MiB (the compiler picks other layouts), so the bracket is what was compiled, not a proof about the
-batches between.
+the largest two, or, with one, through it and a plan made before the search (`known`: `plan`'s own
+plan at the config's batch, whose peak holds the fixed state), else through it and zero (which
+overestimates the slope, so the first aim falls short rather than long). The aim is kept inside the
+bracket (largest fitting, smallest refused) on the grid of `step`, and a probe that fails to halve
+the bracket is followed by a plain bisection, so the search never needs more than about twice
+bisection's compiles; on an affine memory curve it ends in three or four. The TPU and GPU compilers
+rematerialize as a program nears the chip's memory, so real peaks bend under the line and the aim
+falls short there: the generator d16's searches took 8 compiles on h100-8 and 10 on v5p-64, where
+doubling and bisection take 8 and 11. Once an aim one step above the largest fitting batch fits too
+(the peaks have left the line) and no batch was refused, the next probe is an eighth larger: the
+generator d24's search on v5p-64 had crept 8448, 8704, 8960, then doubled to 17920 and bisected back
+to 9216 in 9 compiles. Without a fitting probe it halves; without a refused one and no usable line
+it doubles. The answer is the compiler's verdict at each probe; memory need not be monotone in the
+batch at the last few MiB (the compiler picks other layouts), so the bracket is what was compiled,
+not a proof about the batches between.
 """
 from __future__ import annotations
 
@@ -79,10 +80,13 @@ def _aim(fitting: dict, memory_limit: float, step: int) -> Optional[int]:
   return int((b1 + (memory_limit - p1) / slope) // step * step)
 
 
-def largest_fitting_batch(plan_at: Callable[[int], object], start: int, step: int, limit: int) -> BatchSearch:
+def largest_fitting_batch(plan_at: Callable[[int], object], start: int, step: int, limit: int,
+                          known: Optional[dict] = None) -> BatchSearch:
   """The largest global batch b (a multiple of `step`, `step` <= b <= `limit`) whose plan fits.
   plan_at(b) -> a plan with `.fits`, and for the memory-guided aim `.peak_bytes` and `.memory_limit`
-  (bytes per chip; planning.Plan); without them the search doubles, halves and bisects."""
+  (bytes per chip; planning.Plan); without them the search doubles, halves and bisects.
+  known: {batch: plan} made before the search; those that fit, below `start`, are points of the
+  aim's line (not probes: they are in neither `tried` nor the bracket)."""
   if step < 1 or start < step or start % step or limit < start:
     raise PlanError(f"batch search: need step >= 1 dividing the start batch {start} and a limit >= it "
                     f"(step {step}, limit {limit})")
@@ -101,6 +105,10 @@ def largest_fitting_batch(plan_at: Callable[[int], object], start: int, step: in
       fitting[batch] = float(getattr(p, "peak_bytes", float("nan")))
     return bool(p.fits)
 
+  for batch, plan in (known or {}).items():
+    peak = float(getattr(plan, "peak_bytes", float("nan")))
+    if batch < start and getattr(plan, "fits", False) and math.isfinite(peak):
+      fitting[batch] = peak
   lo: Optional[int] = start if fits(start) else None
   hi: Optional[int] = None if lo is not None else start
   bisect_next = False

@@ -97,3 +97,24 @@ def test_peaks_leaving_the_line_near_the_limit_bound_the_search_by_an_eighth():
   search = largest_fitting_batch(plan_at, 8448, 256, 768 * 704)
   assert search.largest == 9216 and search.smallest_refused == 9472
   assert calls[:4] == [8448, 8704, 8960, 9984] and len(calls) <= 6, calls
+
+
+def test_a_plan_made_before_the_search_puts_the_first_aim_on_the_line():
+  # The generator d16 on v5e-256: the config's plan at 768 (1.8 GiB per chip) is made anyway; with it
+  # the line through the first fitting probe hits the limit at once instead of falling short.
+  limit_bytes, fixed, per_example = 15.75, 1.8, (15.75 - 1.8) / 21000
+  plan_at, calls = _memory(lambda b: fixed + per_example * b, limit_bytes)
+  expected = int((limit_bytes - fixed) / per_example) // 2048 * 2048
+  seeded = largest_fitting_batch(plan_at, 12288, 2048, 10 ** 6, known={768: plan_at(768)})
+  seeded_calls = calls[1:]
+  calls.clear()
+  alone = largest_fitting_batch(plan_at, 12288, 2048, 10 ** 6)
+  assert seeded.largest == alone.largest == expected and seeded.smallest_refused == expected + 2048
+  assert 768 not in seeded.tried and len(seeded_calls) == len(seeded.tried) == 3 < len(calls), (seeded_calls, calls)
+  alone_calls = list(calls)
+  # a refused plan, or one not below the start, is not a point of the line: the same probes as alone
+  calls.clear()
+  ignored = {10 ** 6: plan_at(10 ** 6), 12288: plan_at(12288)}
+  calls.clear()
+  assert largest_fitting_batch(plan_at, 12288, 2048, 10 ** 6, known=ignored).largest == expected
+  assert calls == alone_calls
