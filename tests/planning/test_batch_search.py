@@ -113,7 +113,6 @@ def test_a_plan_made_before_the_search_puts_the_first_aim_on_the_line():
   assert 768 not in seeded.tried and len(seeded_calls) == len(seeded.tried) == 3 < len(calls), (seeded_calls, calls)
   alone_calls = list(calls)
   # a refused plan, or one not below the start, is not a point of the line: the same probes as alone
-  calls.clear()
   ignored = {10 ** 6: plan_at(10 ** 6), 12288: plan_at(12288)}
   calls.clear()
   assert largest_fitting_batch(plan_at, 12288, 2048, 10 ** 6, known=ignored).largest == expected
