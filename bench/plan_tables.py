@@ -51,7 +51,8 @@ CASES = {
     # v5e / v6e: d16's start is the batch at which the temporaries, growing per example as on v5p from the
     # config's compile at batch 768, would reach the chip's memory (rounded down to the step); on v5e it was
     # 20% long (20480 fit, 0.174 GiB per example per chip). The others start one step below where the peak
-    # at 768, growing by that slope scaled with the activations per example (depth x width), meets it.
+    # at 768, growing by that slope scaled with the activations per example (depth x width), meets it;
+    # on v6e the slope is d16's there (0.25 GiB per example per chip, 768 to 7168, with XLA's attention).
     **{f"generator d{d} v5e-256 data=32,fsdp=8": ["--stage", "generator", "--config", f"{GEN}:{d}", "--pretokenized",
                                                    "--topology", "v5e-256", "--mesh", "data=32,fsdp=8",
                                                    "--largest-batch", "--largest-batch-from", str(start)]
@@ -59,7 +60,7 @@ CASES = {
     **{f"generator d{d} v6e-64 data=8,fsdp=8": ["--stage", "generator", "--config", f"{GEN}:{d}", "--pretokenized",
                                                  "--topology", "v6e-64", "--mesh", "data=8,fsdp=8", "--largest-batch",
                                                  "--largest-batch-from", str(start)]
-       for d, start in ((16, 10240), (20, 7168), (24, 4608), (30, 2048))},
+       for d, start in ((16, 10240), (20, 4608), (24, 3072), (30, 1536))},
     "generator d16 v5p-64 x2 slices fsdp=8": ["--stage", "generator", "--config", f"{GEN}:16", "--pretokenized",
                                               "--topology", "v5p-64", "--slices", "2", "--mesh", "data=4,fsdp=8",
                                               "--largest-batch", "--largest-batch-from", "38400"],   # 2 x one slice's
@@ -137,7 +138,7 @@ def table(records: list) -> str:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out", required=True, help="JSON lines file (finished cases are skipped)")
+  parser.add_argument("--out", required=True, help="JSON lines file (cases with a plan there are skipped)")
   parser.add_argument("--only", default="", help="run the cases whose name holds this text")
   parser.add_argument("--table", action="store_true", help="print the markdown table of --out and stop")
   args = parser.parse_args()
@@ -148,7 +149,7 @@ def main() -> None:
   if args.table:
     print(table(done))
     return
-  finished = {r["case"] for r in done}
+  finished = {r["case"] for r in done if "plan" in r}   # a case that failed (e.g. killed) runs again
   for name, case_args in CASES.items():
     if args.only not in name or name in finished:
       continue
