@@ -23,6 +23,7 @@ image and sample the semantic branch).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -187,8 +188,12 @@ def make_sampler(generator: NextScaleGenerator, tokenizer: ImageFolderTokenizer,
   # Platform-specific paths (filter chunking, fused attention) follow the devices compiled for.
   platform = platform_of(mesh)
 
+  # The mesh's abstract form while tracing: kernels run per batch shard under it (ops.cached_attention).
+  def traced_mesh():
+    return contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
   def fn(generator_variables, tokenizer_variables, labels, key, cfg, temperature, forced, indices=None):
-    with compiling_for(platform), jax.default_matmul_precision(precision):
+    with compiling_for(platform), jax.default_matmul_precision(precision), traced_mesh():
       return sample(generator, tokenizer, settings, generator_variables, tokenizer_variables, labels, key,
                     cfg, temperature, forced, indices)
 

@@ -37,7 +37,7 @@ from imagefolder_jax.models.layers import (
   partitioned,
   remat_block,
 )
-from imagefolder_jax.ops import block_causal_attention
+from imagefolder_jax.ops import block_causal_attention, cached_attention
 from imagefolder_jax.ops.masks import block_causal_mask, scale_begin_ends, scale_of_position
 
 RELEASED_SCALES = (1, 1, 2, 3, 3, 4, 5, 6, 8, 11)
@@ -253,6 +253,10 @@ class SelfAttention(nn.Module):
           cached, new.reshape(b, l, flat).astype(cached.dtype), begin, axis=1)
       k_all, v_all = write(cache["k"], k), write(cache["v"], v)
       new_cache = {"k": k_all, "v": v_all}
+      if k_all.dtype == q.dtype and cached_attention.applies(q.dtype, c.num_heads, c.head_dim):
+        out = cached_attention.cached_attention(q.reshape(b, l, flat), k_all, v_all, end=end, head_dim=c.head_dim,
+                                                scale=softmax_scale)
+        return self.proj(out), new_cache
       k, v = (x[:, :end].reshape(b, end, c.num_heads, c.head_dim).astype(c.compute_dtype) for x in (k_all, v_all))
     if cache is None and mask is not None and block_causal_attention.applies():
       # Teacher forcing on TPU: the mask is block_causal_mask(c.scales) (head_inputs), fused in a kernel.

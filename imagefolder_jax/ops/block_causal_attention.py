@@ -66,6 +66,11 @@ def xla_attention(enabled: bool = True) -> Iterator[None]:
     _XLA.reset(token)
 
 
+def xla_forced() -> bool:
+  """Whether `xla_attention()` is in effect."""
+  return _XLA.get()
+
+
 # TPU generations where XLA's own attention compiled to fewer HBM bytes than the kernel: on a v6e-64
 # the d16 step at 12 images per chip moved 64.6 GB per chip with XLA's attention against 72.3 GB
 # with the kernel (43 against 47 ms by the roofline), while on v5p (24 and 12 per chip) and v5e the
@@ -78,7 +83,7 @@ def applies() -> bool:
   `XLA_ATTENTION_KINDS` outside `xla_attention()`, or interpreted."""
   if interpreted():
     return True
-  if _XLA.get() or target_platform() != "tpu":
+  if xla_forced() or target_platform() != "tpu":
     return False
   return not (target_device_kind() or "").startswith(XLA_ATTENTION_KINDS)
 
@@ -203,4 +208,4 @@ def _activation_spec(shape: Sequence[int]) -> Optional[jax.sharding.PartitionSpe
 
 __all__ = ["BLOCK", "KERNEL_PAIR_FLOPS", "MAX_QUERY_TILE", "XLA_ATTENTION_KINDS", "applies", "block_causal_attention",
            "computed_pairs", "interpreted", "kernel_flops", "kernel_interpreted", "padded_length", "padded_mask",
-           "tiling", "xla_attention"]
+           "tiling", "xla_attention", "xla_forced"]

@@ -76,6 +76,7 @@ class Plan:
   compiled_peak_bytes: float = float("nan")
   bytes_accessed: float = float("nan")
   kernel_flops_per_device: float = 0.0   # in Pallas kernels, which the compiler's count leaves out
+  kernel_bytes_per_device: float = 0.0   # their operands and results, which its 'bytes accessed' leaves out
   loop_scale: Optional[dict] = None       # hlo_costs.loop_scales: the cost model's counts x these = as run
   collectives: dict = dataclasses.field(default_factory=dict)
   roofline: dict = dataclasses.field(default_factory=dict)
@@ -299,6 +300,7 @@ def analyze_compiled(compiled, devices: Sequence, chip: Optional[ChipSpec],
     fields["bytes_accessed"] = float(cost.get("bytes accessed", float("nan")))
     fields["optimal_seconds"], fields["optimal_note"] = hlo.repaired_optimal_seconds(cost.get("optimal_seconds"), text)
     fields["loop_scale"] = hlo_costs.loop_scales(text)
+    fields["kernel_bytes_per_device"] = hlo_costs.kernel_bytes(text)
   else:
     fields["optimal_note"] = "the GPU compiler has no cost model here (cost_analysis() is None)"
   if chip is not None:
@@ -311,15 +313,17 @@ def roofline(fields: dict, chip: ChipSpec, analytic_flops_per_chip: float) -> di
   over ICI / NVLink and DCN / the network, with no overlap of communication and compute (an upper
   bound on a good schedule; a lower bound on a poor one). FLOPs: the compiled count where the
   compiler gives one, plus its Pallas kernels' (which it cannot see into), at least the analytic
-  count per chip; HBM bytes: the cost model's 'bytes accessed' (TPU only; a kernel counts as its
-  operands and results). The cost model prices a while body once: in a program with loops of known
-  trip count (`train.grad_accum`) both are scaled by fields['loop_scale'] (hlo_costs.loop_scales)."""
+  count per chip; HBM bytes: the cost model's 'bytes accessed' (TPU only), which prices Pallas kernels
+  at 0, plus the kernels' operands and results (fields['kernel_bytes_per_device']). The cost model
+  prices a while body once: in a program with loops of known trip count (`train.grad_accum`) its
+  counts are scaled by fields['loop_scale'] (hlo_costs.loop_scales)."""
   scale = fields.get("loop_scale") or {}
   compiled_flops = (fields.get("xla_flops_per_device", float("nan")) * scale.get("flops", 1.0)
                     + fields.get("kernel_flops_per_device", 0.0))
   flops = analytic_flops_per_chip if np.isnan(compiled_flops) else max(compiled_flops, analytic_flops_per_chip)
   compute = flops / chip.peak_flops
-  accessed = fields.get("bytes_accessed", float("nan")) * scale.get("bytes", 1.0)
+  accessed = (fields.get("bytes_accessed", float("nan")) * scale.get("bytes", 1.0)
+              + fields.get("kernel_bytes_per_device", 0.0))
   memory = None if np.isnan(accessed) else accessed / chip.memory_bandwidth
   wire = sum(v["wire_bytes"] for k, v in fields["collectives"].items() if isinstance(v, dict))
   cross = sum(v["cross_bytes"] for k, v in fields["collectives"].items() if isinstance(v, dict))
@@ -460,6 +464,10 @@ def format_plan(p: Plan) -> str:
                 f"{gib(abs(margin)).strip()})")
     if not np.isnan(p.compiled_peak_bytes):
       kernels = (f" + {p.kernel_flops_per_device:.3e} in attention kernels" if p.kernel_flops_per_device else "")
+      if p.kernel_bytes_per_device:
+        rows.append(f"  HBM bytes/step  {p.bytes_accessed:.3e} per chip by the cost model + "
+                    f"{p.kernel_bytes_per_device:.3e} in Pallas kernels (their operands and results; the cost "
+                    "model prices a kernel at 0)")
       compiled = ("" if np.isnan(p.xla_flops_per_device) else
                   f"; compiled {p.xla_flops_per_device:.3e} per chip{kernels} x {p.devices} = "
                   f"{(p.xla_flops_per_device + p.kernel_flops_per_device) * p.devices:.3e}")

@@ -327,3 +327,29 @@ def test_teacher_forcing_through_the_tpu_attention_kernel():
   np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
   errors = jax.tree.leaves(jax.tree.map(relative_error, got_grads, want_grads))
   assert max(errors) < 1e-5, errors
+
+
+def test_cached_decoding_through_the_tpu_cached_attention_kernel():
+  """On TPUs in bfloat16 each cached scale attends through the cached-attention kernel (here
+  interpreted on CPU): the same logits as XLA's attention over the cache's prefix."""
+  from imagefolder_jax.ops import block_causal_attention
+  c = GeneratorConfig(depth=2, width=128, num_heads=2, num_classes=5, codebook_size=16, latent_dim=4,
+                      scales=(1, 1, 2, 3), dtype="bfloat16")
+  module, labels, inputs, variables = _random_generator(c)
+
+  def decode(variables):
+    cond = module.apply(variables, labels, method=NextScaleGenerator.condition)
+    cache, out = init_cache(c, labels.shape[0]), []
+    n0 = c.scales[0] ** 2
+    for si, (a, b) in enumerate(c.begin_ends):
+      tokens = (module.apply(variables, cond, method=NextScaleGenerator.first_scale_tokens) if si == 0 else
+                module.apply(variables, si, inputs[:, a - n0:b - n0], method=NextScaleGenerator.scale_tokens))
+      logits, cache = module.apply(variables, si, tokens, cond, cache, method=NextScaleGenerator.decode_scale)
+      out.append(logits)
+    return jnp.concatenate(out, axis=1)
+
+  want = decode(variables)
+  with block_causal_attention.kernel_interpreted():
+    assert "cached_attention" in str(jax.make_jaxpr(decode)(variables))
+    got = decode(variables)
+  assert got.dtype == jnp.float32 and relative_error(got, want) < 1e-3

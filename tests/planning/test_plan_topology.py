@@ -200,13 +200,20 @@ def test_the_compiler_extras_leave_other_commands_quiet():
 @pytest.mark.slow
 def test_sampler_compiles_for_tpu(tiny_tokenizer_bundle):
   """`plan --program sample`: the generator's batch sampler (guidance, top-k / top-p) over 4 v5e
-  chips, the tokenizer's decode included."""
+  chips, the tokenizer's decode included; in bfloat16 with two 64-wide heads its attention runs
+  in the cached-attention kernel, whose FLOPs the roofline adds (and its HBM operands and results:
+  none at this size, where the compiler keeps them in on-chip memory)."""
   from imagefolder_jax.planning.sampler import plan_sampler
-  config = load_config(TINY_GENERATOR, [f"--config.tokenizer_bundle={tiny_tokenizer_bundle}"])
-  p = plan_sampler(config, {}, planning.parse_topology("v5e-4"), 8, top_k=20, top_p=0.9)
+  config = load_config(TINY_GENERATOR, [f"--config.tokenizer_bundle={tiny_tokenizer_bundle}",
+                                        "--config.model.width=128"])
+  p = plan_sampler(config, {}, planning.parse_topology("v5e-4"), 8, top_k=20, top_p=0.9, dtype="bfloat16")
   assert p.stage == "sampler" and p.fits and p.mesh["data"] == 4 and p.global_batch == 8
   assert p.params_bytes > 0 and p.compiled_peak_bytes > p.argument_bytes > 0
   assert p.roofline["seconds"] > 0 and p.optimal_seconds is None    # its filter loops: no cost-model time
+  assert p.kernel_flops_per_device > 0
+  accessed = p.bytes_accessed * (p.loop_scale or {}).get("bytes", 1.0) + p.kernel_bytes_per_device
+  bandwidth = planning.parse_topology("v5e-4").chip.memory_bandwidth
+  assert p.roofline["memory_seconds"] == pytest.approx(accessed / bandwidth)
   assert "per image" in planning.format_plan(p)
   with pytest.raises(planning.PlanError, match="--batch 6"):
     plan_sampler(config, {}, planning.parse_topology("v5e-4"), 6)

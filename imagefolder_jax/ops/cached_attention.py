@@ -1,0 +1,134 @@
+"""The sampler's attention over its KV cache as one fused TPU kernel (Pallas).
+
+While sampling, scale s's queries (positions [begin, end)) attend to every cached position < end:
+no mask inside that prefix. XLA's attention reads the lane-dense cache (B, L, H * D), copies the
+prefix to heads first (B, H, end, D) for every scale and block, and writes the float32 scores
+(B, H, l, end) to HBM between its fusions; for the d16 sampler at 256 samples per chip those were the
+largest parts of its HBM traffic (docs/planning.md). This kernel reads the cache where it lies, a
+128-lane column (128 / D heads) at a time, and keeps the scores on chip: per grid step (sample,
+lane column) it loads the queries (l, 128) and the prefix's keys and values (end, 128) into VMEM,
+and for each head of the column masks the other heads' lanes (a 128-wide contraction on the MXU, as
+XLA pads head_dim 64 anyway) instead of slicing lanes.
+
+The arithmetic is `models.layers.heads_first_attention`'s: float32 logits and softmax,
+probabilities cast to the values' dtype, float32 accumulation.
+
+Used by `models/generator.py` for cached decoding (`applies`): when the program is compiled for
+TPUs (any generation: the sampler's XLA attention relays the prefix out on each of them) outside
+`block_causal_attention.xla_attention()`, in bfloat16 or float16, with the cache's minor axis whole
+128-lane columns of whole heads (`supported`); elsewhere XLA's attention runs. Within
+`block_causal_attention.kernel_interpreted()` Pallas's interpreter runs it on any backend (tests).
+Under a mesh (`jax.set_mesh` / `use_abstract_mesh`, as `inference.sampling.make_sampler` sets), the
+kernel runs per device inside `shard_map` over the batch shards.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.sharding import PartitionSpec as P
+
+from imagefolder_jax.ops.block_causal_attention import interpreted, xla_forced
+from imagefolder_jax.ops.platform import target_platform
+
+LANES = 128  # the TPU's vector lane count: the kernel's column width
+KERNEL_NAME = "cached_attention"  # the compiled program's custom calls are named after it (`planning.flops`)
+
+
+def column_width(head_dim: int) -> int:
+  """Lanes per grid step: 128 holding whole heads (head_dim 32/64/128), or one head of a multiple of 128."""
+  return math.lcm(head_dim, LANES)
+
+
+def supported(heads: int, head_dim: int) -> bool:
+  """Whether the cache's minor axis (heads x head_dim) splits into whole columns of whole heads."""
+  width = column_width(head_dim)
+  return width <= 4 * LANES and (heads * head_dim) % width == 0
+
+
+def applies(dtype, heads: int, head_dim: int) -> bool:
+  """Whether cached decoding of this program takes the kernel (see the module docstring)."""
+  if not supported(heads, head_dim) or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+    return False
+  return interpreted() or (target_platform() == "tpu" and not xla_forced())
+
+
+def kernel_flops(batch: int, queries: int, keys: int, heads: int, head_dim: int) -> float:
+  """FLOPs the kernel executes for one call: per head of a column, QKᵀ and PV over the whole column
+  (the other heads' lanes masked to zero): 4 x column width x queries x keys per head."""
+  return 4.0 * column_width(head_dim) * queries * keys * batch * heads
+
+
+def cached_attention_kernel(q_ref, k_ref, v_ref, o_ref, *, end: int, head_dim: int, scale: float):
+  """One (sample, lane column) step: refs (1, l, W), (1, keys, W), (1, keys, W) -> (1, l, W)."""
+  q, k, v = q_ref[0], k_ref[0], v_ref[0]                      # (l, W), (Lk, W), (Lk, W)
+  width = q.shape[-1]
+  lane = jax.lax.broadcasted_iota(jnp.int32, (1, width), 1)
+  key = jax.lax.broadcasted_iota(jnp.int32, (1, k.shape[0]), 1)
+  out = jnp.zeros(o_ref.shape[1:], jnp.float32)
+  for h in range(width // head_dim):
+    own = (lane >= h * head_dim) & (lane < (h + 1) * head_dim)
+    qh = jnp.where(own, q, jnp.zeros_like(q))
+    logits = jax.lax.dot_general(qh, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    logits = logits * jnp.float32(scale)
+    if k.shape[0] > end:  # the rows past `end` of a block rounded up to 8 are not this scale's keys
+      logits = jnp.where(key < end, logits, -jnp.inf)
+    logits = logits - jnp.max(logits, axis=-1, keepdims=True)
+    weights = jnp.exp(logits)
+    probs = (weights / jnp.sum(weights, axis=-1, keepdims=True)).astype(v.dtype)
+    pv = jax.lax.dot_general(probs, v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    out = out + jnp.where(own, pv, 0.0)
+  o_ref[0] = out.astype(o_ref.dtype)
+
+
+def cached_attention(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, *, end: int, head_dim: int,
+                     scale: float) -> jax.Array:
+  """Softmax attention of queries over cached positions [0, end) (no mask), lane-dense.
+
+  q: (B, l, H * D); cache_k, cache_v: (B, L, H * D) with positions < end filled (end <= L, static).
+  `scale` multiplies the logits. Returns (B, l, H * D) in q's dtype.
+  """
+  b, l, flat = q.shape
+  length = cache_k.shape[1]
+  if not 0 < end <= length or cache_k.shape != cache_v.shape or cache_k.shape[::2] != (b, flat):
+    raise ValueError(f"cached_attention: queries {q.shape} and cache {cache_k.shape} / {cache_v.shape} "
+                     f"with end={end} do not match")
+  if not supported(flat // head_dim, head_dim):
+    raise ValueError(f"cached_attention: {flat // head_dim} heads of {head_dim} do not make whole "
+                     f"{column_width(head_dim)}-lane columns")
+  keys = min(-(-end // 8) * 8, length)  # a block's second-minor side: a multiple of 8, or the whole axis
+  local = functools.partial(_call, end=end, head_dim=head_dim, scale=float(scale), keys=keys)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return local(q, cache_k, cache_v)
+  # A custom call is not partitioned: without shard_map XLA would gather the whole cache on every chip.
+  from imagefolder_jax.parallel import BATCH_AXES, fit_spec
+  spec = fit_spec(dict(mesh.shape), P(tuple(a for a in BATCH_AXES if a in mesh.shape)), q.shape)
+  return jax.shard_map(local, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(q, cache_k, cache_v)
+
+
+def _call(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, *, end: int, head_dim: int, scale: float,
+          keys: int) -> jax.Array:
+  """The kernel over the whole batch it is given (one device's shard under shard_map): a grid of
+  (sample, lane column) steps, each with the column's queries (l, W) and first `keys` cached rows."""
+  b, l, flat = q.shape
+  width = column_width(head_dim)
+  kernel = functools.partial(cached_attention_kernel, end=end, head_dim=head_dim, scale=scale)
+  return pl.pallas_call(
+      kernel,
+      grid=(b, flat // width),
+      in_specs=[pl.BlockSpec((1, l, width), lambda i, j: (i, 0, j)),
+                pl.BlockSpec((1, keys, width), lambda i, j: (i, 0, j)),
+                pl.BlockSpec((1, keys, width), lambda i, j: (i, 0, j))],
+      out_specs=pl.BlockSpec((1, l, width), lambda i, j: (i, 0, j)),
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      interpret=interpreted(),
+      name=KERNEL_NAME,
+  )(q, cache_k, cache_v)
+
+
+__all__ = ["KERNEL_NAME", "LANES", "applies", "cached_attention", "cached_attention_kernel", "column_width",
+           "kernel_flops", "supported"]

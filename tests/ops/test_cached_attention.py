@@ -1,0 +1,92 @@
+"""The sampler's cached-attention TPU kernel, run in Pallas's interpreter on CPU, against XLA's
+attention over the cache's prefix; when it applies; and its compile for TPUs under a mesh."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from imagefolder_jax.models.layers import heads_first_attention
+from imagefolder_jax.ops import block_causal_attention, cached_attention
+
+HEADS, HEAD_DIM, LENGTH = 4, 64, 40
+
+
+def _inputs(dtype, queries, batch=2):
+  keys = jax.random.split(jax.random.key(queries), 3)
+  q = jax.random.normal(keys[0], (batch, queries, HEADS * HEAD_DIM)).astype(dtype)
+  k, v = (jax.random.normal(key, (batch, LENGTH, HEADS * HEAD_DIM)).astype(dtype) for key in keys[1:])
+  return q, k, v
+
+
+def _xla(q, k, v, end, scale):
+  heads = lambda x: x.reshape(*x.shape[:2], HEADS, HEAD_DIM)
+  out = heads_first_attention(heads(q), heads(k[:, :end]), heads(v[:, :end]), scale=scale)
+  return out.reshape(q.shape)
+
+
+@pytest.mark.parametrize("end,queries", [(1, 1), (5, 4), (30, 16), (40, 9)])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_interpreted_kernel_equals_xla_attention(end, queries, dtype):
+  """Every key < end, none after (the block of keys is end rounded up to 8 rows, or all 40)."""
+  q, k, v = _inputs(dtype, queries)
+  with block_causal_attention.kernel_interpreted():
+    got = cached_attention.cached_attention(q, k, v, end=end, head_dim=HEAD_DIM, scale=0.3)
+  want = _xla(q, k, v, end, 0.3)
+  assert got.dtype == want.dtype == dtype and got.shape == q.shape
+  # Same arithmetic; bf16 results may differ by a rounding of the float32 sums' order.
+  tolerance = 1e-2 if dtype == jnp.bfloat16 else 2e-6
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tolerance, atol=tolerance)
+
+
+def test_kernel_applies_on_tpus_in_16_bits_with_whole_lane_columns():
+  from imagefolder_jax import parallel
+  from imagefolder_jax.planning.topology import compile_only_devices, parse_topology
+  applies = cached_attention.applies
+  assert not applies(jnp.bfloat16, 16, 64)                              # this CPU host
+  with block_causal_attention.kernel_interpreted():
+    assert applies(jnp.bfloat16, 16, 64) and applies(jnp.float16, 1, 128) and applies(jnp.bfloat16, 4, 32)
+    assert not applies(jnp.float32, 16, 64)                             # XLA's float32 matmul precision
+    assert not applies(jnp.bfloat16, 3, 64)                             # 192 lanes: no whole 128-lane columns
+    assert not applies(jnp.bfloat16, 2, 48)
+  for topology in ("v5e-4", "v6e-4"):
+    with jax.set_mesh(parallel.make_mesh(devices=compile_only_devices(parse_topology(topology)))):
+      assert applies(jnp.bfloat16, 16, 64)
+      with block_causal_attention.xla_attention():
+        assert not applies(jnp.bfloat16, 16, 64)
+
+
+def test_mismatched_shapes_are_refused():
+  q, k, v = _inputs(jnp.bfloat16, 4)
+  with pytest.raises(ValueError, match="end=41"):
+    cached_attention.cached_attention(q, k, v, end=41, head_dim=HEAD_DIM, scale=1.0)
+  with pytest.raises(ValueError, match="whole"):
+    cached_attention.cached_attention(q[..., :192], k[..., :192], v[..., :192], end=8, head_dim=HEAD_DIM, scale=1.0)
+
+
+def test_compiled_for_tpus_per_batch_shard():
+  """Under a 4-chip mesh the kernel runs per batch shard (no gather of the cache), and `plan`
+  counts its operands and results as HBM bytes, which the TPU cost model prices at 0."""
+  from jax.sharding import Mesh, NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from imagefolder_jax.planning import hlo, hlo_costs
+  from imagefolder_jax.planning.topology import compile_only_devices, parse_topology
+  mesh = Mesh(np.array(compile_only_devices(parse_topology("v5e-4"))), ("data",))
+  rows = NamedSharding(mesh, P("data"))
+  spec = lambda n: jax.ShapeDtypeStruct((8, n, HEADS * HEAD_DIM), jnp.bfloat16, sharding=rows)
+
+  def fn(q, k, v):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return cached_attention.cached_attention(q, k, v, end=30, head_dim=HEAD_DIM, scale=1.0)
+
+  compiled = jax.jit(fn).lower(spec(16), spec(LENGTH), spec(LENGTH)).compile()
+  text = compiled.as_text()
+  calls = hlo.custom_calls_named(text, cached_attention.KERNEL_NAME)
+  assert [shapes for _, shapes, _ in calls] == [[[2, 16, HEADS * HEAD_DIM]]]
+  assert not [k for k in hlo.collectives(text, list(mesh.devices.flat)) if k != "unknown_trip_counts"]
+  cost = compiled.cost_analysis()
+  assert not (cost[0] if isinstance(cost, (list, tuple)) else cost).get("bytes accessed")
+  # Per chip: 2 samples' queries and result (16 x 256 bf16 each) and two caches (40 x 256).
+  assert hlo_costs.kernel_bytes(text) == 2 * 2 * (2 * 16 + 2 * LENGTH) * HEADS * HEAD_DIM
