@@ -43,10 +43,12 @@ class BatchSearch:
   plan: object
 
   def to_dict(self) -> dict:
-    """Stable keys; at_largest: the peak bytes per chip and roofline seconds of the plan at `largest`."""
+    """Stable keys; at_largest: the peak bytes per chip, roofline seconds and the roofline's terms
+    (`planner.roofline`) of the plan at `largest`."""
     at_largest = None
     if self.largest is not None:
-      at_largest = {"peak_bytes": float(self.plan.peak_bytes), "step_seconds": float(self.plan.step_seconds)}
+      at_largest = {"peak_bytes": float(self.plan.peak_bytes), "step_seconds": float(self.plan.step_seconds),
+                    "roofline": dict(getattr(self.plan, "roofline", None) or {})}
     return {"largest": self.largest, "smallest_refused": self.smallest_refused, "step": self.step,
             "limit": self.limit, "compiles": len(self.tried), "tried": {str(k): v for k, v in self.tried.items()},
             "at_largest": at_largest}

@@ -464,14 +464,14 @@ def format_plan(p: Plan) -> str:
                 f"{gib(abs(margin)).strip()})")
     if not np.isnan(p.compiled_peak_bytes):
       kernels = (f" + {p.kernel_flops_per_device:.3e} in attention kernels" if p.kernel_flops_per_device else "")
-      if p.kernel_bytes_per_device:
-        rows.append(f"  HBM bytes/step  {p.bytes_accessed:.3e} per chip by the cost model + "
-                    f"{p.kernel_bytes_per_device:.3e} in Pallas kernels (their operands and results; the cost "
-                    "model prices a kernel at 0)")
       compiled = ("" if np.isnan(p.xla_flops_per_device) else
                   f"; compiled {p.xla_flops_per_device:.3e} per chip{kernels} x {p.devices} = "
                   f"{(p.xla_flops_per_device + p.kernel_flops_per_device) * p.devices:.3e}")
       rows.append(f"  FLOPs/step      analytic {p.analytic_flops_per_step:.3e}{compiled}")
+      if p.kernel_bytes_per_device:
+        rows.append(f"  HBM bytes/step  {p.bytes_accessed:.3e} per chip by the cost model + "
+                    f"{p.kernel_bytes_per_device:.3e} in Pallas kernels (their operands and results; the cost "
+                    "model prices a kernel at 0)")
       if p.loop_scale:
         scale = p.loop_scale
         rows.append(f"  loops           the cost model prices a while body once: its FLOPs x{scale['flops']:.2f} and "

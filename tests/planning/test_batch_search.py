@@ -46,7 +46,7 @@ def test_limit_not_a_multiple_of_step_ends():
   search = largest_fitting_batch(plan_at, 96, 32, 200)
   assert search.largest == 192 and search.smallest_refused is None and calls == [96, 192]
   assert search.to_dict()["compiles"] == 2 and "stops at --largest-batch-limit 200" in search.describe()
-  assert search.to_dict()["at_largest"] == {"peak_bytes": 192 * 2.0 ** 20, "step_seconds": 1e-3}
+  assert search.to_dict()["at_largest"] == {"peak_bytes": 192 * 2.0 ** 20, "step_seconds": 1e-3, "roofline": {}}
   assert "at 192: peak 0.19 GiB per chip, roofline 1.0 ms" in search.describe()
 
 
