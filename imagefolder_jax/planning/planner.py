@@ -368,7 +368,7 @@ def plan(stage: str, config: ml_collections.ConfigDict, mesh_sizes: dict, device
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if batch % shards:
     raise PlanError(f"data.batch_size={batch} is not divisible by the {shards} batch shards of the mesh "
-                    f"{dict(mesh.shape)}")
+                    f"{dict(mesh.shape)} (set --config.data.batch_size to a multiple of {shards})")
   task, frozen = make_task(stage, config)
   if pretokenized is None:
     pretokenized = stage == "generator" and str(config.data.source).startswith("codes:")
