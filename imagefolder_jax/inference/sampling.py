@@ -6,8 +6,9 @@ position are filtered (top-k then top-p) and drawn independently, the drawn ids 
 tokenizer (phi(upsample(codebook[ids]))) into the running f_hat, and the next scale's input is the
 area-downsampled f_hat. The final f_hat is decoded to pixels in the same program.
 
-Classifier-free guidance (official `autoregressive_infer_cfg`): the batch is doubled as
-[labels; unconditional], and at scale s the logits are (1 + t) cond - t uncond, t = cfg s / (S - 1).
+Classifier-free guidance (official `autoregressive_infer_cfg`): the batch is doubled with an
+unconditional row beside each label's (official: [labels; unconditional], the same rows in another
+order), and at scale s the logits are (1 + t) cond - t uncond, t = cfg s / (S - 1).
 The head is affine, so the mix is taken on its input and the head runs on B rows, not 2B.
 
 Randomness: one key per call; sample b gets `fold_in(key, indices[b])` (indices default to
@@ -112,8 +113,11 @@ def sample(generator: NextScaleGenerator, tokenizer: ImageFolderTokenizer, setti
   sample_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(indices, jnp.int32))
   uniforms = jax.vmap(lambda k: jax.random.uniform(k, (c.num_tokens, c.num_branches, settings.top_p_rounds + 1))
                       )(sample_keys)
+  # Guidance doubles the batch as interleaved (cond, uncond) pairs, (B, 2) -> (2B,): under a
+  # mesh that shards the batch in contiguous blocks, each sample's pair stays on its device (a
+  # [cond; uncond] concatenation would move every scale's activations between devices).
   if settings.guidance:
-    model_labels = jnp.concatenate([labels, jnp.full_like(labels, c.uncond_label)])
+    model_labels = jnp.stack([labels, jnp.full_like(labels, c.uncond_label)], axis=1).reshape(2 * batch)
   else:
     model_labels = labels
   cond = apply_gen(model_labels, method=NextScaleGenerator.condition)
@@ -128,7 +132,8 @@ def sample(generator: NextScaleGenerator, tokenizer: ImageFolderTokenizer, setti
     features, cache = apply_gen(si, tokens, cond, cache, method=NextScaleGenerator.decode_scale_features)
     if settings.guidance:
       t = t_per_scale[si]
-      features = (1 + t) * features[:batch] - t * features[batch:]
+      pairs = features.reshape(batch, 2, *features.shape[1:])
+      features = (1 + t) * pairs[:, 0] - t * pairs[:, 1]
     logits = apply_gen(features, method=NextScaleGenerator.head_logits)
     if settings.return_logits:
       logits_out.append(logits)
@@ -149,7 +154,7 @@ def sample(generator: NextScaleGenerator, tokenizer: ImageFolderTokenizer, setti
       nxt = jnp.concatenate([area_downsample(f, scales[si + 1]) for f in f_hat], axis=-1)
       tokens = apply_gen(si + 1, nxt.reshape(batch, -1, c.input_dim), method=NextScaleGenerator.scale_tokens)
       if settings.guidance:
-        tokens = jnp.concatenate([tokens, tokens])
+        tokens = jnp.repeat(tokens, 2, axis=0)
 
   out = {"ids": ids_out, "f_hat": f_hat}
   if settings.decode:

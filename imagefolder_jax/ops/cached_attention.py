@@ -29,13 +29,12 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.sharding import PartitionSpec as P
 
 from imagefolder_jax.ops.block_causal_attention import interpreted, xla_forced
 from imagefolder_jax.ops.platform import target_platform
 
 LANES = 128  # the TPU's vector lane count: the kernel's column width
-KERNEL_NAME = "cached_attention"  # the compiled program's custom calls are named after it (`planning.flops`)
+KERNEL_NAME = "cached_attention"  # the compiled program's custom calls are named after it
 
 
 def column_width(head_dim: int) -> int:
@@ -101,12 +100,11 @@ def cached_attention(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, *, en
                      f"{column_width(head_dim)}-lane columns")
   keys = min(-(-end // 8) * 8, length)  # a block's second-minor side: a multiple of 8, or the whole axis
   local = functools.partial(_call, end=end, head_dim=head_dim, scale=float(scale), keys=keys)
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1:
+  from imagefolder_jax.parallel import traced_batch_spec
+  spec = traced_batch_spec(q.shape)
+  if spec is None:
     return local(q, cache_k, cache_v)
   # A custom call is not partitioned: without shard_map XLA would gather the whole cache on every chip.
-  from imagefolder_jax.parallel import BATCH_AXES, fit_spec
-  spec = fit_spec(dict(mesh.shape), P(tuple(a for a in BATCH_AXES if a in mesh.shape)), q.shape)
   return jax.shard_map(local, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(q, cache_k, cache_v)
 
 
@@ -117,6 +115,11 @@ def _call(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, *, end: int, hea
   b, l, flat = q.shape
   width = column_width(head_dim)
   kernel = functools.partial(cached_attention_kernel, end=end, head_dim=head_dim, scale=scale)
+  heads, item = flat // head_dim, q.dtype.itemsize
+  # The TPU compiler's cost model prices a kernel by this estimate (else at 0): what the grid reads
+  # (queries, and `keys` rows of each cache per sample) and writes, and the MXU work.
+  cost = pl.CostEstimate(flops=int(kernel_flops(b, l, keys, heads, head_dim)), transcendentals=b * heads * l * keys,
+                         bytes_accessed=int(item * b * flat * (2 * l + 2 * keys)))
   return pl.pallas_call(
       kernel,
       grid=(b, flat // width),
@@ -127,6 +130,7 @@ def _call(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, *, end: int, hea
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       interpret=interpreted(),
       name=KERNEL_NAME,
+      cost_estimate=cost,
   )(q, cache_k, cache_v)
 
 

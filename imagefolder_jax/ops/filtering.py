@@ -387,6 +387,22 @@ def sample_with_retries(uniforms: jax.Array, logits: jax.Array, top_k: int = 0, 
     raise ValueError(f"sample_with_retries needs >= 2 uniforms per row, got {uniforms.shape[-1]}")
   if _static_top_p_off(top_p):
     return sample_with_uniforms(uniforms[..., 0], logits, top_k, top_p)
+  from imagefolder_jax.parallel import traced_batch_spec
+  spec = traced_batch_spec(logits.shape)
+  if spec is None or (isinstance(top_p, jax.Array) and top_p.ndim):
+    return _retries(uniforms, logits, top_k, top_p)
+  # Under a mesh each device draws its own rows (the same draws): as one global program, the
+  # rejected rows' gather and the loops' conditions would cross devices in every round.
+  rows = jax.P(spec[0])   # the leading axis; the ids have one axis fewer than the logits
+  if isinstance(top_p, jax.Array):
+    return jax.shard_map(lambda u, x, p: _retries(u, x, top_k, p), in_specs=(rows, rows, jax.P()), out_specs=rows,
+                         check_vma=False)(uniforms, logits, top_p)
+  return jax.shard_map(lambda u, x: _retries(u, x, top_k, top_p), in_specs=(rows, rows), out_specs=rows,
+                       check_vma=False)(uniforms, logits)
+
+
+def _retries(uniforms: jax.Array, logits: jax.Array, top_k: int, top_p: TopP) -> jax.Array:
+  """`sample_with_retries` over the rows it is given (all of them, or one device's)."""
   rounds = uniforms.shape[-1] - 1
 
   def draw(x, u):

@@ -45,6 +45,7 @@ from imagefolder_jax.parallel.sharding import (
     shard_batch,
     state_shardings,
     to_host,
+    traced_batch_spec,
 )
 
 __all__ = [
@@ -53,4 +54,4 @@ __all__ = [
     "batch_sharding", "compile_then_sync", "exchange", "fit_spec", "frozen_shardings", "global_from_full",
     "host_to_global", "initialize_distributed", "is_primary", "local_mesh", "local_rows", "logical_shardings",
     "make_mesh", "mesh_from_config", "process_rows", "put_global", "replicated", "rules_from_config",
-    "shard_batch", "spans_processes", "state_shardings", "sync", "to_host"]
+    "shard_batch", "spans_processes", "state_shardings", "sync", "to_host", "traced_batch_spec"]

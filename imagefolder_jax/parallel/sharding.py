@@ -139,6 +139,17 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def traced_batch_spec(shape: Sequence[int]) -> Optional[P]:
+  """The PartitionSpec that shards axis 0 of `shape` over the batch axes of the mesh set while
+  tracing (`jax.set_mesh` / `use_abstract_mesh`), or None with no such mesh of more than one device
+  or when they do not divide it: for kernels and per-row loops run per batch shard in shard_map."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return None
+  spec = fit_spec(dict(mesh.shape), P(tuple(a for a in BATCH_AXES if a in mesh.shape)), shape)
+  return spec if spec[0] is not None else None
+
+
 def fit_spec(mesh_shape: dict, spec: Any, shape: Sequence[int]) -> P:
   """A mesh PartitionSpec with every dimension its mesh axes do not divide left replicated."""
   if not isinstance(spec, P):

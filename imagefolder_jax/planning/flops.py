@@ -224,31 +224,6 @@ def attention_kernel_flops(hlo_text: str, scales: Sequence[int], head_dim: int) 
   return total
 
 
-def cached_attention_kernel_flops(hlo_text: str, scales: Sequence[int], depth: int, head_dim: int) -> float:
-  """FLOPs per device of the sampler's cached-attention kernels (`ops.cached_attention`) in a compiled
-  program's HLO: each call's (b, l, H x D) result gives its samples, heads and queries; l = s² names
-  its scale, whose keys the call computes over (`cached_attention.kernel_flops`), averaged over the
-  scales of that size (each one's call runs in every block)."""
-  from imagefolder_jax.ops import cached_attention as kernel
-  from imagefolder_jax.ops.masks import scale_begin_ends
-  from imagefolder_jax.planning import hlo
-  length = sum(s * s for s in scales)
-  keys: dict = {}
-  for s, (_, end) in zip(scales, scale_begin_ends(scales)):
-    keys.setdefault(s * s, []).append(min(-(-end // 8) * 8, length))
-  total, calls = 0.0, {}
-  for name, shapes, runs in hlo.custom_calls_named(hlo_text, kernel.KERNEL_NAME):
-    if len(shapes) != 1 or len(shapes[0]) != 3 or shapes[0][1] not in keys:
-      raise ValueError(f"unrecognised cached-attention kernel {name} with results {shapes}")
-    b, l, flat = shapes[0]
-    calls[l] = calls.get(l, 0) + runs
-    total += runs * kernel.kernel_flops(b, l, sum(keys[l]) / len(keys[l]), flat // head_dim, head_dim)
-  for l, count in calls.items():
-    if count != depth * len(keys[l]):
-      raise ValueError(f"{count} cached-attention kernel calls of {l} queries; expected {depth * len(keys[l])}")
-  return total
-
-
 def train_flops_per_example(task_or_config: Any, *, pretokenized: bool = False) -> dict:
   """Model FLOPs of one training example: {'total': float, <part>: float, ...}.
 

@@ -52,8 +52,9 @@ def _operands(tail: str) -> list[str]:
 
 
 def instruction_bytes(text: str) -> list[dict]:
-  """[{op, type, op_name, target, runs, bytes}] for every top-level instruction (outside fusion bodies);
-  target: a custom call's target, else None."""
+  """[{op, type, op_name, target, estimated, runs, bytes}] for every top-level instruction (outside
+  fusion bodies); target: a custom call's target, else None; estimated: a kernel's cost estimate is in
+  its backend config."""
   computations, entry = hlo.parse(text)
   runs, _, _ = hlo.executions(computations, entry)
   fused = {m.group(1) for instructions in computations.values() for ins in instructions
@@ -71,7 +72,8 @@ def instruction_bytes(text: str) -> list[dict]:
       op_name = re.search(r'op_name="([^"]+)"', ins["tail"])
       target = re.search(r'custom_call_target="([^"]+)"', ins["tail"]) if ins["op"] == "custom-call" else None
       rows.append(dict(op=ins["op"], type=ins["type"], op_name=op_name.group(1) if op_name else "",
-                       target=target.group(1) if target else None, runs=runs[name], bytes=size * runs[name]))
+                       target=target.group(1) if target else None, estimated='"cost_estimate"' in ins["tail"],
+                       runs=runs[name], bytes=size * runs[name]))
   return rows
 
 
@@ -80,11 +82,12 @@ KERNEL_TARGET = "tpu_custom_call"
 
 
 def kernel_bytes(text: str) -> float:
-  """HBM bytes of the program's Pallas kernels per run: each call's operands and results (with the
-  TPU's tile padding) times its executions. The TPU cost model prices a kernel at 0 bytes and 0 FLOPs
-  (`tests/ops/test_cached_attention.py`); a kernel reads at least its operands and writes its results
-  once, so this is a lower bound of its traffic (one that re-reads a block per grid step moves more)."""
-  return float(sum(r["bytes"] for r in instruction_bytes(text) if r["target"] == KERNEL_TARGET))
+  """HBM bytes of the program's Pallas kernels that carry no cost estimate, per run: each call's
+  operands and results (with the TPU's tile padding) times its executions. The TPU cost model prices
+  such a kernel at 0 bytes and 0 FLOPs, and one with a `pl.CostEstimate` by that estimate
+  (`tests/planning/test_hlo_costs.py`). A kernel that reads all of its operands once moves this; one
+  that re-reads blocks (splash attention's key tiles per query tile) moves more."""
+  return float(sum(r["bytes"] for r in instruction_bytes(text) if r["target"] == KERNEL_TARGET and not r["estimated"]))
 
 
 def _dims(typ: str) -> list[int]:
@@ -136,8 +139,9 @@ def loop_scales(text: str) -> Optional[dict]:
   runs, _, _ = hlo.executions(*hlo.parse(text))
   if max(runs.values(), default=0) <= 1:   # most programs: no loop, so skip the two counts (~1.5 s for d16)
     return None
-  # The cost model's totals leave kernels out (`kernel_bytes`), so its ratio does too.
-  flops, bytes_ = instruction_flops(text), [r for r in instruction_bytes(text) if r["target"] != KERNEL_TARGET]
+  # The cost model's totals leave kernels without an estimate out (`kernel_bytes`), so its ratio does too.
+  flops = instruction_flops(text)
+  bytes_ = [r for r in instruction_bytes(text) if r["target"] != KERNEL_TARGET or r["estimated"]]
   if not any(r["runs"] > 1 for r in flops + bytes_):
     return None
 

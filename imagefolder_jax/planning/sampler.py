@@ -3,7 +3,6 @@ collectives and the time per image its roofline gives, beside the matmul-FLOP ro
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Optional
 
 import jax
@@ -64,10 +63,7 @@ def plan_sampler(config: ml_collections.ConfigDict, mesh_sizes: dict, topology: 
                       compiler_options=dict(GPU_COMPILER_OPTIONS) if topology.platform == "gpu" else {},
                       temp_bytes=float("nan"), xla_flops_per_device=float("nan"))
   if compiled is not None:
-    c = task.model_config
-    kernels = functools.partial(flops.cached_attention_kernel_flops, scales=c.scales, depth=c.depth,
-                                head_dim=c.head_dim)
-    fields.update(analyze_compiled(compiled, list(np.asarray(mesh.devices).flat), topology.chip, analytic, kernels))
+    fields.update(analyze_compiled(compiled, list(np.asarray(mesh.devices).flat), topology.chip, analytic))
   chip = topology.chip
   return Plan(stage="sampler", mesh=dict(mesh.shape), devices=len(devices), chip=chip.name, global_batch=batch,
               params_bytes=per_device_bytes(generator_vars, jax.tree.map(lambda x: x.sharding, generator_vars)),

@@ -70,3 +70,28 @@ def test_roofline_scales_the_cost_models_counts_by_the_loop_scale():
   scaled = roofline({**fields, "loop_scale": {"flops": 2.0, "bytes": 1.5}}, chip, analytic_flops_per_chip=0.0)
   assert scaled["flops_per_chip"] == 2e12 and scaled["compute_seconds"] == 2 * once["compute_seconds"]
   assert np.isclose(scaled["memory_seconds"], 1.5 * once["memory_seconds"])
+
+
+def _doubled(estimate):
+  from jax.experimental import pallas as pl
+
+  def kernel(x_ref, o_ref):
+    o_ref[...] = x_ref[...] * 2
+
+  def fn(w, x):
+    return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), grid=(8,),
+                          in_specs=[pl.BlockSpec((512, 1024), lambda i: (i, 0))],
+                          out_specs=pl.BlockSpec((512, 1024), lambda i: (i, 0)), cost_estimate=estimate)(x)
+  return fn
+
+
+def test_a_pallas_kernel_costs_nothing_to_the_cost_model_unless_it_has_an_estimate():
+  """Without an estimate the TPU cost model prices a kernel at 0: `kernel_bytes` counts its operand
+  and result (4096 x 1024 bf16 each), which `plan` adds. With one, the model takes the estimate."""
+  from jax.experimental import pallas as pl
+  text, cost = _compile(_doubled(None))
+  assert not cost.get("bytes accessed") and not cost.get("flops")
+  assert hlo_costs.kernel_bytes(text) == 2 * 4096 * 1024 * 2
+  text, cost = _compile(_doubled(pl.CostEstimate(flops=4096 * 1024, transcendentals=0, bytes_accessed=10 ** 7)))
+  assert cost["bytes accessed"] == 10 ** 7 and cost["flops"] == 4096 * 1024
+  assert hlo_costs.kernel_bytes(text) == 0
