@@ -68,7 +68,12 @@ def instruction_bytes(text: str) -> list[dict]:
     for ins in instructions:
       if ins["op"] in _FREE:
         continue
-      size = padded_bytes(ins["type"]) + sum(padded_bytes(types.get(n, "")) for n in _operands(ins["tail"]))
+      operands = _operands(ins["tail"])
+      if ins["op"] == "dynamic-update-slice" and len(operands) > 1:
+        # In place (the TPU cost model agrees): the update is read and written, not the whole buffer.
+        size = 2 * padded_bytes(types.get(operands[1], ""))
+      else:
+        size = padded_bytes(ins["type"]) + sum(padded_bytes(types.get(n, "")) for n in operands)
       op_name = re.search(r'op_name="([^"]+)"', ins["tail"])
       target = re.search(r'custom_call_target="([^"]+)"', ins["tail"]) if ins["op"] == "custom-call" else None
       rows.append(dict(op=ins["op"], type=ins["type"], op_name=op_name.group(1) if op_name else "",

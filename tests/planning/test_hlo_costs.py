@@ -95,3 +95,19 @@ def test_a_pallas_kernel_costs_nothing_to_the_cost_model_unless_it_has_an_estima
   text, cost = _compile(_doubled(pl.CostEstimate(flops=4096 * 1024, transcendentals=0, bytes_accessed=10 ** 7)))
   assert cost["bytes accessed"] == 10 ** 7 and cost["flops"] == 4096 * 1024
   assert hlo_costs.kernel_bytes(text) == 0
+
+
+def test_an_in_place_update_counts_its_update_not_its_buffer():
+  """A dynamic-update-slice of one row into the (TRIPS, 1024, 1024) buffer: the cost model and the
+  count both price the row (read and written), not the 16 MiB buffer."""
+  def fn(w, x):
+    return jax.lax.dynamic_update_slice(w, x[:1].reshape(1, 1, 1024), (0, 3, 0))
+  devices = planning.compile_only_devices(planning.parse_topology("v5e-1"))
+  placed = NamedSharding(Mesh(np.asarray(devices), ("x",)), P())
+  args = (jax.ShapeDtypeStruct((TRIPS, 1024, 1024), jnp.bfloat16, sharding=placed),
+          jax.ShapeDtypeStruct((4096, 1024), jnp.bfloat16, sharding=placed))
+  compiled = jax.jit(fn, donate_argnums=0).lower(*args).compile()
+  rows = [r for r in hlo_costs.instruction_bytes(compiled.as_text()) if r["op"] == "dynamic-update-slice"]
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  assert rows and all(r["bytes"] < 2 ** 16 for r in rows) and cost["bytes accessed"] < 2 ** 16
