@@ -1,6 +1,7 @@
 """Next-scale generator: config, official initialisation, converter, teacher-forced parity, KV cache, loss."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -214,6 +215,21 @@ def test_teacher_forced_logits_match_official(official, parity_expected, forward
   assert clear.mean() > 0.99
 
 
+def _decode_scales(module, variables, labels, inputs):
+  """decode_scale over every scale with a preallocated cache, teacher-forced by `inputs`:
+  (logits (B, L, P, V), cache)."""
+  c = module.config
+  cond = module.apply(variables, labels, method=NextScaleGenerator.condition)
+  cache, out = init_cache(c, labels.shape[0]), []
+  n0 = c.scales[0] ** 2
+  for si, (a, b) in enumerate(c.begin_ends):
+    tokens = (module.apply(variables, cond, method=NextScaleGenerator.first_scale_tokens) if si == 0 else
+              module.apply(variables, si, inputs[:, a - n0:b - n0], method=NextScaleGenerator.scale_tokens))
+    logits, cache = module.apply(variables, si, tokens, cond, cache, method=NextScaleGenerator.decode_scale)
+    out.append(logits)
+  return jnp.concatenate(out, axis=1), cache
+
+
 def test_kv_cached_scales_equal_the_full_forward(official, parity_expected, forward):
   """decode_scale over the scales with a preallocated cache == the masked teacher-forced forward."""
   _, _, config, variables = official
@@ -222,20 +238,7 @@ def test_kv_cached_scales_equal_the_full_forward(official, parity_expected, forw
   inputs = jnp.asarray(e["gen_var_input"])
   module = NextScaleGenerator(config)
 
-  @jax.jit
-  def cached(variables, labels, inputs):
-    cond = module.apply(variables, labels, method=NextScaleGenerator.condition)
-    cache = init_cache(config, labels.shape[0])
-    out = []
-    n0 = config.scales[0] ** 2
-    for si, (a, b) in enumerate(config.begin_ends):
-      tokens = (module.apply(variables, cond, method=NextScaleGenerator.first_scale_tokens) if si == 0 else
-                module.apply(variables, si, inputs[:, a - n0:b - n0], method=NextScaleGenerator.scale_tokens))
-      logits, cache = module.apply(variables, si, tokens, cond, cache, method=NextScaleGenerator.decode_scale)
-      out.append(logits)
-    return jnp.concatenate(out, axis=1), cache
-
-  got, cache = cached(variables, labels, inputs)
+  got, cache = jax.jit(functools.partial(_decode_scales, module))(variables, labels, inputs)
   want, _ = forward(config, variables, labels, inputs)
   assert relative_error(got, want) < 1e-5
   assert cache[0]["k"].shape == (2, 286, 2 * 64) and bool(jnp.all(cache[-1]["v"][:, -1] != 0))
@@ -337,17 +340,7 @@ def test_cached_decoding_through_the_tpu_cached_attention_kernel():
                       scales=(1, 1, 2, 3), dtype="bfloat16")
   module, labels, inputs, variables = _random_generator(c)
 
-  def decode(variables):
-    cond = module.apply(variables, labels, method=NextScaleGenerator.condition)
-    cache, out = init_cache(c, labels.shape[0]), []
-    n0 = c.scales[0] ** 2
-    for si, (a, b) in enumerate(c.begin_ends):
-      tokens = (module.apply(variables, cond, method=NextScaleGenerator.first_scale_tokens) if si == 0 else
-                module.apply(variables, si, inputs[:, a - n0:b - n0], method=NextScaleGenerator.scale_tokens))
-      logits, cache = module.apply(variables, si, tokens, cond, cache, method=NextScaleGenerator.decode_scale)
-      out.append(logits)
-    return jnp.concatenate(out, axis=1)
-
+  decode = lambda variables: _decode_scales(module, variables, labels, inputs)[0]
   want = decode(variables)
   with block_causal_attention.kernel_interpreted():
     assert "cached_attention" in str(jax.make_jaxpr(decode)(variables))
