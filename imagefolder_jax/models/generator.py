@@ -258,7 +258,7 @@ class SelfAttention(nn.Module):
                                                 scale=softmax_scale)
         return self.proj(out), new_cache
       k, v = (x[:, :end].reshape(b, end, c.num_heads, c.head_dim).astype(c.compute_dtype) for x in (k_all, v_all))
-    if cache is None and mask is not None and block_causal_attention.applies():
+    if cache is None and mask is not None and block_causal_attention.applies(q.shape):
       # Teacher forcing on TPU: the mask is block_causal_mask(c.scales) (head_inputs), fused in a kernel.
       out = block_causal_attention.block_causal_attention(q, k, v, scales=c.scales, scale=softmax_scale)
     else:

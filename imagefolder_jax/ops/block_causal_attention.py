@@ -8,6 +8,11 @@ removes entirely (a query sees every token of its own scale and of earlier ones:
 Up to MAX_QUERY_TILE tokens the queries are one unpadded tile and only the keys are padded to whole
 128-key tiles (`tiling`): padding the queries too grew the d16 step's HBM traffic by 7%.
 
+Where a device's heads make whole 128-lane columns and the sequence fits one tile
+(`lane_dense_attention.supported`: the released models), `block_causal_attention` runs the
+lane-dense kernels of `ops/lane_dense_attention.py` instead, which read q, k, v without splash's
+head-first relayout and head_dim padding; splash attention serves the other shapes.
+
 Used by `models/generator.py` when the program is compiled for TPUs (`ops.platform.target_platform`,
 so `plan --topology v5p-64` on a CPU machine compiles it too), except the generations where XLA's
 attention compiled to less HBM traffic (`XLA_ATTENTION_KINDS`); elsewhere XLA's attention runs.
@@ -19,9 +24,11 @@ batch shards and head shards of the activations; the sequence and head_dim axes 
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import contextvars
 import functools
+import math
 from typing import Iterator, Optional, Sequence
 
 import flax.linen as nn
@@ -29,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from imagefolder_jax.ops import lane_dense_attention
 from imagefolder_jax.ops.masks import block_causal_mask
 from imagefolder_jax.ops.platform import target_device_kind, target_platform
 
@@ -71,21 +79,34 @@ def xla_forced() -> bool:
   return _XLA.get()
 
 
-# TPU generations where XLA's own attention compiled to fewer HBM bytes than the kernel: on a v6e-64
-# the d16 step at 12 images per chip moved 64.6 GB per chip with XLA's attention against 72.3 GB
-# with the kernel (43 against 47 ms by the roofline), while on v5p (24 and 12 per chip) and v5e the
-# kernel moved less (docs/planning.md).
+# TPU generations where XLA's own attention compiled to fewer HBM bytes than splash attention: on a
+# v6e-64 the d16 step at 12 images per chip moved 64.6 GB per chip with XLA's attention against 72.3 GB
+# with splash (43 against 47 ms by the roofline), while on v5p (24 and 12 per chip) and v5e splash
+# moved less. The lane-dense kernels moved less than both on each (55.9 GB on the v6e-64;
+# docs/planning.md), so these generations keep XLA's attention only for the shapes those do not take.
 XLA_ATTENTION_KINDS = ("TPU v6",)
 
 
-def applies() -> bool:
-  """Whether the program being traced takes the kernel: compiled for TPUs other than
-  `XLA_ATTENTION_KINDS` outside `xla_attention()`, or interpreted."""
+def applies(shape: Optional[Sequence[int]] = None) -> bool:
+  """Whether the program being traced takes a fused kernel for a (B, L, H, D) attention of `shape`
+  (under the mesh and logical rules in effect): compiled for TPUs outside `xla_attention()`, or
+  interpreted; on `XLA_ATTENTION_KINDS` only where the lane-dense kernels take the shape (None: a
+  shape they do not take)."""
   if interpreted():
     return True
   if xla_forced() or target_platform() != "tpu":
     return False
+  if shape is not None and _lane_dense(shape):
+    return True
   return not (target_device_kind() or "").startswith(XLA_ATTENTION_KINDS)
+
+
+def _lane_dense(shape: Sequence[int]) -> bool:
+  """Whether `block_causal_attention` runs a (B, L, H, D) attention through `ops.lane_dense_attention`:
+  each device's heads (H over the mesh axes the rules give heads) make whole columns."""
+  spec = _activation_spec(shape)
+  heads = shape[2] // _axes_size(spec[2] if spec is not None and len(spec) > 2 else None)
+  return lane_dense_attention.supported(shape[1], heads, shape[3])
 
 
 # Sequences up to this long are one query tile (unpadded: the queries, outputs and their gradients
@@ -152,8 +173,12 @@ def _cached_kernel(scales: tuple[int, ...], heads: int, interpret: bool, tile: i
   blocks = splash.BlockSizes(block_q=tile, block_kv=BLOCK, block_kv_compute=BLOCK, block_q_dkv=tile,
                              block_kv_dkv=BLOCK, block_kv_dkv_compute=BLOCK, block_q_dq=tile, block_kv_dq=BLOCK)
   mask = splash_mask.NumpyMask(padded_mask(scales))
-  return splash.make_splash_mha(splash_mask.MultiHeadMask([mask] * heads), block_sizes=blocks,
-                                head_shards=1, q_seq_shards=1, interpret=interpret)
+  make = functools.partial(splash.make_splash_mha, splash_mask.MultiHeadMask([mask] * heads), block_sizes=blocks,
+                           head_shards=1, q_seq_shards=1, interpret=interpret)
+  # The kernel is cached across traces, so its mask tables must be concrete arrays: made in a thread
+  # of its own, outside the caller's trace (e.g. `jax.make_jaxpr`) and mesh, which are per thread.
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    return pool.submit(make).result()
 
 
 def _local_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scales: tuple[int, ...], scale: float,
@@ -172,6 +197,24 @@ def _local_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scales: tuple[
   return jnp.swapaxes(out[:, :, :length], 1, 2).astype(q.dtype)
 
 
+def _local_lane_dense(q: jax.Array, k: jax.Array, v: jax.Array, *, scales: tuple[int, ...], scale: float,
+                      interpret: bool) -> jax.Array:
+  """`ops.lane_dense_attention` over one device's shard. q/k/v: (b, L, h, D) -> (b, L, h, D)."""
+  b, length, heads, head_dim = q.shape
+  flat = lambda x: x.reshape(b, length, heads * head_dim)
+  out = lane_dense_attention.lane_dense_attention(flat(q), flat(k), flat(v), scales=scales, head_dim=head_dim,
+                                                  scale=scale, interpret=interpret)
+  return out.reshape(q.shape)
+
+
+def _axes_size(axes) -> int:
+  """Devices along the mesh axes of one PartitionSpec entry (None, a name or a tuple of names)."""
+  if axes is None:
+    return 1
+  shape = dict(jax.sharding.get_abstract_mesh().shape)
+  return math.prod(shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+
+
 def block_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scales: Sequence[int],
                            scale: float) -> jax.Array:
   """Softmax attention under the block-causal mask of `scales`, as `models.layers.attention` with
@@ -184,8 +227,11 @@ def block_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scales: 
   scales = tuple(int(s) for s in scales)
   if q.shape[1] != sum(s * s for s in scales):
     raise ValueError(f"block_causal_attention: sequence length {q.shape[1]} is not that of scales {scales}")
-  local = functools.partial(_local_attention, scales=scales, scale=scale, interpret=interpreted())
   spec = _activation_spec(q.shape)
+  if _lane_dense(q.shape):
+    local = functools.partial(_local_lane_dense, scales=scales, scale=scale, interpret=interpreted())
+  else:
+    local = functools.partial(_local_attention, scales=scales, scale=scale, interpret=interpreted())
   if spec is None:
     return local(q, k, v)
   return jax.shard_map(local, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(q, k, v)

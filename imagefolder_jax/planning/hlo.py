@@ -11,6 +11,8 @@ from the loop condition). What the compilers write, and this reader handles:
   `mesh['axis_0'=2,...], device_ids=(...) {'axis_1'}` (the named axes vary inside a group).
 * TPU multi-slice programs move the cross-slice (DCN) part of a reduction as host-transfer `send`s
   with `_xla_megascale_transfer_type`: reported as kind 'dcn-all-reduce' etc.
+* TPU reduce-scatters made by the SPMD partitioner appear as an all-reduce and a dynamic-slice of
+  each device's shard inside an `all-reduce-scatter` fusion: reported as 'reduce-scatter'.
 Bytes are the collective's result bytes (the issue's "bytes a step"); `wire_bytes` the ring estimate
 one device sends: all-gather (n-1)/n x the gathered size, reduce-scatter (n-1) x the shard,
 all-reduce 2(n-1)/n x the size, all-to-all (n-1)/n, collective-permute 1x.
@@ -204,6 +206,21 @@ def executions(computations: dict, entry: str) -> tuple[collections.Counter, lis
   return counts, unknown, loops
 
 
+def _fused_reduce_scatter(computation: str, instructions: list[dict], name: str) -> bool:
+  """Whether the all-reduce `name` is the TPU's reduce-scatter: the SPMD partitioner's all-reduce
+  followed by each device's dynamic-slice, fused by the TPU compiler into an `all-reduce-scatter`
+  fusion and run as a reduce-scatter (each device receives its shard only)."""
+  if not computation.startswith("all-reduce-scatter"):
+    return False
+  def reads(ins: dict, operand: str) -> bool:
+    return re.search(r"%" + re.escape(operand) + r"\b", ins["tail"]) is not None
+
+  # its result, or a tuple element of it, is sliced
+  taken = {i["name"] for i in instructions if i["op"] in ("dynamic-slice", "get-tuple-element") and reads(i, name)}
+  return any(i["op"] == "dynamic-slice" and (i["name"] in taken or any(reads(i, t) for t in taken))
+             for i in instructions)
+
+
 def collectives(text: str, devices: Optional[Sequence[Any]] = None) -> dict:
   """Per kind {'count', 'bytes', 'wire_bytes', 'cross_bytes', 'group_sizes'} per step, plus
   'unknown_trip_counts' (loops whose collectives were counted once).
@@ -242,6 +259,8 @@ def collectives(text: str, devices: Optional[Sequence[Any]] = None) -> dict:
       groups = replica_groups(ins["tail"])
       n = len(groups[0]) if groups else None
       size = float(sum(sizes))
+      if base == "all-reduce" and n and _fused_reduce_scatter(computation, instructions, ins["name"]):
+        base, size = "reduce-scatter", size / n
       wire = size
       if n:
         wire = {"all-gather": size * (n - 1) / n, "reduce-scatter": size * (n - 1),

@@ -316,16 +316,19 @@ def test_official_mask_buffer_matches(official):
   np.testing.assert_array_equal(bias == 0, block_causal_mask(config.scales))
 
 
-def test_teacher_forcing_through_the_tpu_attention_kernel():
-  """On TPUs the teacher-forced trunk takes the fused block-causal kernel (here interpreted on
-  CPU): the same logits and parameter gradients as XLA's masked attention."""
+@pytest.mark.parametrize("width,kernel", [(128, "lane_dense_attention"), (64, "splash_mha")])
+def test_teacher_forcing_through_the_tpu_attention_kernel(width, kernel):
+  """On TPUs the teacher-forced trunk takes a fused block-causal kernel (here interpreted on CPU):
+  the lane-dense one where the heads make whole 128-lane columns, else splash attention. The same
+  logits and parameter gradients as XLA's masked attention."""
   from imagefolder_jax.ops import block_causal_attention
-  c = GeneratorConfig(depth=1, width=64, num_heads=2, num_classes=5, codebook_size=16, latent_dim=4,
+  c = GeneratorConfig(depth=1, width=width, num_heads=2, num_classes=5, codebook_size=16, latent_dim=4,
                       scales=(1, 1, 2, 3))
   module, labels, inputs, variables = _random_generator(c)
   loss = lambda v: jnp.sum(module.apply(v, labels, inputs) ** 2)
   want, want_grads = jax.value_and_grad(loss)(variables)
   with block_causal_attention.kernel_interpreted():
+    assert kernel in str(jax.make_jaxpr(jax.grad(loss))(variables))
     got, got_grads = jax.value_and_grad(loss)(variables)
   np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
   errors = jax.tree.leaves(jax.tree.map(relative_error, got_grads, want_grads))

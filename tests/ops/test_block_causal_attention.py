@@ -66,14 +66,18 @@ def test_kernel_per_device_under_a_mesh():
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("topology,expected", [("v5e-4", True), ("v5p-8", True), ("v6e-4", False)])
-def test_kernel_chosen_by_the_compile_target(topology, expected):
-  """Decided by the devices of the mesh being compiled for (compile-only TPUs here), not the host."""
+@pytest.mark.parametrize("topology,splash,lane_dense", [("v5e-4", True, True), ("v5p-8", True, True),
+                                                         ("v6e-4", False, True)])
+def test_kernel_chosen_by_the_compile_target(topology, splash, lane_dense):
+  """Decided by the devices of the mesh being compiled for (compile-only TPUs here), not the host;
+  v6e programs take the lane-dense kernels (16 heads of 64) but keep XLA's attention over splash (3
+  heads of 64: not whole 128-lane columns)."""
   from imagefolder_jax.planning.topology import compile_only_devices, parse_topology
   devices = compile_only_devices(parse_topology(topology))
-  assert not kernel.applies()                                    # this CPU host
-  with jax.set_mesh(parallel.make_mesh(devices=devices)):
-    assert kernel.applies() is expected
+  assert not kernel.applies() and not kernel.applies((8, 286, 16, 64))   # this CPU host
+  with jax.set_mesh(parallel.make_mesh(devices=devices)), nn.logical_axis_rules(parallel.LOGICAL_RULES):
+    assert kernel.applies((8, 40, 3, 64)) is kernel.applies() is splash
+    assert kernel.applies((8, 286, 16, 64)) is lane_dense
 
 
 def test_wrong_sequence_length_is_refused():

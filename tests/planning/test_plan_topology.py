@@ -61,6 +61,17 @@ def test_collectives_read_from_the_compiled_program(topology):
   found = _compiled_collectives(devices, lambda x: jax.lax.all_gather(x, "x", tiled=True), (1024, 8))
   assert found["all-gather"]["count"] == 1 and found["all-gather"]["bytes"] == 1024 * 8 * 4, found
   assert found["all-gather"]["group_sizes"] == [4]
+  # A matmul over a sharded contraction into a row-sharded result: the partitioner's all-reduce and
+  # slice, which the TPU compiler fuses into a reduce-scatter (an `all-reduce-scatter` fusion).
+  mesh = Mesh(np.asarray(devices), ("x",))
+  a = jax.ShapeDtypeStruct((1024, 512), jnp.bfloat16, sharding=NamedSharding(mesh, P(None, "x")))
+  b = jax.ShapeDtypeStruct((512, 256), jnp.bfloat16, sharding=NamedSharding(mesh, P("x", None)))
+  from jax._src import config as jax_config
+  with jax_config.enable_compilation_cache(False):
+    text = jax.jit(lambda a, b: a @ b, out_shardings=NamedSharding(mesh, P("x"))).lower(a, b).compile().as_text()
+  found = hlo.collectives(text, devices)
+  assert list(found) == ["reduce-scatter"] and found["reduce-scatter"]["bytes"] == 256 * 256 * 2, found
+  assert found["reduce-scatter"]["wire_bytes"] == 3 * 256 * 256 * 2
 
 
 def _plan(stage, topology, mesh="", slices=1, *overrides, config=None):
