@@ -113,3 +113,22 @@ def test_compiled_for_tpus_per_batch_shard():
   kernels = sum(lane_dense_attention.kernel_flops(kind, 2, length, heads, head_dim) for kind in ("fwd", "bwd"))
   assert kernels <= cost["flops"] <= 1.01 * kernels        # 2 sequences per chip; the rest is elementwise
   assert hlo_costs.kernel_bytes(text) == 0                   # priced by the cost model already
+
+
+def test_the_longest_sequence_compiles_for_v5e():
+  """Scoped VMEM holds the backward kernel's (L, L) arrays up to MAX_LENGTH (1004 tokens here)."""
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from imagefolder_jax.planning.topology import compile_only_devices, parse_topology
+  scales = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16, 18)
+  length = sum(s * s for s in scales)
+  assert length <= lane_dense_attention.MAX_LENGTH < length + 18 * 18
+  mesh = parallel.make_mesh(devices=compile_only_devices(parse_topology("v5e-4"))[:1])
+  spec = jax.ShapeDtypeStruct((1, length, 128), jnp.bfloat16, sharding=NamedSharding(mesh, P()))
+
+  def loss(q, k, v):
+    out = lane_dense_attention.lane_dense_attention(q, k, v, scales=scales, head_dim=64, scale=1.0)
+    return jnp.sum(out.astype(jnp.float32) ** 2)
+
+  jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(spec, spec, spec).compile()
