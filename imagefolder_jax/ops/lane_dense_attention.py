@@ -10,7 +10,8 @@ the qkv projection leaves them, lane-dense (B, L, H x D), a 128-lane column (128
 step, as the sampler's `ops/cached_attention.py` does: for each head of the column the other heads'
 lanes are masked to zero (a 128-wide contraction on the MXU, which pads head_dim 64 anyway). The
 whole sequence is one tile (the released schedule's L is 286), so nothing is carried between grid
-steps, and the backward kernel recomputes the probabilities instead of reading saved statistics.
+steps, and the backward kernel recomputes the probabilities instead of reading saved statistics
+(keys by queries, so that dV and dK are plain products; dS is transposed on chip for dQ).
 
 The arithmetic is `models.layers.heads_first_attention`'s: float32 logits and softmax, the masked
 logits at -0.7 x float32's max, probabilities cast to v's dtype, float32 accumulation. Both kernels
@@ -30,16 +31,15 @@ LANES = 128
 FORWARD_NAME = "lane_dense_attention_fwd"     # the compiled program's custom calls are named after these
 BACKWARD_NAME = "lane_dense_attention_bwd"
 # Whole sequences up to this long are one tile: the backward kernel keeps several (L, L) float32
-# arrays per head on chip; Mosaic fits them in scoped VMEM for v5e and v5p up to 1087 tokens, not
-# at 1216 (tests/ops/test_lane_dense_attention.py compiles 1004). Longer sequences take splash.
+# arrays per head on chip (Mosaic fits them in v5e's and v5p's scoped VMEM at 1216 tokens;
+# tests/ops/test_lane_dense_attention.py compiles 1004). Longer sequences take splash, which tiles.
 MAX_LENGTH = 1024
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 _NT = (((1,), (1,)), ((), ()))   # x @ yᵀ
 _NN = (((1,), (0,)), ((), ()))   # x @ y
 # MXU products per head of a column in each kernel, each 2 x L x L x column-width FLOPs: the forward's
-# QKᵀ and PV; the backward's KQᵀ, dV = Pᵀ·dO, dPᵀ and dK in the keys-by-queries orientation, then QKᵀ,
-# dP and dQ again by queries (no transposes on chip).
-PRODUCTS = {"fwd": 2, "bwd": 7}
+# QKᵀ and PV; the backward's KQᵀ, dV = Pᵀ·dO, dPᵀ, dK = dSᵀ·Q (keys by queries) and dQ = (dSᵀ)ᵀ·K.
+PRODUCTS = {"fwd": 2, "bwd": 5}
 
 
 def column_width(head_dim: int) -> int:
@@ -111,13 +111,13 @@ def backward_kernel(q_ref, k_ref, v_ref, do_ref, dq_ref, dk_ref, dv_ref, *, ends
   """One (sequence, lane column) step: refs q, k, v, dO (1, L, W) -> dq, dk, dv (1, L, W)."""
   q, k, v, do = q_ref[0], k_ref[0], v_ref[0], do_ref[0]
   length, width = q.shape
-  by_query, by_key = _visible((length, length), 0, ends), _visible((length, length), 1, ends)
+  by_key = _visible((length, length), 1, ends)
   dq = dk = dv = jnp.zeros((length, width), jnp.float32)
   scale = jnp.float32(scale)
   for h in range(width // head_dim):
     own = _own_lanes(width, h, head_dim)
     q_h, do_h = jnp.where(own, q, 0), jnp.where(own, do, 0)
-    # (keys, queries): dV = Pᵀ dO and dK = dSᵀ Q are plain products.
+    # Keys by queries: dV = Pᵀ dO and dK = dSᵀ Q are plain products.
     probs_t = _softmax(jax.lax.dot_general(k, q_h, _NT, preferred_element_type=jnp.float32) * scale, by_key, axis=0)
     dv = dv + jnp.where(own, jax.lax.dot_general(probs_t.astype(v.dtype), do, _NN,
                                                  preferred_element_type=jnp.float32), 0.0)
@@ -125,11 +125,8 @@ def backward_kernel(q_ref, k_ref, v_ref, do_ref, dq_ref, dk_ref, dv_ref, *, ends
     dlogits_t = probs_t * (dprobs_t - jnp.sum(probs_t * dprobs_t, axis=0, keepdims=True)) * scale
     dk = dk + jnp.where(own, jax.lax.dot_general(dlogits_t.astype(q.dtype), q, _NN,
                                                  preferred_element_type=jnp.float32), 0.0)
-    # (queries, keys): dQ = dS K.
-    probs = _softmax(jax.lax.dot_general(q_h, k, _NT, preferred_element_type=jnp.float32) * scale, by_query, axis=1)
-    dprobs = jax.lax.dot_general(do_h, v, _NT, preferred_element_type=jnp.float32)
-    dlogits = probs * (dprobs - jnp.sum(probs * dprobs, axis=1, keepdims=True)) * scale
-    dq = dq + jnp.where(own, jax.lax.dot_general(dlogits.astype(k.dtype), k, _NN,
+    # dQ = dS K, with dS transposed on chip.
+    dq = dq + jnp.where(own, jax.lax.dot_general(dlogits_t.T.astype(k.dtype), k, _NN,
                                                  preferred_element_type=jnp.float32), 0.0)
   dq_ref[0], dk_ref[0], dv_ref[0] = dq.astype(dq_ref.dtype), dk.astype(dk_ref.dtype), dv.astype(dv_ref.dtype)
 
