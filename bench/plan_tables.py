@@ -52,7 +52,8 @@ CASES = {
     # config's compile at batch 768, would reach the chip's memory (rounded down to the step); on v5e it was
     # 20% long (20480 fit, 0.174 GiB per example per chip). The others start one step below where the peak
     # at 768, growing by that slope scaled with the activations per example (depth x width), meets it;
-    # on v6e the slope is d16's there (0.25 GiB per example per chip, 768 to 7168, with XLA's attention).
+    # on v6e the slope is d16's there (0.25 GiB per example per chip, 768 to 7168, with XLA's attention,
+    # which v6e programs ran before the lane-dense attention kernels: they need less per example).
     **{f"generator d{d} v5e-256 data=32,fsdp=8": ["--stage", "generator", "--config", f"{GEN}:{d}", "--pretokenized",
                                                    "--topology", "v5e-256", "--mesh", "data=32,fsdp=8",
                                                    "--largest-batch", "--largest-batch-from", str(start)]

@@ -6,8 +6,9 @@ import json
 import os
 import subprocess
 import sys
+import time
 
-from imagefolder_jax.cli.common import CliError
+from imagefolder_jax.cli.common import PROG, CliError
 
 
 def _add_plan(sub) -> None:
@@ -166,7 +167,21 @@ def _search_largest_batch(args, config, plan_at, start: int, first, search_start
   begin = max(step, search_start // step * step)
   limit = max(args.largest_batch_limit or 64 * begin, begin)
   made = {start: first}
-  return largest_fitting_batch(lambda b: made[b] if b in made else plan_at(b), begin, step, limit, known=made)
+
+  def probe(batch: int):
+    if batch in made:
+      return made[batch]
+    # One compile per probe, minutes each for large programs: say what is being compiled and what came of it.
+    print(f"{PROG} plan: largest batch: compiling batch {batch} ...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    plan = plan_at(batch)
+    peak, limit = getattr(plan, "peak_bytes", None), getattr(plan, "memory_limit", None)
+    memory = f", peak {peak / 2 ** 30:.1f} of {limit / 2 ** 30:.1f} GiB per chip" if peak and limit else ""
+    print(f"{PROG} plan: largest batch: batch {batch} {'fits' if plan.fits else 'does not fit'}{memory} "
+          f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    return plan
+
+  return largest_fitting_batch(probe, begin, step, limit, known=made)
 
 
 VERBS = [_add_plan]

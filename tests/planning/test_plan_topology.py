@@ -155,9 +155,14 @@ def test_oversized_config_is_a_verdict_not_an_error(capsys):
   args = ["plan", "--stage", "generator", "--config", TINY_GENERATOR, "--pretokenized", "--topology", "v5e-1",
           "--config.data.batch_size=4096", "--largest-batch", "--batch-step", "1024"]
   assert main(args + ["--json"]) == 0
-  search = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["largest_batch"]
+  captured = capsys.readouterr()
+  search = json.loads(captured.out.strip().splitlines()[-1])["largest_batch"]
   assert search == {"largest": None, "smallest_refused": 1024, "step": 1024, "limit": 64 * 4096, "compiles": 3,
                     "tried": {"4096": False, "2048": False, "1024": False}, "at_largest": None}
+  # one line before and one after each compile (the config's batch, 4096, was compiled for the plan)
+  progress = [line for line in captured.err.splitlines() if "largest batch:" in line]
+  assert [line.split("largest batch: ")[1].split(" (")[0].split(",")[0] for line in progress] == [
+      "compiling batch 2048 ...", "batch 2048 does not fit", "compiling batch 1024 ...", "batch 1024 does not fit"]
   # The search from another batch than the config's (the plan printed is still the config's).
   assert main(args + ["--largest-batch-from", "1024", "--json"]) == 0
   out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
