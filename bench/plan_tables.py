@@ -131,8 +131,11 @@ def table(records: list) -> str:
     largest = "—" if not search else (f"{search['largest']} (not {search['smallest_refused']}; "
                                        f"{search['compiles']} compiles)" if search["largest"] else "none")
     if search and search.get("earlier_program") and search["largest"]:
-      # a search made on an earlier program of the row, whose peak was higher: what fit then fits now
-      largest = f"≥ {search['largest']} (searched with {search['earlier_program']}: {largest})"
+      # a search made on an earlier program of the row: where that program's peak was higher (at the
+      # config's batch), what fit then fits now
+      largest = (f"≥ {search['largest']} (searched with {search['earlier_program']}: {largest})"
+                 if search.get("lower_bound", True) else
+                 f"{largest} with {search['earlier_program']} (not searched again)")
     compile_time = "—" if r.get("compile_seconds") is None else f"{r['compile_seconds']:.0f} s"
     rows.append(f"| {r['case']} | {gib(peak)} / {gib(p['memory_limit'])} | {fits} | {largest} | "
                 f"{gib(p['argument_bytes'])} / {gib(p['temp_bytes'])} | {p['analytic_flops_per_step']:.2e}{compiled} | "
