@@ -26,7 +26,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                  tensorboard=True,   # clu's TensorBoard writer (imports TensorFlow: 2-4 s of start-up)
                  remat="none",   # per-block rematerialisation: none / dots_saveable / full
                  grad_accum=1,   # microbatches per step (generator only; same result as the large batch)
-                 attention_kernel="auto")   # auto: the fused attention kernel on TPUs (not v6e); xla
+                 attention_kernel="auto")   # auto: fused attention kernels on TPUs; xla: XLA's
   # Axis sizes inside a slice/node (data, fsdp, tensor) times across slices/nodes (dcn_*); `rules`
   # ((logical, mesh axes), ...) override parallel.LOGICAL_RULES; frozen networks below
   # frozen_replicate_below_mb are replicated, larger ones split over fsdp.

@@ -32,8 +32,9 @@ from imagefolder_jax.ops import block_causal_attention
 from imagefolder_jax.storage.bundle import BundleError, load_bundle, read_bundle_configs
 from imagefolder_jax.train import optim
 
-# train.attention_kernel: 'auto' runs the fused TPU attention kernel where `block_causal_attention.applies`
-# (TPUs but v6e), 'xla' keeps XLA's attention everywhere (a compute-bound model, e.g. d30 on v5p).
+# train.attention_kernel: 'auto' runs the fused TPU attention kernels where `block_causal_attention.applies`
+# (on TPUs: the lane-dense kernels, or splash attention except on v6e), 'xla' keeps XLA's attention
+# everywhere (a compute-bound model, e.g. d30 on v5p).
 ATTENTION_KERNELS = ("auto", "xla")
 
 log = logging.getLogger("imagefolder_jax.train")
