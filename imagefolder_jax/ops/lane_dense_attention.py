@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from imagefolder_jax.ops.masks import scale_begin_ends
+
 LANES = 128
 FORWARD_NAME = "lane_dense_attention_fwd"     # the compiled program's custom calls are named after these
 BACKWARD_NAME = "lane_dense_attention_bwd"
@@ -59,15 +61,6 @@ def kernel_flops(kind: str, batch: int, length: int, heads: int, head_dim: int) 
   product over whole columns (the other heads' lanes are zeros, not skipped) and every (query, key)
   pair, masked or not."""
   return 2.0 * PRODUCTS[kind] * length * length * column_width(head_dim) * heads * batch
-
-
-def _scale_ends(scales: Sequence[int]) -> tuple[int, ...]:
-  """The exclusive end position of each scale's tokens."""
-  ends, total = [], 0
-  for s in scales:
-    total += s * s
-    ends.append(total)
-  return tuple(ends)
 
 
 def _visible(shape: tuple[int, int], query_axis: int, ends: tuple[int, ...]) -> jax.Array:
@@ -186,7 +179,8 @@ def lane_dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scales: Se
   if flat % head_dim or not supported(length, flat // head_dim, head_dim):
     raise ValueError(f"lane_dense_attention: {flat / head_dim:g} heads of {head_dim} over {length} tokens do not make "
                      f"whole {column_width(head_dim)}-lane columns of at most {MAX_LENGTH} tokens")
-  return _attention(q, k, v, _scale_ends(scales), int(head_dim), float(scale), bool(interpret))
+  ends = tuple(end for _, end in scale_begin_ends(scales))
+  return _attention(q, k, v, ends, int(head_dim), float(scale), bool(interpret))
 
 
 __all__ = ["BACKWARD_NAME", "FORWARD_NAME", "LANES", "MAX_LENGTH", "PRODUCTS", "backward_kernel", "column_width",
