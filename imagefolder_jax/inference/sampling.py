@@ -34,6 +34,7 @@ import jax.numpy as jnp
 
 from imagefolder_jax.models.generator import NextScaleGenerator, init_cache
 from imagefolder_jax.models.tokenizer import ImageFolderTokenizer
+from imagefolder_jax.ops import packed_attention
 from imagefolder_jax.ops.filtering import compiler_options, sample_with_retries
 from imagefolder_jax.ops.platform import compiling_for, platform_of
 from imagefolder_jax.ops.resample import area_downsample
@@ -158,7 +159,9 @@ def sample(generator: NextScaleGenerator, tokenizer: ImageFolderTokenizer, setti
 
   out = {"ids": ids_out, "f_hat": f_hat}
   if settings.decode:
-    out["images"] = jnp.clip(apply_tok(f_hat, method=ImageFolderTokenizer.decode), -1.0, 1.0)
+    # No gradient is taken here: on TPUs the decoder's attention may run as one kernel.
+    with packed_attention.forward_only():
+      out["images"] = jnp.clip(apply_tok(f_hat, method=ImageFolderTokenizer.decode), -1.0, 1.0)
   if settings.return_logits:
     out["logits"] = jnp.concatenate(logits_out, axis=1)
   return out

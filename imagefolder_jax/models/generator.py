@@ -235,6 +235,9 @@ class SelfAttention(nn.Module):
     b, l, _ = x.shape
     zeros = jnp.zeros_like(self.q_bias)
     qkv = self.mat_qkv(x) + jnp.concatenate([self.q_bias, zeros, self.v_bias]).astype(c.compute_dtype)
+    if cache is not None and cache["k"].dtype == qkv.dtype and cached_attention.applies(qkv.dtype, c.num_heads,
+                                                                                           c.head_dim):
+      return self._cached_kernel_attention(qkv, cache, begin)
     qkv = qkv.reshape(b, l, 3, c.num_heads, c.head_dim)
     q, k, v = (constrain(qkv[:, :, i], ("batch", "length", "heads", "head_dim")) for i in range(3))
     if c.attn_l2_norm:
@@ -253,10 +256,6 @@ class SelfAttention(nn.Module):
           cached, new.reshape(b, l, flat).astype(cached.dtype), begin, axis=1)
       k_all, v_all = write(cache["k"], k), write(cache["v"], v)
       new_cache = {"k": k_all, "v": v_all}
-      if k_all.dtype == q.dtype and cached_attention.applies(q.dtype, c.num_heads, c.head_dim):
-        out = cached_attention.cached_attention(q.reshape(b, l, flat), k_all, v_all, end=end, head_dim=c.head_dim,
-                                                scale=softmax_scale)
-        return self.proj(out), new_cache
       k, v = (x[:, :end].reshape(b, end, c.num_heads, c.head_dim).astype(c.compute_dtype) for x in (k_all, v_all))
     if cache is None and mask is not None and block_causal_attention.applies(q.shape):
       # Teacher forcing on TPU: the mask is block_causal_mask(c.scales) (head_inputs), fused in a kernel.
@@ -264,6 +263,27 @@ class SelfAttention(nn.Module):
     else:
       out = attention(q, k, v, mask=mask, scale=softmax_scale)
     return self.proj(out.reshape(b, l, c.width)), new_cache
+
+
+  def _cached_kernel_attention(self, qkv: jax.Array, cache: dict, begin: int) -> tuple[jax.Array, dict]:
+    """Cached decoding through `ops.cached_attention`'s TPU kernel. q, k and v stay lane-dense
+    (B, l, H * D) column slices of the projection (B, l, 3 * H * D): split into heads of 64, each
+    would be padded to 128 lanes and relaid out around the l2 normalization. The cache holds k
+    before the normalization, which the kernel applies per head with q's scale: the same values
+    in the same dtype as the path above."""
+    c = self.config
+    b, l, _ = qkv.shape
+    flat = c.num_heads * c.head_dim
+    q, k, v = (qkv[..., i * flat:(i + 1) * flat] for i in range(3))
+    write = lambda cached, new: jax.lax.dynamic_update_slice_in_dim(cached, new, begin, axis=1)
+    k_all, v_all = write(cache["k"], k), write(cache["v"], v)
+    if c.attn_l2_norm:
+      head_scale, softmax_scale = jnp.exp(jnp.minimum(self.scale_mul, c.max_scale_mul)), 1.0
+    else:
+      head_scale, softmax_scale = None, 0.25 / math.sqrt(c.head_dim)
+    out = cached_attention.cached_attention(q, k_all, v_all, end=begin + l, head_dim=c.head_dim, scale=softmax_scale,
+                                            head_scale=head_scale)
+    return self.proj(out), {"k": k_all, "v": v_all}
 
 
 class FFN(nn.Module):
@@ -454,7 +474,9 @@ class NextScaleGenerator(nn.Module):
 
 def init_cache(config: GeneratorConfig, batch: int, dtype: Optional[Dtype] = None) -> KVCache:
   """Zero KV cache for all L positions: per block {'k', 'v'}: (batch, L, H * D) in the compute dtype
-  (heads and head_dim in one lane-dense minor axis)."""
+  (heads and head_dim in one lane-dense minor axis). Where cached decoding takes the TPU kernel
+  (`ops.cached_attention`), k is cached before its l2 normalization, which the kernel applies;
+  elsewhere after it: a cache belongs to the programs of one platform."""
   dtype = dtype or config.compute_dtype
   shape = (batch, config.num_tokens, config.num_heads * config.head_dim)
   return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.depth)]

@@ -24,6 +24,7 @@ from imagefolder_jax.models.layers import (
   partitioned,
   remat_block,
 )
+from imagefolder_jax.ops import packed_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,9 +93,12 @@ class Attention(nn.Module):
     b, l, _ = x.shape
     head_dim = self.width // self.num_heads
     qkv = dense(3 * self.width, ("embed", "qkv"), kernel_init=self.kernel_init, dtype=self.dtype, name="qkv")(x)
-    qkv = qkv.reshape(b, l, 3, self.num_heads, head_dim)
-    q, k, v = (constrain(qkv[:, :, i], ("batch", "length", "heads", "head_dim")) for i in range(3))
-    out = attention(q, k, v, scale=head_dim ** -0.5).reshape(b, l, self.width)
+    if packed_attention.applies(qkv.dtype, self.num_heads, head_dim):
+      out = packed_attention.packed_attention(qkv, heads=self.num_heads, head_dim=head_dim, scale=head_dim ** -0.5)
+    else:
+      qkv = qkv.reshape(b, l, 3, self.num_heads, head_dim)
+      q, k, v = (constrain(qkv[:, :, i], ("batch", "length", "heads", "head_dim")) for i in range(3))
+      out = attention(q, k, v, scale=head_dim ** -0.5).reshape(b, l, self.width)
     return dense(self.width, ("qkv", "embed"), kernel_init=self.kernel_init, dtype=self.dtype, name="proj")(out)
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -61,17 +62,31 @@ def kernel_flops(batch: int, queries: int, keys: int, heads: int, head_dim: int)
   return 4.0 * column_width(head_dim) * queries * keys * batch * heads
 
 
-def cached_attention_kernel(q_ref, k_ref, v_ref, o_ref, *, end: int, head_dim: int, scale: float):
-  """One (sample, lane column) step: refs (1, l, W), (1, keys, W), (1, keys, W) -> (1, l, W)."""
+def cached_attention_kernel(q_ref, k_ref, v_ref, *refs, end: int, head_dim: int, scale: float,
+                            operand_dtype=None, l2_norm: bool = False):
+  """One (sample, lane column) step: refs (1, l, W), (1, keys, W), (1, keys, W), [head scales (1, W)]
+  -> (1, l, W).
+  operand_dtype: the MXU operands' dtype (q, k, v and the probabilities cast to it; None: the inputs').
+  l2_norm: each head's q and k are l2-normalized first, in float32, and q multiplied by its head's
+    scale (a lane vector: the scale of the head each lane belongs to), as `models.generator`'s
+    attention does before it casts them back to their dtype."""
+  scale_ref, o_ref = refs if l2_norm else (None, *refs)
   q, k, v = q_ref[0], k_ref[0], v_ref[0]                      # (l, W), (Lk, W), (Lk, W)
+  if operand_dtype is not None:
+    q, k, v = (a.astype(operand_dtype) for a in (q, k, v))
   width = q.shape[-1]
   lane = jax.lax.broadcasted_iota(jnp.int32, (1, width), 1)
   key = jax.lax.broadcasted_iota(jnp.int32, (1, k.shape[0]), 1)
   out = jnp.zeros(o_ref.shape[1:], jnp.float32)
   for h in range(width // head_dim):
     own = (lane >= h * head_dim) & (lane < (h + 1) * head_dim)
-    qh = jnp.where(own, q, jnp.zeros_like(q))
-    logits = jax.lax.dot_general(qh, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    if l2_norm:
+      qh = _l2_normalized(jnp.where(own, q.astype(jnp.float32), 0.0)) * scale_ref[...]
+      kh = _l2_normalized(jnp.where(own, k.astype(jnp.float32), 0.0)).astype(k.dtype)
+      qh = qh.astype(q.dtype)
+    else:
+      qh, kh = jnp.where(own, q, jnp.zeros_like(q)), k
+    logits = jax.lax.dot_general(qh, kh, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     logits = logits * jnp.float32(scale)
     if k.shape[0] > end:  # the rows past `end` of a block rounded up to 8 are not this scale's keys
       logits = jnp.where(key < end, logits, -jnp.inf)
@@ -83,12 +98,20 @@ def cached_attention_kernel(q_ref, k_ref, v_ref, o_ref, *, end: int, head_dim: i
   o_ref[0] = out.astype(o_ref.dtype)
 
 
+def _l2_normalized(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """Rows of x (zero outside one head's lanes) / max(their norm, eps): `models.generator.l2_normalize`."""
+  return x / jnp.maximum(jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True)), eps)
+
+
 def cached_attention(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, *, end: int, head_dim: int,
-                     scale: float) -> jax.Array:
+                     scale: float, head_scale: Optional[jax.Array] = None) -> jax.Array:
   """Softmax attention of queries over cached positions [0, end) (no mask), lane-dense.
 
   q: (B, l, H * D); cache_k, cache_v: (B, L, H * D) with positions < end filled (end <= L, static).
-  `scale` multiplies the logits. Returns (B, l, H * D) in q's dtype.
+  `scale` multiplies the logits. head_scale: optional (H,) float32; then q and the cached k are
+  l2-normalized per head inside the kernel (float32, cast back to their dtype) and q multiplied by
+  its head's scale (the generator's `attn_l2_norm`; the cache holds k before the normalization).
+  Returns (B, l, H * D) in q's dtype.
   """
   b, l, flat = q.shape
   length = cache_k.shape[1]
@@ -99,22 +122,31 @@ def cached_attention(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, *, en
     raise ValueError(f"cached_attention: {flat // head_dim} heads of {head_dim} do not make whole "
                      f"{column_width(head_dim)}-lane columns")
   keys = min(-(-end // 8) * 8, length)  # a block's second-minor side: a multiple of 8, or the whole axis
+  operands = (q, cache_k, cache_v)
+  if head_scale is not None:
+    if head_scale.shape != (flat // head_dim,):
+      raise ValueError(f"cached_attention: head_scale {head_scale.shape} is not one scale per head "
+                       f"({flat // head_dim},)")
+    # One float32 lane vector: each lane holds the scale of its head.
+    operands += (jnp.repeat(head_scale.astype(jnp.float32), head_dim)[None],)
   local = functools.partial(_call, end=end, head_dim=head_dim, scale=float(scale), keys=keys)
   from imagefolder_jax.parallel import traced_batch_spec
   spec = traced_batch_spec(q.shape)
   if spec is None:
-    return local(q, cache_k, cache_v)
+    return local(*operands)
   # A custom call is not partitioned: without shard_map XLA would gather the whole cache on every chip.
-  return jax.shard_map(local, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(q, cache_k, cache_v)
+  in_specs = (spec,) * 3 + ((jax.P(),) if head_scale is not None else ())
+  return jax.shard_map(local, in_specs=in_specs, out_specs=spec, check_vma=False)(*operands)
 
 
-def _call(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, *, end: int, head_dim: int, scale: float,
-          keys: int) -> jax.Array:
+def _call(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, head_scale: Optional[jax.Array] = None, *, end: int,
+          head_dim: int, scale: float, keys: int) -> jax.Array:
   """The kernel over the whole batch it is given (one device's shard under shard_map): a grid of
   (sample, lane column) steps, each with the column's queries (l, W) and first `keys` cached rows."""
   b, l, flat = q.shape
   width = column_width(head_dim)
-  kernel = functools.partial(cached_attention_kernel, end=end, head_dim=head_dim, scale=scale)
+  l2_norm = head_scale is not None
+  kernel = functools.partial(cached_attention_kernel, end=end, head_dim=head_dim, scale=scale, l2_norm=l2_norm)
   heads, item = flat // head_dim, q.dtype.itemsize
   # The TPU compiler's cost model prices a kernel by this estimate (else at 0): what the grid reads
   # (queries, and `keys` rows of each cache per sample) and writes, and the MXU work.
@@ -125,13 +157,14 @@ def _call(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, *, end: int, hea
       grid=(b, flat // width),
       in_specs=[pl.BlockSpec((1, l, width), lambda i, j: (i, 0, j)),
                 pl.BlockSpec((1, keys, width), lambda i, j: (i, 0, j)),
-                pl.BlockSpec((1, keys, width), lambda i, j: (i, 0, j))],
+                pl.BlockSpec((1, keys, width), lambda i, j: (i, 0, j))]
+               + ([pl.BlockSpec((1, width), lambda i, j: (0, j))] if l2_norm else []),
       out_specs=pl.BlockSpec((1, l, width), lambda i, j: (i, 0, j)),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       interpret=interpreted(),
       name=KERNEL_NAME,
       cost_estimate=cost,
-  )(q, cache_k, cache_v)
+  )(q, cache_k, cache_v, *([head_scale] if l2_norm else []))
 
 
 __all__ = ["KERNEL_NAME", "LANES", "applies", "cached_attention", "cached_attention_kernel", "column_width",

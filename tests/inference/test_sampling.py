@@ -214,3 +214,38 @@ def test_cli_sample(micro_bundle, tmp_path, capsys):
     assert main(base + args) == 2, args
     err = capsys.readouterr().err
     assert err.startswith("imagefolder-jax: error: ") and err.count("\n") == 1 and message in err, (args, err)
+
+
+# ------------------------------------------------------------------------------------ TPU kernels
+def test_sampler_through_the_tpu_kernels_equals_xla():
+  """On TPUs the sampler's cached attention (bfloat16, q and k normalized inside) and its decoder's
+  attention (float32 in, bfloat16 MXU operands) run as kernels, here interpreted on CPU. With every
+  id forced, the guided logits and the images equal the XLA program's to bfloat16's rounding."""
+  import dataclasses
+
+  from support import random_variables
+
+  from imagefolder_jax.models.generator import NextScaleGenerator
+  from imagefolder_jax.ops import block_causal_attention
+  tok_config, gen_config = micro_configs()
+  tok_config = dataclasses.replace(tok_config, vit=dataclasses.replace(tok_config.vit, width=128, num_heads=2))
+  gen_config = dataclasses.replace(gen_config, width=128, num_heads=2, dtype="bfloat16")
+  tok, gen = ImageFolderTokenizer(tok_config), NextScaleGenerator(gen_config)
+  tok_vars = random_variables(tok, jnp.zeros((1, 64, 64, 3)), scale=0.3, seed=1)
+  gen_vars = random_variables(gen, jnp.zeros((1,), jnp.int32), jnp.zeros((1, gen_config.num_tokens - 1, 16)),
+                              scale=0.2, seed=2)
+  rng = np.random.default_rng(0)
+  forced = {b: [jnp.asarray(rng.integers(0, 64, (2, s, s)), jnp.int32) for s in MICRO_SCALES] for b in range(2)}
+  sampler = make_sampler(gen, tok, SETTINGS)
+  micro = (tok, tok_vars, gen, gen_vars)
+  want = _run(sampler, micro, [1, 7], forced=forced)
+  with block_causal_attention.kernel_interpreted():
+    # A new sampler: jit's trace cache does not see the interpreter's switch.
+    kernels = make_sampler(gen, tok, SETTINGS)
+    program = str(kernels.trace(gen_vars, tok_vars, jnp.asarray([1, 7]), jax.random.key(0), jnp.float32(2.0),
+                                jnp.float32(1.0), forced).jaxpr)
+    got = _run(kernels, micro, [1, 7], forced=forced)
+  assert "cached_attention" in program and "packed_attention" in program
+  np.testing.assert_array_equal(_flat(got["ids"]), _flat(want["ids"]))
+  assert relative_error(got["logits"], want["logits"]) < 1e-2
+  np.testing.assert_allclose(got["images"], want["images"], atol=2e-2)

@@ -335,12 +335,14 @@ def test_teacher_forcing_through_the_tpu_attention_kernel(width, kernel):
   assert max(errors) < 1e-5, errors
 
 
-def test_cached_decoding_through_the_tpu_cached_attention_kernel():
+@pytest.mark.parametrize("l2_norm", [True, False])
+def test_cached_decoding_through_the_tpu_cached_attention_kernel(l2_norm):
   """On TPUs in bfloat16 each cached scale attends through the cached-attention kernel (here
-  interpreted on CPU): the same logits as XLA's attention over the cache's prefix."""
+  interpreted on CPU), which l2-normalizes q and the cached k itself: the same logits as XLA's
+  attention over the cache's prefix."""
   from imagefolder_jax.ops import block_causal_attention
   c = GeneratorConfig(depth=2, width=128, num_heads=2, num_classes=5, codebook_size=16, latent_dim=4,
-                      scales=(1, 1, 2, 3), dtype="bfloat16")
+                      scales=(1, 1, 2, 3), dtype="bfloat16", attn_l2_norm=l2_norm)
   module, labels, inputs, variables = _random_generator(c)
 
   decode = lambda variables: _decode_scales(module, variables, labels, inputs)[0]

@@ -40,6 +40,23 @@ def test_interpreted_kernel_equals_xla_attention(end, queries, dtype):
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tolerance, atol=tolerance)
 
 
+def test_interpreted_kernel_normalizes_q_and_k_per_head():
+  """With head scales the kernel l2-normalizes each head's q (times its scale) and cached k in float32,
+  cast back to bfloat16, as the generator's attention does before XLA's attention."""
+  from imagefolder_jax.models.generator import l2_normalize
+  q, k, v = _inputs(jnp.bfloat16, 16)
+  head_scale = jnp.asarray([0.5, 2.0, 4.0, 8.0])
+  with block_causal_attention.kernel_interpreted():
+    got = cached_attention.cached_attention(q, k, v, end=30, head_dim=HEAD_DIM, scale=1.0, head_scale=head_scale)
+  heads = lambda x: x.reshape(*x.shape[:2], HEADS, HEAD_DIM).astype(jnp.float32)
+  qn = (l2_normalize(heads(q)) * head_scale[:, None]).astype(jnp.bfloat16).reshape(q.shape)
+  kn = l2_normalize(heads(k)).astype(jnp.bfloat16).reshape(k.shape)
+  want = _xla(qn, kn, v, 30, 1.0)
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=1e-2, atol=1e-2)
+  with pytest.raises(ValueError, match="one scale per head"):
+    cached_attention.cached_attention(q, k, v, end=30, head_dim=HEAD_DIM, scale=1.0, head_scale=head_scale[:2])
+
+
 def test_kernel_applies_on_tpus_in_16_bits_with_whole_lane_columns():
   from imagefolder_jax import parallel
   from imagefolder_jax.planning.topology import compile_only_devices, parse_topology
