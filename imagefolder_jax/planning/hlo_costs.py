@@ -54,7 +54,7 @@ def _operands(tail: str) -> list[str]:
 def instruction_bytes(text: str) -> list[dict]:
   """[{op, type, op_name, target, estimated, runs, bytes}] for every top-level instruction (outside
   fusion bodies); target: a custom call's target, else None; estimated: a kernel's cost estimate is in
-  its backend config."""
+  its backend config (its bytes are then the estimate's, else its operands' and results')."""
   computations, entry = hlo.parse(text)
   runs, _, _ = hlo.executions(computations, entry)
   fused = {m.group(1) for instructions in computations.values() for ins in instructions
@@ -69,9 +69,14 @@ def instruction_bytes(text: str) -> list[dict]:
       if ins["op"] in _FREE:
         continue
       operands = _operands(ins["tail"])
+      estimate = re.search(r'"cost_estimate":\{[^}]*"bytes_accessed":"(\d+)"', ins["tail"])
       if ins["op"] == "dynamic-update-slice" and len(operands) > 1:
         # In place (the TPU cost model agrees): the update is read and written, not the whole buffer.
         size = 2 * padded_bytes(types.get(operands[1], ""))
+      elif estimate:
+        # A kernel with a cost estimate, priced by it as the TPU cost model does: it may read only
+        # part of an operand (a cache's prefix).
+        size = int(estimate.group(1))
       else:
         size = padded_bytes(ins["type"]) + sum(padded_bytes(types.get(n, "")) for n in operands)
       op_name = re.search(r'op_name="([^"]+)"', ins["tail"])

@@ -95,6 +95,7 @@ def test_a_pallas_kernel_costs_nothing_to_the_cost_model_unless_it_has_an_estima
   text, cost = _compile(_doubled(pl.CostEstimate(flops=4096 * 1024, transcendentals=0, bytes_accessed=10 ** 7)))
   assert cost["bytes accessed"] == 10 ** 7 and cost["flops"] == 4096 * 1024
   assert hlo_costs.kernel_bytes(text) == 0
+  assert [r["bytes"] for r in hlo_costs.instruction_bytes(text) if r["estimated"]] == [10 ** 7]
 
 
 def test_an_in_place_update_counts_its_update_not_its_buffer():
