@@ -264,13 +264,12 @@ class SelfAttention(nn.Module):
       out = attention(q, k, v, mask=mask, scale=softmax_scale)
     return self.proj(out.reshape(b, l, c.width)), new_cache
 
-
   def _cached_kernel_attention(self, qkv: jax.Array, cache: dict, begin: int) -> tuple[jax.Array, dict]:
     """Cached decoding through `ops.cached_attention`'s TPU kernel. q, k and v stay lane-dense
     (B, l, H * D) column slices of the projection (B, l, 3 * H * D): split into heads of 64, each
     would be padded to 128 lanes and relaid out around the l2 normalization. The cache holds k
     before the normalization, which the kernel applies per head with q's scale: the same values
-    in the same dtype as the path above."""
+    in the same dtype as `__call__`'s XLA path."""
     c = self.config
     b, l, _ = qkv.shape
     flat = c.num_heads * c.head_dim
