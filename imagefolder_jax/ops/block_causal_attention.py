@@ -25,11 +25,10 @@ batch shards and head shards of the activations; the sequence and head_dim axes 
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import contextvars
 import functools
 import math
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -38,21 +37,16 @@ import numpy as np
 
 from imagefolder_jax.ops import lane_dense_attention
 from imagefolder_jax.ops.masks import block_causal_mask
-from imagefolder_jax.ops.platform import target_device_kind, target_platform
+from imagefolder_jax.ops.platform import set_within, target_device_kind, target_platform
 
 BLOCK = 128  # tile side (queries and keys): the MXU's width on v4/v5, and the sequence padding unit
 _INTERPRET: contextvars.ContextVar[bool] = contextvars.ContextVar("imagefolder_jax_splash_interpret", default=False)
 
 
-@contextlib.contextmanager
-def kernel_interpreted() -> Iterator[None]:
-  """Within the block, `block_causal_attention` runs the kernel in Pallas's interpreter, on any
-  backend (to check its numerics on CPU; far slower than XLA's attention)."""
-  token = _INTERPRET.set(True)
-  try:
-    yield
-  finally:
-    _INTERPRET.reset(token)
+def kernel_interpreted():
+  """Within the block (a context manager), `block_causal_attention` runs the kernel in Pallas's
+  interpreter, on any backend (to check its numerics on CPU; far slower than XLA's attention)."""
+  return set_within(_INTERPRET, True)
 
 
 def interpreted() -> bool:
@@ -63,15 +57,10 @@ def interpreted() -> bool:
 _XLA: contextvars.ContextVar[bool] = contextvars.ContextVar("imagefolder_jax_xla_attention", default=False)
 
 
-@contextlib.contextmanager
-def xla_attention(enabled: bool = True) -> Iterator[None]:
-  """Within the block (when `enabled`), programs traced for TPUs keep XLA's attention
-  (`train.attention_kernel='xla'`)."""
-  token = _XLA.set(enabled)
-  try:
-    yield
-  finally:
-    _XLA.reset(token)
+def xla_attention(enabled: bool = True):
+  """Within the block (a context manager; when `enabled`), programs traced for TPUs keep XLA's
+  attention (`train.attention_kernel='xla'`)."""
+  return set_within(_XLA, enabled)
 
 
 def xla_forced() -> bool:

@@ -19,10 +19,9 @@ Pallas's interpreter runs it on any backend (tests). Under a mesh it runs per ba
 """
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import functools
-from typing import Iterator, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -30,21 +29,17 @@ from jax.experimental import pallas as pl
 
 from imagefolder_jax.ops.block_causal_attention import interpreted, xla_forced
 from imagefolder_jax.ops.cached_attention import cached_attention_kernel, column_width, kernel_flops, supported
-from imagefolder_jax.ops.platform import target_platform
+from imagefolder_jax.ops.platform import set_within, target_platform
 
 KERNEL_NAME = "packed_attention"  # the compiled program's custom calls are named after it
 
 _FORWARD_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("imagefolder_jax_forward_only", default=False)
 
 
-@contextlib.contextmanager
-def forward_only() -> Iterator[None]:
-  """Within the block no gradient is taken through the ViT's attention, so it may take the kernel."""
-  token = _FORWARD_ONLY.set(True)
-  try:
-    yield
-  finally:
-    _FORWARD_ONLY.reset(token)
+def forward_only():
+  """Within the block (a context manager) no gradient is taken through the ViT's attention, so it
+  may take the kernel."""
+  return set_within(_FORWARD_ONLY, True)
 
 
 def _default_precision() -> bool:

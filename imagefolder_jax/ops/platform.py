@@ -49,15 +49,20 @@ def platform_of(where: Any) -> str:
 
 
 @contextlib.contextmanager
-def compiling_for(where: Any) -> Iterator[str]:
-  """Within the block, `target_platform()` is `platform_of(where)` (a mesh, devices or a name).
-  Use it around the trace of a program whose devices are known (a jitted function's body)."""
-  platform = platform_of(where)
-  token = _TARGET.set(platform)
+def set_within(var: contextvars.ContextVar, value: Any) -> Iterator[Any]:
+  """Within the block, `var` holds `value` (the trace-time switches of this package's kernels)."""
+  token = var.set(value)
   try:
-    yield platform
+    yield value
   finally:
-    _TARGET.reset(token)
+    var.reset(token)
+
+
+def compiling_for(where: Any):
+  """Within the block (a context manager yielding the platform), `target_platform()` is
+  `platform_of(where)` (a mesh, devices or a name). Use it around the trace of a program whose
+  devices are known (a jitted function's body)."""
+  return set_within(_TARGET, platform_of(where))
 
 
 def target_platform() -> str:
