@@ -61,7 +61,7 @@ CASES = {
     **{f"generator d{d} v6e-64 data=8,fsdp=8": ["--stage", "generator", "--config", f"{GEN}:{d}", "--pretokenized",
                                                  "--topology", "v6e-64", "--mesh", "data=8,fsdp=8", "--largest-batch",
                                                  "--largest-batch-from", str(start)]
-       for d, start in ((16, 10240), (20, 4608), (24, 3072), (30, 1536))},
+       for d, start in ((16, 10240), (20, 13824), (24, 9216), (30, 1536))},
     "generator d16 v5p-64 x2 slices fsdp=8": ["--stage", "generator", "--config", f"{GEN}:16", "--pretokenized",
                                               "--topology", "v5p-64", "--slices", "2", "--mesh", "data=4,fsdp=8",
                                               "--largest-batch", "--largest-batch-from", "38400"],   # 2 x one slice's

@@ -19,6 +19,7 @@ block-causal over scales. Two call paths share every parameter:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Optional, Sequence
 
@@ -43,7 +44,7 @@ from imagefolder_jax.ops.masks import block_causal_mask, scale_begin_ends, scale
 RELEASED_SCALES = (1, 1, 2, 3, 3, 4, 5, 6, 8, 11)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
-# One KV cache per block: {'k': (B, L, H * D), 'v': (B, L, H * D)}.
+# One KV cache per block: {'k': (B, Lc, H * D), 'v': (B, Lc, H * D)}, Lc = `cache_length` (all scales but the last).
 KVCache = list[dict[str, jax.Array]]
 
 
@@ -228,9 +229,11 @@ class SelfAttention(nn.Module):
 
   def __call__(self, x: jax.Array, *, mask: Optional[jax.Array] = None, cache: Optional[dict] = None,
                begin: int = 0) -> tuple[jax.Array, Optional[dict]]:
-    """x: (B, l, C). With `cache` ({'k','v'}: (B, L, H * D)), x holds positions [begin, begin + l):
-    their k/v are written there and the queries attend to positions [0, begin + l), which is exactly
-    the block-causal mask when x is one whole scale. Returns (out (B, l, C), updated cache or None)."""
+    """x: (B, l, C). With `cache` ({'k','v'}: (B, Lc, H * D), `init_cache`), x holds positions
+    [begin, begin + l): their k/v are written there (or, for the positions right after the cache's,
+    the last scale's, used without being written) and the queries attend to positions [0, begin + l),
+    which is exactly the block-causal mask when x is one whole scale. Returns (out (B, l, C), updated
+    cache or None)."""
     c = self.config
     b, l, _ = x.shape
     zeros = jnp.zeros_like(self.q_bias)
@@ -252,10 +255,15 @@ class SelfAttention(nn.Module):
       # The cache keeps heads and head_dim as one minor axis (B, L, H * D): TPU tiles the minor axis
       # to 128 lanes, and head_dim 64 alone would double the cache and every write into it.
       end, flat = begin + l, c.num_heads * c.head_dim
-      write = lambda cached, new: jax.lax.dynamic_update_slice_in_dim(
-          cached, new.reshape(b, l, flat).astype(cached.dtype), begin, axis=1)
-      k_all, v_all = write(cache["k"], k), write(cache["v"], v)
-      new_cache = {"k": k_all, "v": v_all}
+      as_cached = lambda new: new.reshape(b, l, flat).astype(cache["k"].dtype)
+      if _writes_cache(cache, begin, l):
+        write = lambda cached, new: jax.lax.dynamic_update_slice_in_dim(cached, as_cached(new), begin, axis=1)
+        k_all, v_all = write(cache["k"], k), write(cache["v"], v)
+        new_cache = {"k": k_all, "v": v_all}
+      else:  # the last scale: attends to the cache and itself, and no later scale reads its keys
+        new_cache = cache
+        k_all, v_all = (jnp.concatenate([cached[:, :begin], as_cached(new)], axis=1)
+                        for cached, new in ((cache["k"], k), (cache["v"], v)))
       k, v = (x[:, :end].reshape(b, end, c.num_heads, c.head_dim).astype(c.compute_dtype) for x in (k_all, v_all))
     if cache is None and mask is not None and block_causal_attention.applies(q.shape):
       # Teacher forcing on TPU: the mask is block_causal_mask(c.scales) (head_inputs), fused in a kernel.
@@ -274,15 +282,29 @@ class SelfAttention(nn.Module):
     b, l, _ = qkv.shape
     flat = c.num_heads * c.head_dim
     q, k, v = (qkv[..., i * flat:(i + 1) * flat] for i in range(3))
-    write = lambda cached, new: jax.lax.dynamic_update_slice_in_dim(cached, new, begin, axis=1)
-    k_all, v_all = write(cache["k"], k), write(cache["v"], v)
     if c.attn_l2_norm:
       head_scale, softmax_scale = jnp.exp(jnp.minimum(self.scale_mul, c.max_scale_mul)), 1.0
     else:
       head_scale, softmax_scale = None, 0.25 / math.sqrt(c.head_dim)
-    out = cached_attention.cached_attention(q, k_all, v_all, end=begin + l, head_dim=c.head_dim, scale=softmax_scale,
-                                            head_scale=head_scale)
-    return self.proj(out), {"k": k_all, "v": v_all}
+    attend = functools.partial(cached_attention.cached_attention, head_dim=c.head_dim, scale=softmax_scale,
+                               head_scale=head_scale)
+    if not _writes_cache(cache, begin, l):  # the last scale: its own keys go to the kernel beside the cache
+      return self.proj(attend(q, cache["k"], cache["v"], end=begin, fresh_k=k, fresh_v=v)), cache
+    write = lambda cached, new: jax.lax.dynamic_update_slice_in_dim(cached, new, begin, axis=1)
+    k_all, v_all = write(cache["k"], k), write(cache["v"], v)
+    return self.proj(attend(q, k_all, v_all, end=begin + l)), {"k": k_all, "v": v_all}
+
+
+def _writes_cache(cache: dict, begin: int, length: int) -> bool:
+  """Whether positions [begin, begin + length) go into the cache (`init_cache`: every scale's but the
+  last); if not, they must be the ones right after it (the last scale's)."""
+  rows = cache["k"].shape[1]
+  if begin + length <= rows:
+    return True
+  if begin != rows:
+    raise ValueError(f"KV cache of {rows} positions: positions [{begin}, {begin + length}) neither fit in it "
+                     f"nor follow it")
+  return False
 
 
 class FFN(nn.Module):
@@ -444,7 +466,8 @@ class NextScaleGenerator(nn.Module):
       scale_index: static scale index s.
       tokens: (B, n_s^2, C) input tokens of scale s (`first_scale_tokens` / `scale_tokens`).
       cond: (B, C) class embedding.
-      cache: per block {'k', 'v'}: (B, L, H * D) (`init_cache`); positions < begin_s must be filled.
+      cache: per block {'k', 'v'}: (B, Lc, H * D) (`init_cache`); positions < begin_s must be filled
+        (the last scale's own positions are not cached: its cache comes back unchanged).
 
     Returns (AdaLN-before-head output (B, n_s^2, C) float32, updated cache). The head is affine, so
     guidance can mix these features instead of the logits: (1 + t) head(a) - t head(b) =
@@ -471,13 +494,19 @@ class NextScaleGenerator(nn.Module):
     return self.head_logits(head_in), cache
 
 
+def cache_length(config: GeneratorConfig) -> int:
+  """Positions a KV cache holds: every scale's but the last, which no later scale attends to (its
+  keys and values are used where they are made; for the released scales 165 of 286 positions)."""
+  return config.num_tokens - config.scales[-1] ** 2
+
+
 def init_cache(config: GeneratorConfig, batch: int, dtype: Optional[Dtype] = None) -> KVCache:
-  """Zero KV cache for all L positions: per block {'k', 'v'}: (batch, L, H * D) in the compute dtype
+  """Zero KV cache: per block {'k', 'v'}: (batch, cache_length(config), H * D) in the compute dtype
   (heads and head_dim in one lane-dense minor axis). Where cached decoding takes the TPU kernel
   (`ops.cached_attention`), k is cached before its l2 normalization, which the kernel applies;
   elsewhere after it: a cache belongs to the programs of one platform."""
   dtype = dtype or config.compute_dtype
-  shape = (batch, config.num_tokens, config.num_heads * config.head_dim)
+  shape = (batch, cache_length(config), config.num_heads * config.head_dim)
   return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.depth)]
 
 

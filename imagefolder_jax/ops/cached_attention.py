@@ -63,37 +63,45 @@ def kernel_flops(batch: int, queries: int, keys: int, heads: int, head_dim: int)
 
 
 def cached_attention_kernel(q_ref, k_ref, v_ref, *refs, end: int, head_dim: int, scale: float,
-                            operand_dtype=None, l2_norm: bool = False):
-  """One (sample, lane column) step: refs (1, l, W), (1, keys, W), (1, keys, W), [head scales (1, W)]
-  -> (1, l, W).
+                            operand_dtype=None, l2_norm: bool = False, fresh: bool = False):
+  """One (sample, lane column) step: refs (1, l, W), (1, keys, W), (1, keys, W), [fresh keys and values
+  (1, l', W) x 2], [head scales (1, W)] -> (1, l, W).
   operand_dtype: the MXU operands' dtype (q, k, v and the probabilities cast to it; None: the inputs').
   l2_norm: each head's q and k are l2-normalized first, in float32, and q multiplied by its head's
     scale (a lane vector: the scale of the head each lane belongs to), as `models.generator`'s
-    attention does before it casts them back to their dtype."""
+    attention does before it casts them back to their dtype.
+  fresh: the queries also attend to l' keys after the first `end` cached rows, given apart (one
+    softmax over both)."""
+  refs = list(refs)
+  fresh_refs = (refs.pop(0), refs.pop(0)) if fresh else ()
   scale_ref, o_ref = refs if l2_norm else (None, *refs)
-  q, k, v = q_ref[0], k_ref[0], v_ref[0]                      # (l, W), (Lk, W), (Lk, W)
+  q = q_ref[0]                                                  # (l, W)
+  key_sets = [(k_ref[0], v_ref[0])] + ([(fresh_refs[0][0], fresh_refs[1][0])] if fresh else [])  # (Lk, W) pairs
   if operand_dtype is not None:
-    q, k, v = (a.astype(operand_dtype) for a in (q, k, v))
+    q = q.astype(operand_dtype)
+    key_sets = [(k.astype(operand_dtype), v.astype(operand_dtype)) for k, v in key_sets]
   width = q.shape[-1]
   lane = jax.lax.broadcasted_iota(jnp.int32, (1, width), 1)
-  key = jax.lax.broadcasted_iota(jnp.int32, (1, k.shape[0]), 1)
   out = jnp.zeros(o_ref.shape[1:], jnp.float32)
   for h in range(width // head_dim):
     own = (lane >= h * head_dim) & (lane < (h + 1) * head_dim)
     if l2_norm:
-      qh = _l2_normalized(jnp.where(own, q.astype(jnp.float32), 0.0)) * scale_ref[...]
-      kh = _l2_normalized(jnp.where(own, k.astype(jnp.float32), 0.0)).astype(k.dtype)
-      qh = qh.astype(q.dtype)
+      qh = (_l2_normalized(jnp.where(own, q.astype(jnp.float32), 0.0)) * scale_ref[...]).astype(q.dtype)
+      keys = [_l2_normalized(jnp.where(own, k.astype(jnp.float32), 0.0)).astype(k.dtype) for k, _ in key_sets]
     else:
-      qh, kh = jnp.where(own, q, jnp.zeros_like(q)), k
-    logits = jax.lax.dot_general(qh, kh, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    logits = logits * jnp.float32(scale)
-    if k.shape[0] > end:  # the rows past `end` of a block rounded up to 8 are not this scale's keys
-      logits = jnp.where(key < end, logits, -jnp.inf)
-    logits = logits - jnp.max(logits, axis=-1, keepdims=True)
-    weights = jnp.exp(logits)
-    probs = (weights / jnp.sum(weights, axis=-1, keepdims=True)).astype(v.dtype)
-    pv = jax.lax.dot_general(probs, v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+      qh, keys = jnp.where(own, q, jnp.zeros_like(q)), [k for k, _ in key_sets]
+    logits = [jax.lax.dot_general(qh, kh, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+              * jnp.float32(scale) for kh in keys]
+    cached_rows = key_sets[0][0].shape[0]
+    if cached_rows > end:  # the rows past `end` of a block rounded up to 8 are not this scale's keys
+      key = jax.lax.broadcasted_iota(jnp.int32, (1, cached_rows), 1)
+      logits[0] = jnp.where(key < end, logits[0], -jnp.inf)
+    top = functools.reduce(jnp.maximum, [jnp.max(x, axis=-1, keepdims=True) for x in logits])
+    weights = [jnp.exp(x - top) for x in logits]
+    total = functools.reduce(jnp.add, [jnp.sum(w, axis=-1, keepdims=True) for w in weights])
+    pv = functools.reduce(jnp.add, [jax.lax.dot_general((w / total).astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                                                        preferred_element_type=jnp.float32)
+                                    for w, (_, v) in zip(weights, key_sets)])
     out = out + jnp.where(own, pv, 0.0)
   o_ref[0] = out.astype(o_ref.dtype)
 
@@ -104,67 +112,82 @@ def _l2_normalized(x: jax.Array, eps: float = 1e-12) -> jax.Array:
 
 
 def cached_attention(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, *, end: int, head_dim: int,
-                     scale: float, head_scale: Optional[jax.Array] = None) -> jax.Array:
+                     scale: float, head_scale: Optional[jax.Array] = None, fresh_k: Optional[jax.Array] = None,
+                     fresh_v: Optional[jax.Array] = None) -> jax.Array:
   """Softmax attention of queries over cached positions [0, end) (no mask), lane-dense.
 
   q: (B, l, H * D); cache_k, cache_v: (B, L, H * D) with positions < end filled (end <= L, static).
   `scale` multiplies the logits. head_scale: optional (H,) float32; then q and the cached k are
   l2-normalized per head inside the kernel (float32, cast back to their dtype) and q multiplied by
   its head's scale (the generator's `attn_l2_norm`; the cache holds k before the normalization).
+  fresh_k, fresh_v: optional (B, l', H * D) keys and values of positions [end, end + l'), not
+  written to the cache (the sampler's last scale, which no later scale reads); then end may be 0.
   Returns (B, l, H * D) in q's dtype.
   """
   b, l, flat = q.shape
   length = cache_k.shape[1]
-  if not 0 < end <= length or cache_k.shape != cache_v.shape or cache_k.shape[::2] != (b, flat):
+  fresh = fresh_k is not None or fresh_v is not None
+  if fresh and (fresh_k is None or fresh_v is None or fresh_k.shape != fresh_v.shape
+                or fresh_k.shape[::2] != (b, flat) or fresh_k.dtype != cache_k.dtype):
+    raise ValueError(f"cached_attention: fresh keys {getattr(fresh_k, 'shape', None)} and values "
+                     f"{getattr(fresh_v, 'shape', None)} do not match queries {q.shape} and cache {cache_k.shape}")
+  if not (0 if fresh else 1) <= end <= length or cache_k.shape != cache_v.shape or cache_k.shape[::2] != (b, flat):
     raise ValueError(f"cached_attention: queries {q.shape} and cache {cache_k.shape} / {cache_v.shape} "
                      f"with end={end} do not match")
   if not supported(flat // head_dim, head_dim):
     raise ValueError(f"cached_attention: {flat // head_dim} heads of {head_dim} do not make whole "
                      f"{column_width(head_dim)}-lane columns")
+  if fresh and end == 0:   # nothing cached before them: the fresh keys are the whole prefix
+    cache_k, cache_v, end, fresh = fresh_k, fresh_v, fresh_k.shape[1], False
+    length = end
   keys = min(-(-end // 8) * 8, length)  # a block's second-minor side: a multiple of 8, or the whole axis
-  operands = (q, cache_k, cache_v)
+  operands = (q, cache_k, cache_v) + ((fresh_k, fresh_v) if fresh else ())
   if head_scale is not None:
     if head_scale.shape != (flat // head_dim,):
       raise ValueError(f"cached_attention: head_scale {head_scale.shape} is not one scale per head "
                        f"({flat // head_dim},)")
     # One float32 lane vector: each lane holds the scale of its head.
     operands += (jnp.repeat(head_scale.astype(jnp.float32), head_dim)[None],)
-  local = functools.partial(_call, end=end, head_dim=head_dim, scale=float(scale), keys=keys)
+  local = functools.partial(_call, end=end, head_dim=head_dim, scale=float(scale), keys=keys, fresh=fresh,
+                            l2_norm=head_scale is not None)
   from imagefolder_jax.parallel import traced_batch_spec
   spec = traced_batch_spec(q.shape)
   if spec is None:
     return local(*operands)
   # A custom call is not partitioned: without shard_map XLA would gather the whole cache on every chip.
-  in_specs = (spec,) * 3 + ((jax.P(),) if head_scale is not None else ())
+  in_specs = (spec,) * (5 if fresh else 3) + ((jax.P(),) if head_scale is not None else ())
   return jax.shard_map(local, in_specs=in_specs, out_specs=spec, check_vma=False)(*operands)
 
 
-def _call(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, head_scale: Optional[jax.Array] = None, *, end: int,
-          head_dim: int, scale: float, keys: int) -> jax.Array:
+def _call(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, *rest: jax.Array, end: int, head_dim: int,
+          scale: float, keys: int, fresh: bool, l2_norm: bool) -> jax.Array:
   """The kernel over the whole batch it is given (one device's shard under shard_map): a grid of
-  (sample, lane column) steps, each with the column's queries (l, W) and first `keys` cached rows."""
+  (sample, lane column) steps, each with the column's queries (l, W), first `keys` cached rows and,
+  when `fresh`, the fresh keys and values (l', W); rest: [fresh_k, fresh_v], [head scales (1, W)]."""
   b, l, flat = q.shape
   width = column_width(head_dim)
-  l2_norm = head_scale is not None
-  kernel = functools.partial(cached_attention_kernel, end=end, head_dim=head_dim, scale=scale, l2_norm=l2_norm)
+  fresh_rows = rest[0].shape[1] if fresh else 0
+  kernel = functools.partial(cached_attention_kernel, end=end, head_dim=head_dim, scale=scale, l2_norm=l2_norm,
+                             fresh=fresh)
   heads, item = flat // head_dim, q.dtype.itemsize
   # The TPU compiler's cost model prices a kernel by this estimate (else at 0): what the grid reads
-  # (queries, and `keys` rows of each cache per sample) and writes, and the MXU work.
-  cost = pl.CostEstimate(flops=int(kernel_flops(b, l, keys, heads, head_dim)), transcendentals=b * heads * l * keys,
-                         bytes_accessed=int(item * b * flat * (2 * l + 2 * keys)))
+  # (queries, and `keys` rows of each cache and the fresh rows per sample) and writes, and the MXU work.
+  attended = keys + fresh_rows
+  cost = pl.CostEstimate(flops=int(kernel_flops(b, l, attended, heads, head_dim)),
+                         transcendentals=b * heads * l * attended,
+                         bytes_accessed=int(item * b * flat * (2 * l + 2 * attended)))
+  rows = lambda n: pl.BlockSpec((1, n, width), lambda i, j: (i, 0, j))
   return pl.pallas_call(
       kernel,
       grid=(b, flat // width),
-      in_specs=[pl.BlockSpec((1, l, width), lambda i, j: (i, 0, j)),
-                pl.BlockSpec((1, keys, width), lambda i, j: (i, 0, j)),
-                pl.BlockSpec((1, keys, width), lambda i, j: (i, 0, j))]
+      in_specs=[rows(l), rows(keys), rows(keys)] + [rows(fresh_rows)] * (2 if fresh else 0)
                + ([pl.BlockSpec((1, width), lambda i, j: (0, j))] if l2_norm else []),
-      out_specs=pl.BlockSpec((1, l, width), lambda i, j: (i, 0, j)),
+      out_specs=rows(l),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       interpret=interpreted(),
       name=KERNEL_NAME,
       cost_estimate=cost,
-  )(q, cache_k, cache_v, *([head_scale] if l2_norm else []))
+  )(q, cache_k, cache_v, *rest)
 
 
 __all__ = ["KERNEL_NAME", "LANES", "applies", "cached_attention", "cached_attention_kernel", "column_width",

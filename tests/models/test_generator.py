@@ -26,6 +26,7 @@ from imagefolder_jax.inference.sampling import SamplerSettings, make_sampler
 from imagefolder_jax.models.generator import (
   GeneratorConfig,
   NextScaleGenerator,
+  cache_length,
   count_params,
   flatten_ids,
   generator_loss,
@@ -241,7 +242,9 @@ def test_kv_cached_scales_equal_the_full_forward(official, parity_expected, forw
   got, cache = jax.jit(functools.partial(_decode_scales, module))(variables, labels, inputs)
   want, _ = forward(config, variables, labels, inputs)
   assert relative_error(got, want) < 1e-5
-  assert cache[0]["k"].shape == (2, 286, 2 * 64) and bool(jnp.all(cache[-1]["v"][:, -1] != 0))
+  # The cache holds every scale's positions but the last's (286 - 11 x 11), all filled.
+  assert cache_length(config) == 165 and cache[0]["k"].shape == (2, 165, 2 * 64)
+  assert bool(jnp.all(cache[-1]["v"][:, -1] != 0))
 
 
 # ------------------------------------------------------------------------------------ sampler parity

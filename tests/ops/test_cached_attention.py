@@ -57,6 +57,31 @@ def test_interpreted_kernel_normalizes_q_and_k_per_head():
     cached_attention.cached_attention(q, k, v, end=30, head_dim=HEAD_DIM, scale=1.0, head_scale=head_scale[:2])
 
 
+@pytest.mark.parametrize("end", [0, 5, 32])
+@pytest.mark.parametrize("normalized", [False, True])
+def test_interpreted_kernel_attends_to_fresh_keys_beside_the_cache(end, normalized):
+  """fresh_k / fresh_v (the last scale's own keys, never cached) extend the cache's first `end` rows:
+  one softmax over both, as XLA's attention over their concatenation."""
+  from imagefolder_jax.models.generator import l2_normalize
+  q, k, v = _inputs(jnp.bfloat16, 8)
+  fresh_k, fresh_v = k[:, -8:], v[:, -8:]
+  head_scale = jnp.asarray([0.5, 2.0, 4.0, 8.0]) if normalized else None
+  with block_causal_attention.kernel_interpreted():
+    got = cached_attention.cached_attention(q, k, v, end=end, head_dim=HEAD_DIM, scale=0.3, head_scale=head_scale,
+                                            fresh_k=fresh_k, fresh_v=fresh_v)
+  keys = jnp.concatenate([k[:, :end], fresh_k], axis=1)
+  values = jnp.concatenate([v[:, :end], fresh_v], axis=1)
+  if normalized:
+    heads = lambda x: x.reshape(*x.shape[:2], HEADS, HEAD_DIM).astype(jnp.float32)
+    q = (l2_normalize(heads(q)) * head_scale[:, None]).astype(jnp.bfloat16).reshape(q.shape)
+    keys = l2_normalize(heads(keys)).astype(jnp.bfloat16).reshape(keys.shape)
+  want = _xla(q, keys, values, end + 8, 0.3)
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=1e-2, atol=1e-2)
+  with pytest.raises(ValueError, match="fresh keys"):
+    cached_attention.cached_attention(q, k, v, end=end, head_dim=HEAD_DIM, scale=0.3, fresh_k=fresh_k,
+                                      fresh_v=fresh_v[:, :4])
+
+
 def test_kernel_applies_on_tpus_in_16_bits_with_whole_lane_columns():
   from imagefolder_jax import parallel
   from imagefolder_jax.planning.topology import compile_only_devices, parse_topology
@@ -94,9 +119,11 @@ def test_compiled_for_tpus_per_batch_shard():
   rows = NamedSharding(mesh, P("data"))
   spec = lambda n: jax.ShapeDtypeStruct((8, n, HEADS * HEAD_DIM), jnp.bfloat16, sharding=rows)
 
-  def fn(q, k, v):
+  def attend(q, k, v, end=30, **fresh):
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-      return cached_attention.cached_attention(q, k, v, end=30, head_dim=HEAD_DIM, scale=1.0)
+      return cached_attention.cached_attention(q, k, v, end=end, head_dim=HEAD_DIM, scale=1.0, **fresh)
+
+  fn = lambda q, k, v: attend(q, k, v)
 
   compiled = jax.jit(fn).lower(spec(16), spec(LENGTH), spec(LENGTH)).compile()
   text = compiled.as_text()
@@ -109,3 +136,9 @@ def test_compiled_for_tpus_per_batch_shard():
   assert cost["bytes accessed"] == 2 * 2 * (2 * 16 + 2 * 32) * HEADS * HEAD_DIM
   assert cost["flops"] == cached_attention.kernel_flops(2, 16, 32, HEADS, HEAD_DIM)
   assert hlo_costs.kernel_bytes(text) == 0                   # priced by the cost model already
+
+  # With 16 fresh rows beside 24 cached ones: read and priced as well.
+  fresh = lambda q, k, v, fk, fv: attend(q, k, v, end=24, fresh_k=fk, fresh_v=fv)
+  cost = jax.jit(fresh).lower(spec(16), spec(LENGTH), spec(LENGTH), spec(16), spec(16)).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  assert cost["bytes accessed"] == 2 * 2 * (2 * 16 + 2 * (24 + 16)) * HEADS * HEAD_DIM
