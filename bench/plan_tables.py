@@ -73,9 +73,6 @@ CASES = {
     **{f"sampler d{d} {chip} batch {b}": ["--program", "sample", "--config", f"{GEN}:{d}", "--topology", chip,
                                            "--batch", str(b)]
        for chip in ("v5e-1", "v5p-2") for d in (16, 30) for b in (64, 256)},
-    # d16 at 256 no longer fits one v5e (16.5 GiB since 2026-12-07): the next multiple of 64 down.
-    "sampler d16 v5e-1 batch 192": ["--program", "sample", "--config", f"{GEN}:16", "--topology", "v5e-1",
-                                    "--batch", "192"],
 }
 
 

@@ -354,3 +354,16 @@ def test_cached_decoding_through_the_tpu_cached_attention_kernel(l2_norm):
     assert "cached_attention" in str(jax.make_jaxpr(decode)(variables))
     got = decode(variables)
   assert got.dtype == jnp.float32 and relative_error(got, want) < 1e-3
+
+
+def test_a_cache_that_does_not_reach_the_scale_is_refused():
+  """The cache holds every scale but the last; a scale past the cache's end (a cache made for other
+  scales) is an error, not attention over missing keys."""
+  c = GeneratorConfig(depth=1, width=32, num_heads=2, num_classes=5, codebook_size=16, latent_dim=4, scales=(1, 2, 3))
+  module, labels, _, variables = _random_generator(c)
+  assert cache_length(c) == 5 and init_cache(c, 2)[0]["k"].shape == (2, 5, 32)
+  cond = module.apply(variables, labels, method=NextScaleGenerator.condition)
+  tokens = jnp.zeros((2, 9, c.width))
+  short = [{name: x[:, :3] for name, x in block.items()} for block in init_cache(c, 2)]
+  with pytest.raises(ValueError, match=r"KV cache of 3 positions: positions \[5, 14\)"):
+    module.apply(variables, 2, tokens, cond, short, method=NextScaleGenerator.decode_scale)
