@@ -4,6 +4,7 @@ ImageNet recipes on TPU and GPU topologies, one subprocess per case (not a test)
   python bench/plan_tables.py --out runs/plans.jsonl            # every case (hours on 2 cores)
   python bench/plan_tables.py --out runs/plans.jsonl --only d16 # cases whose name holds 'd16'
   python bench/plan_tables.py --out runs/plans.jsonl --table    # the markdown tables of what is done
+                                                                # (all rows; the largest batches)
 
 Finished cases are kept in --out (JSON lines) and skipped on a rerun. Each line holds the command,
 the CPU, the date and compile seconds beside the plan (all compiles of a `--largest-batch` search).
@@ -143,6 +144,25 @@ def table(records: list) -> str:
   return "\n".join(rows)
 
 
+def largest_table(records: list) -> str:
+  """The rows with a `--largest-batch` search, at their largest batch: per chip, peak, roofline step,
+  images/s and MFU there (GPU rows: compute and network only, so their MFU is an upper bound)."""
+  rows = ["| case | largest global batch (per chip) | peak / chip | roofline step | images/s | MFU | searched with | compiles |",
+          "|---|---|---|---|---|---|---|---|"]
+  for r in records:
+    p = r.get("plan") or {}
+    search = p.get("largest_batch") or {}
+    at = search.get("at_largest")
+    if not at:
+      continue
+    largest, seconds = search["largest"], at["step_seconds"]
+    mfu = p["analytic_flops_per_step"] * largest / p["global_batch"] / (p["chips"] * p["peak_flops"] * seconds)
+    program = search.get("earlier_program") or "the row's program"
+    rows.append(f"| {r['case']} | {largest} ({largest // p['chips']}) | {at['peak_bytes'] / 2 ** 30:.1f} GiB | "
+                f"{seconds * 1e3:.0f} ms | {largest / seconds:,.0f} | {mfu:.0%} | {program} | {search['compiles']} |")
+  return "\n".join(rows)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", required=True, help="JSON lines file (cases with a plan there are skipped)")
@@ -155,6 +175,8 @@ def main() -> None:
       done = [json.loads(line) for line in f if line.strip()]
   if args.table:
     print(table(done))
+    print()
+    print(largest_table(done))
     return
   finished = {r["case"] for r in done if "plan" in r}   # a case that failed (e.g. killed) runs again
   for name, case_args in CASES.items():
