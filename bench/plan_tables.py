@@ -147,7 +147,8 @@ def table(records: list) -> str:
 def largest_table(records: list) -> str:
   """The rows with a `--largest-batch` search, at their largest batch: per chip, peak, roofline step,
   images/s and MFU there (GPU rows: compute and network only, so their MFU is an upper bound)."""
-  rows = ["| case | largest global batch (per chip) | peak / chip | roofline step | images/s | MFU | searched with | compiles |",
+  rows = ["| case | largest global batch (per chip) | peak / chip | roofline step | images/s | MFU | searched with "
+          "| compiles |",
           "|---|---|---|---|---|---|---|---|"]
   for r in records:
     p = r.get("plan") or {}
