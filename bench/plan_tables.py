@@ -131,6 +131,8 @@ def table(records: list) -> str:
     search = p.get("largest_batch")
     largest = "—" if not search else (f"{search['largest']} (not {search['smallest_refused']}; "
                                        f"{search['compiles']} compiles)" if search["largest"] else "none")
+    if search and search["largest"] and search.get("smallest_refused") is None:
+      largest = f"≥ {search['largest']} ({search['compiles']} compiles, none refused)"
     if search and search.get("earlier_program") and search["largest"]:
       # a search made on an earlier program of the row: where that program's peak was higher (at the
       # config's batch), what fit then fits now
@@ -159,7 +161,8 @@ def largest_table(records: list) -> str:
     largest, seconds = search["largest"], at["step_seconds"]
     mfu = p["analytic_flops_per_step"] * largest / p["global_batch"] / (p["chips"] * p["peak_flops"] * seconds)
     program = search.get("earlier_program") or "the row's program"
-    rows.append(f"| {r['case']} | {largest} ({largest // p['chips']}) | {at['peak_bytes'] / 2 ** 30:.1f} GiB | "
+    bound = "≥ " if search.get("smallest_refused") is None else ""
+    rows.append(f"| {r['case']} | {bound}{largest} ({largest // p['chips']}) | {at['peak_bytes'] / 2 ** 30:.1f} GiB | "
                 f"{seconds * 1e3:.0f} ms | {largest / seconds:,.0f} | {mfu:.0%} | {program} | {search['compiles']} |")
   return "\n".join(rows)
 
