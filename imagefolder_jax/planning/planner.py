@@ -77,6 +77,7 @@ class Plan:
   bytes_accessed: float = float("nan")
   kernel_flops_per_device: float = 0.0   # in Pallas kernels, which the compiler's count leaves out
   kernel_bytes_per_device: float = 0.0   # their operands and results, which its 'bytes accessed' leaves out
+  vector_ops_per_device: float = 0.0     # element operations of kernels on the vector units: in no roofline term
   loop_scale: Optional[dict] = None       # hlo_costs.loop_scales: the cost model's counts x these = as run
   collectives: dict = dataclasses.field(default_factory=dict)
   roofline: dict = dataclasses.field(default_factory=dict)
@@ -472,6 +473,9 @@ def format_plan(p: Plan) -> str:
         rows.append(f"  HBM bytes/step  {p.bytes_accessed:.3e} per chip by the cost model + "
                     f"{p.kernel_bytes_per_device:.3e} in Pallas kernels (their operands and results; the cost "
                     "model prices a kernel at 0)")
+      if p.vector_ops_per_device:
+        rows.append(f"  vector ops      {p.vector_ops_per_device:.3e} per chip in the top-k/top-p kernel (searches on "
+                    "chip: the vector units' time, which the roofline does not hold)")
       if p.loop_scale:
         scale = p.loop_scale
         rows.append(f"  loops           the cost model prices a while body once: its FLOPs x{scale['flops']:.2f} and "

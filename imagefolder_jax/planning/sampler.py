@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from imagefolder_jax.ops import filtering_kernel
+from imagefolder_jax.planning import hlo
 from imagefolder_jax.planning.errors import PlanError
 from imagefolder_jax.planning.planner import (
   GPU_COMPILER_OPTIONS,
@@ -64,6 +66,9 @@ def plan_sampler(config: ml_collections.ConfigDict, mesh_sizes: dict, topology: 
                       temp_bytes=float("nan"), xla_flops_per_device=float("nan"))
   if compiled is not None:
     fields.update(analyze_compiled(compiled, list(np.asarray(mesh.devices).flat), topology.chip, analytic))
+    draws = hlo.custom_calls_named(compiled.as_text(), filtering_kernel.KERNEL_NAME)
+    rows = sum(shapes[0][0] * runs for _, shapes, runs in draws)
+    fields["vector_ops_per_device"] = float(filtering_kernel.vector_ops(rows, model_config.codebook_size, top_k, top_p))
   chip = topology.chip
   return Plan(stage="sampler", mesh=dict(mesh.shape), devices=len(devices), chip=chip.name, global_batch=batch,
               params_bytes=per_device_bytes(generator_vars, jax.tree.map(lambda x: x.sharding, generator_vars)),

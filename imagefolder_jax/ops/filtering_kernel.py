@@ -1,0 +1,178 @@
+"""The sampler's top-k / top-p draw as one TPU kernel (Pallas): each row's logits read once, the
+searches and the draw on chip.
+
+`filtering.sample_with_retries` in XLA writes and reads the whole (R, V) logits about a hundred
+times a call on TPUs: keys, weights, masks, fixed-point masses and draw tables are each materialized
+in HBM, and every bisection step of its searches is a pass over them (the d16 sampler at 256 per v5e
+chip moves ~105 GB in its last scale's filter alone, by the TPU cost model: docs/planning.md). This
+kernel loads a block of rows into VMEM and finds, per row, with integer-exact searches:
+
+  * the k-th largest logit (top-k keeps every entry >= it: ties survive), by a descent over the 32
+    bits of order-preserving int32 keys, one count per bit;
+  * the top-p cut on the top-k survivors' 2^-30 fixed-point probabilities (the entries whose
+    ascending mass is <= 1 - top_p are removed), by the same descent over masked integer sums;
+  * the draw: the first entry whose running sum of the surviving weights exceeds u x their total,
+    by bisection over the vocabulary (ceil(log2 V) masked sums), never an entry of weight 0.
+
+The law is `filtering.sample_with_uniforms`'s (the official top-k then top-p filter, then a
+categorical draw from the softmax), with one uniform per row: no redraws, so the ids a seed gives
+differ from the XLA path's rejection rounds, not their law; float sums in another order may move a
+draw that lies within rounding of a boundary. `applies` decides: programs compiled for TPUs with a
+static top-p and a lane-aligned vocabulary; within `block_causal_attention.kernel_interpreted()`
+Pallas's interpreter runs it on any backend (tests).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from imagefolder_jax.ops.block_causal_attention import interpreted, xla_forced
+from imagefolder_jax.ops.platform import target_platform
+
+KERNEL_NAME = "top_k_top_p_draw"  # the compiled program's custom calls are named after it
+
+# Rows per grid step: 8 rows of 4096 float32 logits are 128 KiB, one (8, 128)-tiled sublane group.
+ROWS_PER_STEP = 8
+_MASS_ONE = float(2 ** 30)
+_INT_MIN = np.int32(-2 ** 31)
+# Element operations per entry and pass of the kernel's searches (compare, select, add): its VPU work,
+# which no roofline term holds (`vector_ops`).
+_OPS_PER_ENTRY_PASS = 3
+
+
+def applies(vocab: int, top_p) -> bool:
+  """Whether a draw over `vocab` entries with this top-p takes the kernel in the program traced now."""
+  static = isinstance(top_p, (int, float, np.floating))
+  if not static or vocab % 128:
+    return False
+  if interpreted():
+    return True
+  return target_platform() == "tpu" and not xla_forced()
+
+
+def _top_p_limit(top_p: float) -> int:
+  """The fixed-point removal limit floor((1 - top_p) x 2^30) (official cut: ascending cumsum <= 1 - top_p),
+  -1 when top-p is off; float32 as `filtering.removal_threshold` rounds it."""
+  if not 0.0 < float(top_p) < 1.0:
+    return -1
+  return int(np.floor(np.float32(1.0 - float(top_p)) * np.float32(_MASS_ONE)))
+
+
+def _largest_where(holds, rows: int) -> jax.Array:
+  """(rows, 1) int32: the largest c with holds(c) true, per row, for a predicate true at INT_MIN and
+  monotone (true below some c, false above), by deciding the bits of c + 2^31 from the top."""
+  def bit(i, chosen):
+    candidate = chosen | jnp.left_shift(jnp.int32(1), 31 - i)   # bits of c + 2^31, as int32
+    return jnp.where(holds(candidate ^ _INT_MIN), candidate, chosen)
+
+  return jax.lax.fori_loop(0, 32, bit, jnp.zeros((rows, 1), jnp.int32)) ^ _INT_MIN
+
+
+def _draw(kept: jax.Array, uniform: jax.Array) -> jax.Array:
+  """kept (rows, V) weights >= 0 (row sums > 0), uniform (rows, 1) in [0, 1) -> (rows, 1) int32: the
+  first entry whose running sum exceeds uniform x total; an entry of weight > 0 even where rounding
+  of the sums would point elsewhere."""
+  rows, vocab = kept.shape
+  index = jax.lax.broadcasted_iota(jnp.int32, kept.shape, 1)
+  target = uniform * jnp.sum(kept, axis=-1, keepdims=True)
+
+  def halve(_, bounds):
+    lo, hi = bounds                     # sum(kept[:lo]) <= target < sum(kept[:hi])
+    mid = jnp.right_shift(lo + hi, 1)
+    below = jnp.sum(jnp.where(index < mid, kept, 0.0), axis=-1, keepdims=True)
+    fits = below <= target
+    return jnp.where(fits, mid, lo), jnp.where(fits, hi, mid)
+
+  steps = max(1, int(np.ceil(np.log2(vocab))))
+  lo, _ = jax.lax.fori_loop(0, steps, halve, (jnp.zeros((rows, 1), jnp.int32), jnp.full((rows, 1), vocab, jnp.int32)))
+  positive = kept > 0
+  chosen_positive = jnp.max(jnp.where((index == lo) & positive, 1, 0), axis=-1, keepdims=True) > 0
+  last_before = jnp.max(jnp.where((index <= lo) & positive, index, -1), axis=-1, keepdims=True)
+  first = jnp.min(jnp.where(positive, index, vocab), axis=-1, keepdims=True)
+  return jnp.where(chosen_positive, lo, jnp.where(last_before >= 0, last_before, first))
+
+
+def _round_half_even(v: jax.Array) -> jax.Array:
+  """jnp.round of v >= 0 (half to even), from floor alone: Mosaic lowers `round` only on a TPU host."""
+  whole = jnp.floor(v)
+  rest = v - whole                                  # exact in float32 for v >= 0
+  odd = whole - 2.0 * jnp.floor(0.5 * whole)        # 1 for odd, 0 for even
+  return whole + jnp.where(rest > 0.5, 1.0, jnp.where(rest < 0.5, 0.0, odd))
+
+
+def _kernel(logits_ref, uniforms_ref, ids_ref, *, top_k: int, limit: int):
+  x = logits_ref[...].astype(jnp.float32)                      # (rows, V)
+  rows, vocab = x.shape
+  bits = jax.lax.bitcast_convert_type(x, jnp.int32)
+  keys = jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)  # ordered as the floats (-0 < +0)
+  kept = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))
+  if 0 < top_k < vocab:
+    kth = _largest_where(lambda c: jnp.sum(jnp.where(keys >= c, 1.0, 0.0), axis=-1, keepdims=True) >= top_k, rows)
+    kept = jnp.where(keys >= kth, kept, 0.0)
+  if limit >= 0:
+    fixed = _round_half_even(kept / jnp.sum(kept, axis=-1, keepdims=True) * _MASS_ONE).astype(jnp.int32)
+    cut = _largest_where(lambda c: jnp.sum(jnp.where(keys <= c, fixed, 0), axis=-1, keepdims=True) <= limit, rows)
+    kept = jnp.where(keys > cut, kept, 0.0)
+  ids_ref[...] = _draw(kept, uniforms_ref[:, 0:1].astype(jnp.float32))
+
+
+def passes(vocab: int, top_k: int, top_p) -> int:
+  """Passes of the kernel over each row in VMEM (each a compare, select and reduction per entry)."""
+  return (32 if 0 < top_k < vocab else 0) + (32 if _top_p_limit(top_p) >= 0 else 0) + int(np.ceil(np.log2(vocab))) + 8
+
+
+def vector_ops(rows: int, vocab: int, top_k: int, top_p) -> int:
+  """Element operations of the kernel's searches over `rows` rows: VPU work that the TPU cost model
+  and the roofline do not price (the kernel declares its bytes and exponentials only)."""
+  return rows * vocab * passes(vocab, top_k, top_p) * _OPS_PER_ENTRY_PASS
+
+
+def draw(uniforms: jax.Array, logits: jax.Array, top_k: int, top_p: Union[float, int]) -> jax.Array:
+  """One draw per row from softmax(top-k, then top-p, filtered logits).
+
+  uniforms: (..., n) in [0, 1), n >= 1 (the first is used); logits: (..., V) with V a multiple of
+  128. Returns ids (...) int32. Under a mesh it runs per batch shard.
+  """
+  vocab = logits.shape[-1]
+  if vocab % 128:
+    raise ValueError(f"top-k/top-p kernel: a vocabulary of {vocab} is not a multiple of 128 lanes")
+  local = functools.partial(_call, top_k=int(top_k), limit=_top_p_limit(top_p))
+  from imagefolder_jax.parallel import traced_batch_spec
+  spec = traced_batch_spec(logits.shape)
+  if spec is None:
+    return local(uniforms, logits)
+  # A custom call is not partitioned: without shard_map XLA would gather the rows on every chip.
+  rows = jax.P(spec[0])
+  return jax.shard_map(local, in_specs=(rows, rows), out_specs=rows, check_vma=False)(uniforms, logits)
+
+
+def _call(uniforms: jax.Array, logits: jax.Array, *, top_k: int, limit: int) -> jax.Array:
+  """The kernel over the rows it is given (all, or one device's)."""
+  lead, vocab = logits.shape[:-1], logits.shape[-1]
+  x = logits.reshape(-1, vocab)
+  u = uniforms.reshape(x.shape[0], -1)
+  rows = x.shape[0]
+  # The last block may run past the rows: its extra rows read undefined logits and their ids are
+  # dropped on the write (every loop of the kernel has a fixed trip count).
+  cost = pl.CostEstimate(flops=0, transcendentals=rows * vocab,
+                         bytes_accessed=int(x.dtype.itemsize * rows * vocab + u.dtype.itemsize * u.size + 4 * rows))
+  ids = pl.pallas_call(
+      functools.partial(_kernel, top_k=top_k, limit=limit),
+      grid=(pl.cdiv(rows, ROWS_PER_STEP),),
+      in_specs=[pl.BlockSpec((ROWS_PER_STEP, vocab), lambda i: (i, 0)),
+                pl.BlockSpec((ROWS_PER_STEP, u.shape[1]), lambda i: (i, 0))],
+      out_specs=pl.BlockSpec((ROWS_PER_STEP, 1), lambda i: (i, 0)),
+      out_shape=jax.ShapeDtypeStruct((rows, 1), jnp.int32),
+      interpret=interpreted(),
+      name=KERNEL_NAME,
+      cost_estimate=cost,
+  )(x, u)
+  return ids.reshape(lead)
+
+
+__all__ = ["KERNEL_NAME", "ROWS_PER_STEP", "applies", "draw", "passes", "vector_ops"]
