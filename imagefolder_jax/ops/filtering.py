@@ -21,7 +21,7 @@ and the answer read off their running sums. Entries tied with a boundary value a
 Sampling (`sample_with_retries`) draws inverse-CDF in two levels (blocks of `_BLOCK`, then inside
 the block) from the top-k law and redraws the rows whose draw top-p removes (one pass to check),
 with the exact top-p search as fallback: the official law without the top-p search. Programs compiled
-for TPUs draw with `filtering_kernel` instead (the exact searches on chip, one uniform per row).
+for TPUs run the same rounds in one kernel (`filtering_kernel`: the searches on chip).
 """
 from __future__ import annotations
 
@@ -389,8 +389,8 @@ def sample_with_retries(uniforms: jax.Array, logits: jax.Array, top_k: int = 0, 
     raise ValueError(f"sample_with_retries needs >= 2 uniforms per row, got {uniforms.shape[-1]}")
   if filtering_kernel.applies(logits.shape[-1], top_p):
     # On TPUs every pass of the XLA searches below is a trip through HBM; the kernel keeps each row
-    # on chip and needs no redraws (one uniform per row; the same law).
-    return filtering_kernel.draw(uniforms[..., :1], logits, top_k, top_p)
+    # on chip through the same rounds (the same ids).
+    return filtering_kernel.draw(uniforms, logits, top_k, top_p)
   if _static_top_p_off(top_p):
     return sample_with_uniforms(uniforms[..., 0], logits, top_k, top_p)
   from imagefolder_jax.parallel import traced_batch_spec

@@ -1,25 +1,26 @@
 """The sampler's top-k / top-p draw as one TPU kernel (Pallas): each row's logits read once, the
-searches and the draw on chip.
+searches and the draws on chip.
 
 `filtering.sample_with_retries` in XLA writes and reads the whole (R, V) logits about a hundred
 times a call on TPUs: keys, weights, masks, fixed-point masses and draw tables are each materialized
-in HBM, and every bisection step of its searches is a pass over them (the d16 sampler at 256 per v5e
-chip moves ~105 GB in its last scale's filter alone, by the TPU cost model: docs/planning.md). This
+in HBM, and every step of its searches is a pass over them (the d16 sampler at 256 per v5e chip
+moved ~105 GB in its last scale's filter alone, by the TPU cost model: docs/planning.md). This
 kernel loads a block of rows into VMEM and finds, per row, with integer-exact searches:
 
   * the k-th largest logit (top-k keeps every entry >= it: ties survive), by a descent over the 32
     bits of order-preserving int32 keys, one count per bit;
   * the top-p cut on the top-k survivors' 2^-30 fixed-point probabilities (the entries whose
     ascending mass is <= 1 - top_p are removed), by the same descent over masked integer sums;
-  * the draw: the first entry whose running sum of the surviving weights exceeds u x their total,
-    by bisection over the vocabulary (ceil(log2 V) masked sums), never an entry of weight 0.
+  * the draws of `sample_with_retries`: from the top-k law with the row's first uniform, redrawn
+    with the next while top-p removes the draw, then, for a row rejected every round, from the
+    top-p law with the last. A draw is the first entry whose running sum of the weights exceeds
+    u x their total, by bisection over the vocabulary (ceil(log2 V) masked sums), never an entry
+    of weight 0.
 
-The law is `filtering.sample_with_uniforms`'s (the official top-k then top-p filter, then a
-categorical draw from the softmax), with one uniform per row: no redraws, so the ids a seed gives
-differ from the XLA path's rejection rounds, not their law; float sums in another order may move a
-draw that lies within rounding of a boundary. `applies` decides: programs compiled for TPUs with a
-static top-p and a lane-aligned vocabulary; within `block_causal_attention.kernel_interpreted()`
-Pallas's interpreter runs it on any backend (tests).
+So the ids are the XLA path's, but for a draw within float rounding of a boundary (the sums run in
+another order). `applies` decides: programs compiled for TPUs with a static top-p and a lane-aligned
+vocabulary; within `block_causal_attention.kernel_interpreted()` Pallas's interpreter runs it on any
+backend (tests).
 """
 from __future__ import annotations
 
@@ -108,39 +109,72 @@ def _round_half_even(v: jax.Array) -> jax.Array:
 def _kernel(logits_ref, uniforms_ref, ids_ref, *, top_k: int, limit: int):
   x = logits_ref[...].astype(jnp.float32)                      # (rows, V)
   rows, vocab = x.shape
+  uniforms = uniforms_ref[...].astype(jnp.float32)             # (rows, rounds + 1)
+  rounds = uniforms.shape[1] - 1
   bits = jax.lax.bitcast_convert_type(x, jnp.int32)
   keys = jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)  # ordered as the floats (-0 < +0)
   kept = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))
   if 0 < top_k < vocab:
     kth = _largest_where(lambda c: jnp.sum(jnp.where(keys >= c, 1.0, 0.0), axis=-1, keepdims=True) >= top_k, rows)
     kept = jnp.where(keys >= kth, kept, 0.0)
-  if limit >= 0:
-    fixed = _round_half_even(kept / jnp.sum(kept, axis=-1, keepdims=True) * _MASS_ONE).astype(jnp.int32)
-    cut = _largest_where(lambda c: jnp.sum(jnp.where(keys <= c, fixed, 0), axis=-1, keepdims=True) <= limit, rows)
-    kept = jnp.where(keys > cut, kept, 0.0)
-  ids_ref[...] = _draw(kept, uniforms_ref[:, 0:1].astype(jnp.float32))
+  if limit < 0:
+    ids_ref[...] = _draw(kept, uniforms[:, :1])
+    return
+  fixed = _round_half_even(kept / jnp.sum(kept, axis=-1, keepdims=True) * _MASS_ONE).astype(jnp.int32)
+  cut = _largest_where(lambda c: jnp.sum(jnp.where(keys <= c, fixed, 0), axis=-1, keepdims=True) <= limit, rows)
+  index = jax.lax.broadcasted_iota(jnp.int32, x.shape, 1)
+  column = jax.lax.broadcasted_iota(jnp.int32, uniforms.shape, 1)
+
+  def removed(ids):                      # top-p removes the drawn entry: its key is at or below the cut
+    return jnp.max(jnp.where(index == ids, keys, _INT_MIN), axis=-1, keepdims=True) <= cut
+
+  def uniform(r):
+    return jnp.sum(jnp.where(column == r, uniforms, 0.0), axis=-1, keepdims=True)
+
+  # `filtering.sample_with_retries`' rounds: draws from the top-k law, each row redrawn while top-p
+  # removes its draw, then the rows still rejected drawn from the top-p law with the last uniform.
+  def another_round(state):
+    ids, rejected, r = state
+    ids = jnp.where(rejected, _draw(kept, uniform(r)), ids)
+    return ids, jnp.where(rejected & removed(ids), 1, 0), r + 1
+
+  ids = _draw(kept, uniforms[:, :1])
+  ids, rejected, _ = jax.lax.while_loop(lambda s: (jnp.max(s[1]) > 0) & (s[2] < rounds), another_round,
+                                        (ids, jnp.where(removed(ids), 1, 0), jnp.int32(1)))
+  ids_ref[...] = ids
+
+  @pl.when(jnp.max(rejected) > 0)
+  def _():
+    exact = _draw(jnp.where(keys > cut, kept, 0.0), uniform(rounds))
+    ids_ref[...] = jnp.where(rejected > 0, exact, ids)
 
 
 def passes(vocab: int, top_k: int, top_p) -> int:
-  """Passes of the kernel over each row in VMEM (each a compare, select and reduction per entry)."""
+  """Passes of the kernel over each row in VMEM (each a compare, select and reduction per entry)
+  with one draw; each redraw round of a block of rows adds ceil(log2 V) + 1."""
   return (32 if 0 < top_k < vocab else 0) + (32 if _top_p_limit(top_p) >= 0 else 0) + int(np.ceil(np.log2(vocab))) + 8
 
 
 def vector_ops(rows: int, vocab: int, top_k: int, top_p) -> int:
-  """Element operations of the kernel's searches over `rows` rows: VPU work that the TPU cost model
-  and the roofline do not price (the kernel declares its bytes and exponentials only)."""
+  """Element operations of the kernel over `rows` rows with one draw each (a lower bound: redraws
+  add theirs): VPU work that the TPU cost model and the roofline do not price (the kernel declares
+  its bytes and exponentials only)."""
   return rows * vocab * passes(vocab, top_k, top_p) * _OPS_PER_ENTRY_PASS
 
 
 def draw(uniforms: jax.Array, logits: jax.Array, top_k: int, top_p: Union[float, int]) -> jax.Array:
   """One draw per row from softmax(top-k, then top-p, filtered logits).
 
-  uniforms: (..., n) in [0, 1), n >= 1 (the first is used); logits: (..., V) with V a multiple of
-  128. Returns ids (...) int32. Under a mesh it runs per batch shard.
+  uniforms: (..., n) in [0, 1), as `filtering.sample_with_retries` takes them (n >= 2 with top-p:
+  n - 1 rounds and the fallback's; with top-p off only the first is used); logits: (..., V) with V a
+  multiple of 128. Returns ids (...) int32, `sample_with_retries`' ids. Under a mesh it runs per
+  batch shard.
   """
   vocab = logits.shape[-1]
   if vocab % 128:
     raise ValueError(f"top-k/top-p kernel: a vocabulary of {vocab} is not a multiple of 128 lanes")
+  if uniforms.shape[-1] < 2 and _top_p_limit(top_p) >= 0:
+    raise ValueError(f"top-k/top-p kernel: top-p needs >= 2 uniforms per row, got {uniforms.shape[-1]}")
   local = functools.partial(_call, top_k=int(top_k), limit=_top_p_limit(top_p))
   from imagefolder_jax.parallel import traced_batch_spec
   spec = traced_batch_spec(logits.shape)

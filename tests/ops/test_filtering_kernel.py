@@ -22,15 +22,18 @@ def _logits(rows: int, seed: int = 0) -> jax.Array:
   return jnp.asarray(x)
 
 
-@pytest.mark.parametrize("top_k, top_p", [(20, 0.9), (0, 0.8), (20, 0.0), (0, 0.0), (1, 0.5), (VOCAB, 0.99)])
-def test_interpreted_kernel_draws_the_exact_filters_ids(top_k, top_p):
-  """With the same uniform, the kernel's id is the one `sample_with_uniforms` (exact cut, inverse
-  CDF) draws, and it is one of the filters' survivors. 37 rows: the last grid step is partial."""
+@pytest.mark.parametrize("top_k, top_p, draws", [(20, 0.9, 5), (0, 0.8, 5), (20, 0.0, 5), (0, 0.0, 2), (1, 0.5, 5),
+                                                  (VOCAB, 0.99, 5), (20, 0.3, 3), (0, 0.2, 2)])
+def test_interpreted_kernel_draws_the_xla_paths_ids(top_k, top_p, draws):
+  """With the same uniforms the kernel's ids are `sample_with_retries`' on this CPU (its rounds
+  from the top-k law, then the exact top-p fallback: a small top-p and few uniforms reach the
+  fallback in most rows), and each is one of the filters' survivors. 37 rows: the last grid step
+  is partial."""
   logits = _logits(37)
-  uniforms = jax.random.uniform(jax.random.key(1), (37, 3))
+  uniforms = jax.random.uniform(jax.random.key(1), (37, draws))
   with block_causal_attention.kernel_interpreted():
     got = jax.jit(lambda u, x: filtering_kernel.draw(u, x, top_k, top_p))(uniforms, logits)
-  want = filtering.sample_with_uniforms(uniforms[:, 0], logits, top_k, top_p)
+  want = filtering.sample_with_retries(uniforms, logits, top_k, top_p)
   np.testing.assert_array_equal(got, want)
   mask = filtering.top_k_top_p_mask(logits, top_k, top_p)
   assert bool(jnp.take_along_axis(mask, got[:, None], axis=1).all())
@@ -39,7 +42,7 @@ def test_interpreted_kernel_draws_the_exact_filters_ids(top_k, top_p):
 def test_interpreted_kernel_draws_the_filtered_law():
   """Over many uniforms one row's draws follow softmax of its filtered logits (chi-square)."""
   logits = jnp.tile(_logits(8, seed=3)[:1], (4096, 1))
-  uniforms = jax.random.uniform(jax.random.key(4), (4096, 2))
+  uniforms = jax.random.uniform(jax.random.key(4), (4096, 3))
   with block_causal_attention.kernel_interpreted():
     ids = np.asarray(filtering_kernel.draw(uniforms, logits, 12, 0.9))
   probs = np.asarray(filtering.filtered_probs(logits[:1], 12, 0.9))[0]
@@ -52,8 +55,8 @@ def test_interpreted_kernel_draws_the_filtered_law():
 
 
 def test_sampler_filter_takes_the_kernel_where_it_applies():
-  """`sample_with_retries` draws through the kernel in a TPU program (here: interpreted), with the
-  first uniform of each row; a traced top-p or a vocabulary not in 128-lane columns keeps XLA's path."""
+  """`sample_with_retries` draws through the kernel in a TPU program (here: interpreted), the same
+  ids as without; a traced top-p or a vocabulary not in 128-lane columns keeps XLA's path."""
   logits = _logits(16).reshape(2, 8, VOCAB)
   uniforms = jax.random.uniform(jax.random.key(2), (2, 8, 5))
   fn = lambda u, x: filtering.sample_with_retries(u, x, 20, 0.9)
@@ -64,9 +67,11 @@ def test_sampler_filter_takes_the_kernel_where_it_applies():
     assert not filtering_kernel.applies(VOCAB, jnp.float32(0.9))
     assert not filtering_kernel.applies(200, 0.9)
   assert filtering_kernel.KERNEL_NAME in program
-  np.testing.assert_array_equal(got, filtering.sample_with_uniforms(uniforms[..., 0], logits, 20, 0.9))
+  np.testing.assert_array_equal(got, fn(uniforms, logits))
   with pytest.raises(ValueError, match="multiple of 128"):
     filtering_kernel.draw(uniforms, logits[..., :200], 20, 0.9)
+  with pytest.raises(ValueError, match="2 uniforms"):
+    filtering_kernel.draw(uniforms[..., :1], logits, 20, 0.9)
 
 
 def test_compiled_for_tpus_per_batch_shard():
@@ -92,6 +97,6 @@ def test_compiled_for_tpus_per_batch_shard():
   assert not [k for k in hlo.collectives(text, list(mesh.devices.flat)) if k != "unknown_trip_counts"]
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  kernel_bytes = 24 * 4096 * 4 + 24 * 1 * 4 + 24 * 4
+  kernel_bytes = 24 * 4096 * 4 + 24 * 5 * 4 + 24 * 4
   assert kernel_bytes <= cost["bytes accessed"] < kernel_bytes + 24 * 4096 * 4 * 3
   assert filtering_kernel.vector_ops(24, 4096, 750, 0.95) == 24 * 4096 * (32 + 32 + 12 + 8) * 3
