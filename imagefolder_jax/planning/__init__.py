@@ -5,6 +5,7 @@
   chips.py     what one chip can do (peak FLOP/s, memory, bandwidths)
   planner.py   compile the real train step for a mesh of them; memory, FLOPs, collectives, roofline
   sampler.py   the same for `Generator.sample`'s program
+  report.py    a plan as the text `plan` prints
   hlo.py       reading the compiled program: collectives, custom calls the cost model cannot price
 
 The planner's names are loaded on first use: training imports `planning.flops` alone, and the planner
@@ -16,7 +17,7 @@ _LAZY = {
     "CHIP_SPECS": ("chips", "CHIPS"), "ChipSpec": ("chips", "ChipSpec"), "PlanError": ("errors", "PlanError"),
     "CHIP_MEMORY": ("planner", "CHIP_MEMORY"), "CHIPS": ("planner", "CHIPS"),
     "USABLE_FRACTION": ("planner", "USABLE_FRACTION"), "Plan": ("planner", "Plan"),
-    "chip_peak_and_memory": ("planner", "chip_peak_and_memory"), "format_plan": ("planner", "format_plan"),
+    "chip_peak_and_memory": ("planner", "chip_peak_and_memory"), "format_plan": ("report", "format_plan"),
     "make_task": ("planner", "make_task"), "parse_mesh": ("planner", "parse_mesh"), "plan": ("planner", "plan"),
     "Topology": ("topology", "Topology"), "compile_only_devices": ("topology", "compile_only_devices"),
     "parse_topology": ("topology", "parse_topology"),
