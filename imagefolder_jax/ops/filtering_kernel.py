@@ -152,7 +152,9 @@ def _kernel(logits_ref, uniforms_ref, ids_ref, *, top_k: int, limit: int):
 def passes(vocab: int, top_k: int, top_p) -> int:
   """Passes of the kernel over each row in VMEM (each a compare, select and reduction per entry)
   with one draw; each redraw round of a block of rows adds ceil(log2 V) + 1."""
-  return (32 if 0 < top_k < vocab else 0) + (32 if _top_p_limit(top_p) >= 0 else 0) + int(np.ceil(np.log2(vocab))) + 8
+  searches = (32 if 0 < top_k < vocab else 0) + (32 if _top_p_limit(top_p) >= 0 else 0)
+  # + the row's max, exponentials, sums and fixed-point masses, and the draw's guards and removal check
+  return searches + int(np.ceil(np.log2(vocab))) + 8
 
 
 def vector_ops(rows: int, vocab: int, top_k: int, top_p) -> int:
