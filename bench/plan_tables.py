@@ -26,15 +26,15 @@ GEN, TOK = "configs/generator_imagenet.py", "configs/tokenizer_imagenet.py"
 # name -> plan arguments. Generator batch 768, tokenizer 1024 (the papers' recipes).
 CASES = {
     "tokenizer v5p-64 data=4,fsdp=8": ["--stage", "tokenizer", "--config", TOK, "--topology", "v5p-64",
-                                        "--mesh", "data=4,fsdp=8", "--largest-batch", "--largest-batch-from", "3584"],
+                                        "--mesh", "data=4,fsdp=8", "--largest-batch", "--largest-batch-from", "6144"],
     "tokenizer v5p-64 data=4,fsdp=8 remat=full": ["--stage", "tokenizer", "--config", TOK, "--topology", "v5p-64",
                                                    "--mesh", "data=4,fsdp=8", "--config.train.remat=full"],
     "tokenizer v5e-256 data=32,fsdp=8": ["--stage", "tokenizer", "--config", TOK, "--topology", "v5e-256",
                                           "--mesh", "data=32,fsdp=8", "--largest-batch",
-                                          "--largest-batch-from", "4096"],
+                                          "--largest-batch-from", "10240"],
     "tokenizer v6e-64 data=8,fsdp=8": ["--stage", "tokenizer", "--config", TOK, "--topology", "v6e-64",
                                         "--mesh", "data=8,fsdp=8", "--largest-batch",
-                                        "--largest-batch-from", "2560"],
+                                        "--largest-batch-from", "6144"],
     "tokenizer h100-8 fsdp=8": ["--stage", "tokenizer", "--config", TOK, "--topology", "h100-8", "--mesh", "fsdp=8",
                                 "--largest-batch"],
     "tokenizer h100-16 fsdp=8": ["--stage", "tokenizer", "--config", TOK, "--topology", "h100-16", "--mesh", "fsdp=8",
