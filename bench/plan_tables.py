@@ -31,7 +31,7 @@ CASES = {
                                                    "--mesh", "data=4,fsdp=8", "--config.train.remat=full"],
     "tokenizer v5e-256 data=32,fsdp=8": ["--stage", "tokenizer", "--config", TOK, "--topology", "v5e-256",
                                           "--mesh", "data=32,fsdp=8", "--largest-batch",
-                                          "--largest-batch-from", "10240"],
+                                          "--largest-batch-from", "14336"],
     "tokenizer v6e-64 data=8,fsdp=8": ["--stage", "tokenizer", "--config", TOK, "--topology", "v6e-64",
                                         "--mesh", "data=8,fsdp=8", "--largest-batch",
                                         "--largest-batch-from", "6144"],
