@@ -32,7 +32,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imagefolder_jax.ops import filtering_kernel
 from imagefolder_jax.ops.platform import target_platform
 
 TopP = Union[float, jax.Array]
@@ -387,24 +386,26 @@ def sample_with_retries(uniforms: jax.Array, logits: jax.Array, top_k: int = 0, 
   """
   if uniforms.shape[-1] < 2:
     raise ValueError(f"sample_with_retries needs >= 2 uniforms per row, got {uniforms.shape[-1]}")
+  from imagefolder_jax.ops import filtering_kernel
+  from imagefolder_jax.parallel import traced_batch_spec
   if filtering_kernel.applies(logits.shape[-1], top_p):
     # On TPUs every pass of the XLA searches below is a trip through HBM; the kernel keeps each row
     # on chip through the same rounds (the same ids).
-    return filtering_kernel.draw(uniforms, logits, top_k, top_p)
-  if _static_top_p_off(top_p):
+    local = lambda u, x: filtering_kernel.draw(u, x, top_k, top_p)
+  elif _static_top_p_off(top_p):
     return sample_with_uniforms(uniforms[..., 0], logits, top_k, top_p)
-  from imagefolder_jax.parallel import traced_batch_spec
+  else:
+    local = lambda u, x: _retries(u, x, top_k, top_p)
   spec = traced_batch_spec(logits.shape)
   if spec is None or (isinstance(top_p, jax.Array) and top_p.ndim):
-    return _retries(uniforms, logits, top_k, top_p)
+    return local(uniforms, logits)
   # Under a mesh each device draws its own rows (the same draws): as one global program, the
   # rejected rows' gather and the loops' conditions would cross devices in every round.
   rows = jax.P(spec[0])   # the leading axis; the ids have one axis fewer than the logits
   if isinstance(top_p, jax.Array):
     return jax.shard_map(lambda u, x, p: _retries(u, x, top_k, p), in_specs=(rows, rows, jax.P()), out_specs=rows,
                          check_vma=False)(uniforms, logits, top_p)
-  return jax.shard_map(lambda u, x: _retries(u, x, top_k, top_p), in_specs=(rows, rows), out_specs=rows,
-                       check_vma=False)(uniforms, logits)
+  return jax.shard_map(local, in_specs=(rows, rows), out_specs=rows, check_vma=False)(uniforms, logits)
 
 
 def _retries(uniforms: jax.Array, logits: jax.Array, top_k: int, top_p: TopP) -> jax.Array:

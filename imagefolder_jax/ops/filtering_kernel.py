@@ -33,13 +33,13 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from imagefolder_jax.ops.block_causal_attention import interpreted, xla_forced
+from imagefolder_jax.ops.filtering import _MASS_ONE
 from imagefolder_jax.ops.platform import target_platform
 
 KERNEL_NAME = "top_k_top_p_draw"  # the compiled program's custom calls are named after it
 
 # Rows per grid step: 8 rows of 4096 float32 logits are 128 KiB, one (8, 128)-tiled sublane group.
 ROWS_PER_STEP = 8
-_MASS_ONE = float(2 ** 30)
 _INT_MIN = np.int32(-2 ** 31)
 # Element operations per entry and pass of the kernel's searches (compare, select, add): its VPU work,
 # which no roofline term holds (`vector_ops`).
@@ -57,8 +57,8 @@ def applies(vocab: int, top_p) -> bool:
 
 
 def _top_p_limit(top_p: float) -> int:
-  """The fixed-point removal limit floor((1 - top_p) x 2^30) (official cut: ascending cumsum <= 1 - top_p),
-  -1 when top-p is off; float32 as `filtering.removal_threshold` rounds it."""
+  """The XLA path's fixed-point removal limit, floor(threshold x 2^30), as a Python int at trace time
+  (`filtering.removal_threshold`'s float32 rounding of 1 - top_p); -1 when top-p is off."""
   if not 0.0 < float(top_p) < 1.0:
     return -1
   return int(np.floor(np.float32(1.0 - float(top_p)) * np.float32(_MASS_ONE)))
@@ -165,40 +165,28 @@ def vector_ops(rows: int, vocab: int, top_k: int, top_p) -> int:
 
 
 def draw(uniforms: jax.Array, logits: jax.Array, top_k: int, top_p: Union[float, int]) -> jax.Array:
-  """One draw per row from softmax(top-k, then top-p, filtered logits).
+  """One draw per row from softmax(top-k, then top-p, filtered logits), over the rows it is given
+  (`filtering.sample_with_retries` runs it per batch shard under a mesh).
 
   uniforms: (..., n) in [0, 1), as `filtering.sample_with_retries` takes them (n >= 2 with top-p:
   n - 1 rounds and the fallback's; with top-p off only the first is used); logits: (..., V) with V a
-  multiple of 128. Returns ids (...) int32, `sample_with_retries`' ids. Under a mesh it runs per
-  batch shard.
+  multiple of 128. Returns ids (...) int32, `sample_with_retries`' ids.
   """
-  vocab = logits.shape[-1]
+  lead, vocab = logits.shape[:-1], logits.shape[-1]
   if vocab % 128:
     raise ValueError(f"top-k/top-p kernel: a vocabulary of {vocab} is not a multiple of 128 lanes")
-  if uniforms.shape[-1] < 2 and _top_p_limit(top_p) >= 0:
+  limit = _top_p_limit(top_p)
+  if uniforms.shape[-1] < 2 and limit >= 0:
     raise ValueError(f"top-k/top-p kernel: top-p needs >= 2 uniforms per row, got {uniforms.shape[-1]}")
-  local = functools.partial(_call, top_k=int(top_k), limit=_top_p_limit(top_p))
-  from imagefolder_jax.parallel import traced_batch_spec
-  spec = traced_batch_spec(logits.shape)
-  if spec is None:
-    return local(uniforms, logits)
-  # A custom call is not partitioned: without shard_map XLA would gather the rows on every chip.
-  rows = jax.P(spec[0])
-  return jax.shard_map(local, in_specs=(rows, rows), out_specs=rows, check_vma=False)(uniforms, logits)
-
-
-def _call(uniforms: jax.Array, logits: jax.Array, *, top_k: int, limit: int) -> jax.Array:
-  """The kernel over the rows it is given (all, or one device's)."""
-  lead, vocab = logits.shape[:-1], logits.shape[-1]
   x = logits.reshape(-1, vocab)
   u = uniforms.reshape(x.shape[0], -1)
   rows = x.shape[0]
   # The last block may run past the rows: its extra rows read undefined logits and their ids are
-  # dropped on the write (every loop of the kernel has a fixed trip count).
+  # dropped on the write (every loop of the kernel has a bounded trip count).
   cost = pl.CostEstimate(flops=0, transcendentals=rows * vocab,
                          bytes_accessed=int(x.dtype.itemsize * rows * vocab + u.dtype.itemsize * u.size + 4 * rows))
   ids = pl.pallas_call(
-      functools.partial(_kernel, top_k=top_k, limit=limit),
+      functools.partial(_kernel, top_k=int(top_k), limit=limit),
       grid=(pl.cdiv(rows, ROWS_PER_STEP),),
       in_specs=[pl.BlockSpec((ROWS_PER_STEP, vocab), lambda i: (i, 0)),
                 pl.BlockSpec((ROWS_PER_STEP, u.shape[1]), lambda i: (i, 0))],

@@ -280,9 +280,11 @@ def compile_for(lowered, compiler: str, warnings: Optional[list] = None):
 
 
 def analyze_compiled(compiled, devices: Sequence, chip: Optional[ChipSpec],
-                     analytic_flops: float, kernel_flops: Optional[Callable[[str], float]] = None) -> dict:
+                     analytic_flops: float, kernel_flops: Optional[Callable[[str], float]] = None,
+                     vector_ops: Optional[Callable[[str], float]] = None) -> dict:
   """memory_analysis / cost_analysis / collectives / roofline of an accelerator compile -> Plan fields.
-  kernel_flops: FLOPs per device of the program's Pallas kernels, from its HLO text."""
+  kernel_flops: FLOPs per device of the program's Pallas kernels, from its HLO text; vector_ops: their
+  element operations on the vector units, likewise."""
   memory = compiled.memory_analysis()
   fields = dict(argument_bytes=float(memory.argument_size_in_bytes), output_bytes=float(memory.output_size_in_bytes),
                 alias_bytes=float(memory.alias_size_in_bytes), temp_bytes=float(memory.temp_size_in_bytes))
@@ -296,6 +298,7 @@ def analyze_compiled(compiled, devices: Sequence, chip: Optional[ChipSpec],
   text = compiled.as_text()
   fields["collectives"] = hlo.collectives(text, devices)
   fields["kernel_flops_per_device"] = float(kernel_flops(text)) if kernel_flops is not None else 0.0
+  fields["vector_ops_per_device"] = float(vector_ops(text)) if vector_ops is not None else 0.0
   if cost:
     fields["xla_flops_per_device"] = float(cost.get("flops", float("nan")))
     fields["bytes_accessed"] = float(cost.get("bytes accessed", float("nan")))

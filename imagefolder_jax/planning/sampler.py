@@ -65,10 +65,12 @@ def plan_sampler(config: ml_collections.ConfigDict, mesh_sizes: dict, topology: 
                       compiler_options=dict(GPU_COMPILER_OPTIONS) if topology.platform == "gpu" else {},
                       temp_bytes=float("nan"), xla_flops_per_device=float("nan"))
   if compiled is not None:
-    fields.update(analyze_compiled(compiled, list(np.asarray(mesh.devices).flat), topology.chip, analytic))
-    draws = hlo.custom_calls_named(compiled.as_text(), filtering_kernel.KERNEL_NAME)
-    rows = sum(shapes[0][0] * runs for _, shapes, runs in draws)
-    fields["vector_ops_per_device"] = float(filtering_kernel.vector_ops(rows, model_config.codebook_size, top_k, top_p))
+    def vector_ops(text: str) -> float:   # the top-k/top-p kernel's, by the rows of its calls
+      rows = sum(shapes[0][0] * runs for _, shapes, runs in hlo.custom_calls_named(text, filtering_kernel.KERNEL_NAME))
+      return filtering_kernel.vector_ops(rows, model_config.codebook_size, top_k, top_p)
+
+    fields.update(analyze_compiled(compiled, list(np.asarray(mesh.devices).flat), topology.chip, analytic,
+                                   vector_ops=vector_ops))
   chip = topology.chip
   return Plan(stage="sampler", mesh=dict(mesh.shape), devices=len(devices), chip=chip.name, global_batch=batch,
               params_bytes=per_device_bytes(generator_vars, jax.tree.map(lambda x: x.sharding, generator_vars)),
